@@ -1,0 +1,469 @@
+"""Run folders, atomic file writes, and saving/loading checkpoints without losing the last good one.
+
+Why this module exists: the user lost a night's experiment when the disk filled up while a
+checkpoint was being written ("OSError: [Errno 28] No space left on device"), then deleted 31 GB
+of checkpoints by hand. So here:
+- every file is written atomically: a temp file in the same folder, flushed and fsync'ed, then
+  os.replace'd over the target; a crash or a full disk leaves the previous file as it was and no
+  half-written file behind;
+- CheckpointSaver keeps only the newest `keep` best files (deleting old ones only after the new
+  one is safely on disk), and a failed save is reported and skipped instead of killing training;
+- checkpoints are plain dicts of tensors/numbers/strings/lists, loadable with
+  torch.load(weights_only=True), which cannot run code hidden in a file.
+
+Checkpoint format (see /work/contract.md): {"format": "swin-iqa-checkpoint/1", "state_dict",
+"config", "epoch", "round", "metrics", "code_version", "optimizer", "scheduler", "rng_state",
+"best", "early_stopping"}. The user's older files are a bare model state_dict; both load.
+"""
+import collections
+import datetime
+import json
+import math
+import os
+import random
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+CHECKPOINT_FORMAT = 'swin-iqa-checkpoint/1'
+BARE_FORMAT = 'bare-state-dict'
+LAST_NAME = 'last.pkl'
+BEST_PATTERN = re.compile(r'^best_model_srcc_-?\d+\.\d{4}_plcc_-?\d+\.\d{4}\.pkl$')
+# keys every loaded checkpoint has (None where the file does not say)
+CHECKPOINT_KEYS = ('state_dict', 'config', 'epoch', 'round', 'metrics', 'code_version',
+                   'optimizer', 'scheduler', 'rng_state', 'best', 'early_stopping')
+# prefixes that wrappers add to every parameter name: DistributedDataParallel, torch.compile
+_WRAPPER_PREFIXES = ('module.', '_orig_mod.')
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+def _fsync_dir(folder):
+    """fsync a folder so the rename itself survives a power cut (POSIX only; best effort)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems (and Windows) cannot fsync a directory; the data is already safe
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path, write):
+    """Call write(file) on a temp file next to `path`, then move it over `path`.
+
+    The temp file is in the same folder so os.replace is an atomic rename on one filesystem.
+    It is created with O_EXCL and mode 0o666 so the umask gives it the same permissions as a
+    normal open() (tempfile.mkstemp would make it 0o600). On any exception, including
+    KeyboardInterrupt, the temp file is removed, `path` is untouched and the exception propagates.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    name = os.path.basename(path)
+    while True:
+        tmp = os.path.join(folder, f'.{name}.{secrets.token_hex(4)}.tmp')
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
+    try:
+        with open(fd, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(folder)
+
+
+def atomic_write_bytes(path, data):
+    """Write bytes to `path` atomically (all or nothing; see `_atomic_write`)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        # bytes(5) would silently write five zero bytes
+        raise TypeError(f'data for {path} must be bytes, got {type(data).__name__}')
+    _atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_text(path, text):
+    """Write a str to `path` atomically, UTF-8 (the user's notes and logs contain Chinese)."""
+    atomic_write_bytes(path, text.encode('utf-8'))
+
+
+def _json_safe(obj):
+    """numpy scalars/arrays -> Python numbers/lists, NaN/inf -> None (strict JSON has no NaN)."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _json_safe(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def atomic_write_json(path, obj):
+    """Write `obj` as indented JSON atomically, with a trailing newline.
+
+    NaN and inf become null: Python's json would write the bare word NaN, which jq, JavaScript
+    and most JSON readers reject. numpy scalars/arrays are converted. The object is serialised
+    before the file is opened, so an unserialisable value never touches the disk.
+    """
+    text = json.dumps(_json_safe(obj), indent=2, ensure_ascii=False, allow_nan=False)
+    atomic_write_text(path, text + '\n')
+
+
+def _oserror_in_chain(e):
+    """The OSError that caused e, if any (torch wraps it in a RuntimeError, see below)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def atomic_torch_save(obj, path):
+    """torch.save(obj, path), atomically: a full disk mid-save leaves the old file intact.
+
+    torch's C++ zip writer turns an OSError raised by the file's write() (e.g. ENOSPC) into
+    "RuntimeError: [enforce fail at inline_container.cc] unexpected pos ..."; we re-raise the
+    original OSError so callers can tell a full disk from a bug and say so plainly.
+    """
+    def write(f):
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:
+            cause = _oserror_in_chain(e)
+            if cause is None:
+                raise
+            raise cause from None
+
+    _atomic_write(path, write)
+
+
+# --------------------------------------------------------------------------- names
+
+def run_name(dataset, ranking_loss_alpha, when):
+    """'<dataset>-swin[-ranking-alpha<A>]_<YYYYmmdd_HHMMSS>', the user's run-folder names.
+
+    The alpha part only appears when alpha > 0 and uses '%g' (0.3 -> '0.3', 1.0 -> '1'), so
+    the folders of old and new runs sort and grep the same way.
+    """
+    if not dataset or not isinstance(dataset, str) or os.sep in dataset or '/' in dataset:
+        raise ValueError(f'dataset must be a non-empty name without "/", got {dataset!r}')
+    alpha = float(ranking_loss_alpha)
+    if not math.isfinite(alpha) or alpha < 0:
+        raise ValueError(f'ranking_loss_alpha must be a finite number >= 0, got {ranking_loss_alpha!r}')
+    if not isinstance(when, datetime.datetime):
+        raise ValueError(f'when must be a datetime.datetime, got {type(when).__name__}')
+    name = f'{dataset}-swin'
+    if alpha > 0:
+        name += '-ranking-alpha%g' % alpha
+    return name + when.strftime('_%Y%m%d_%H%M%S')
+
+
+def best_checkpoint_name(srcc, plcc):
+    """'best_model_srcc_0.9378_plcc_0.9485.pkl' (4 decimals: the user's naming, found by glob)."""
+    srcc, plcc = float(srcc), float(plcc)
+    if not (math.isfinite(srcc) and math.isfinite(plcc)):
+        raise ValueError(f'cannot name a best checkpoint after a non-finite metric: '
+                         f'srcc={srcc}, plcc={plcc}')
+    return f'best_model_srcc_{srcc:.4f}_plcc_{plcc:.4f}.pkl'
+
+
+def code_version(folder=None):
+    """`git describe --always --dirty` of the scripts' folder, or 'unknown'.
+
+    Saved in config.json and every checkpoint so a result can be traced to the code that made it;
+    '-dirty' flags uncommitted changes. 'unknown' when git is missing, the folder is not a repo,
+    or the repo has no commit yet; it never fails a run.
+    """
+    folder = folder or os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(['git', 'describe', '--always', '--dirty'], cwd=folder,
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return 'unknown'
+    version = out.stdout.strip()
+    if out.returncode != 0 or not version:
+        return 'unknown'
+    return version
+
+
+# --------------------------------------------------------------------------- RNG state
+
+def capture_rng_state():
+    """RNG states of python, numpy and torch (CPU and CUDA) in a weights_only-loadable form.
+
+    numpy's state tuple holds an ndarray, and torch.load(weights_only=True) refuses ndarrays,
+    so it is stored as lists/ints; torch's states are uint8 tensors already.
+    """
+    py_version, py_internal, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
+    state = {
+        'python': [py_version, list(py_internal), py_gauss],
+        'numpy': [np_name, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)],
+        'torch': torch.get_rng_state(),
+        'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def restore_rng_state(state):
+    """Inverse of capture_rng_state (for --resume). CUDA states are restored only when the
+    number of GPUs matches, since a state per device cannot be mapped onto a different count."""
+    py_version, py_internal, py_gauss = state['python']
+    random.setstate((py_version, tuple(py_internal), py_gauss))
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state['numpy']
+    np.random.set_state((np_name, np.asarray(np_keys, dtype=np.uint32), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(state['torch'])
+    cuda = state.get('cuda') or []
+    if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def check_weights_only_safe(obj, where='checkpoint'):
+    """Return a copy of `obj` that torch.load(weights_only=True) can read, or raise TypeError.
+
+    numpy scalars (np.float64 from a metric, np.int64 from an index) are turned into Python
+    numbers, since weights_only loading refuses them and the file would not load later. Anything
+    else that is not a tensor, number, string, bytes, None, dtype/device/Size or a
+    dict/list/tuple of those raises TypeError naming where it sits, e.g.
+    "checkpoint['rng_state']['numpy'][1] is a numpy.ndarray", before anything is written.
+    """
+    if isinstance(obj, np.generic):  # first: np.float64 is also a float
+        return obj.item()
+    if isinstance(obj, torch.Tensor) or obj is None or isinstance(
+            obj, (bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size)):
+        return obj
+    if isinstance(obj, dict):
+        out = collections.OrderedDict() if isinstance(obj, collections.OrderedDict) else {}
+        for k, v in obj.items():
+            out[check_weights_only_safe(k, f'{where} key {k!r}')] = check_weights_only_safe(v, f'{where}[{k!r}]')
+        if isinstance(out, collections.OrderedDict) and hasattr(obj, '_metadata'):
+            out._metadata = obj._metadata  # per-module versions that load_state_dict reads
+        return out
+    if isinstance(obj, (list, tuple)):
+        items = [check_weights_only_safe(v, f'{where}[{i}]') for i, v in enumerate(obj)]
+        return items if isinstance(obj, list) else tuple(items)
+    raise TypeError(f'{where} is a {type(obj).__module__}.{type(obj).__qualname__}, which '
+                    f'torch.load(weights_only=True) cannot read back; store tensors, numbers, '
+                    f'strings, lists or dicts instead (e.g. array.tolist())')
+
+
+# --------------------------------------------------------------------------- saving
+
+def _free_space(folder):
+    try:
+        return f'{shutil.disk_usage(folder).free / 1e9:.1f} GB free on that disk'
+    except OSError:
+        return 'free space unknown'
+
+
+def _warn_stderr(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+class CheckpointSaver:
+    """Saves best and last checkpoints of one run folder, keeping disk use bounded.
+
+    save_best writes best_model_srcc_<X>_plcc_<Y>.pkl and then deletes all but the newest
+    `keep` best files (an existing folder's best files count too, so --resume keeps the limit).
+    save_last writes last.pkl (the training state for --resume), replacing the previous one.
+
+    A save that fails with OSError (a full disk, a quota, an I/O error) is reported through
+    `warn` (default: stderr) and returns None: the previous files are intact and loadable, and
+    training continues, because losing one checkpoint is better than losing the whole run.
+    Other exceptions (e.g. TypeError for content that could not be loaded back) are bugs and raise.
+    """
+
+    def __init__(self, run_dir, keep=1, warn=None):
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ValueError(f'keep must be an integer >= 1 (how many best checkpoints to keep), got {keep!r}')
+        self.run_dir = os.fspath(run_dir)
+        self.keep = keep
+        self.warn = warn or _warn_stderr
+        self.errors = []  # one message per failed save, e.g. for summary.json
+        os.makedirs(self.run_dir, exist_ok=True)
+        found = [os.path.join(self.run_dir, f) for f in os.listdir(self.run_dir) if BEST_PATTERN.match(f)]
+        # the best files this saver manages, oldest first; the retention deletes from the front.
+        # A resumed run may overwrite it (e.g. with the best recorded in last.pkl).
+        self.best_paths = sorted(found, key=os.path.getmtime)
+
+    @property
+    def best_path(self):
+        """Path of the newest best checkpoint, or None."""
+        return self.best_paths[-1] if self.best_paths else None
+
+    @property
+    def last_path(self):
+        """Path of last.pkl if it exists, else None."""
+        path = os.path.join(self.run_dir, LAST_NAME)
+        return path if os.path.exists(path) else None
+
+    def _save(self, checkpoint, path, previous):
+        if not isinstance(checkpoint, dict) or 'state_dict' not in checkpoint:
+            raise ValueError(f'a checkpoint must be a dict with a "state_dict" key, got '
+                             f'{type(checkpoint).__name__}' + (f' with keys {sorted(checkpoint)}'
+                                                               if isinstance(checkpoint, dict) else ''))
+        checkpoint = check_weights_only_safe({'format': CHECKPOINT_FORMAT, **checkpoint})
+        try:
+            atomic_torch_save(checkpoint, path)
+        except OSError as e:
+            reason = e.strerror or str(e)
+            message = (f'could not save checkpoint {path}: {reason} ({_free_space(self.run_dir)}); '
+                       f'{previous}; training continues')
+            self.errors.append(message)
+            self.warn(message)
+            return None
+        return path
+
+    def save_best(self, checkpoint, srcc, plcc):
+        """Write a new best checkpoint named after srcc/plcc; return its path, or None if it failed."""
+        path = os.path.join(self.run_dir, best_checkpoint_name(srcc, plcc))
+        previous = (f'the previous best {self.best_path} is intact' if self.best_path
+                    else 'there is no earlier best checkpoint')
+        if self._save(checkpoint, path, previous) is None:
+            return None
+        # same name again (an improvement below 4 decimals) replaced the file: do not delete it
+        self.best_paths = [p for p in self.best_paths if p != path] + [path]
+        for old in self.best_paths[:-self.keep]:
+            try:
+                os.remove(old)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                self.warn(f'could not delete old best checkpoint {old}: {e.strerror or e}')
+                continue
+            self.best_paths.remove(old)
+        return path
+
+    def save_last(self, checkpoint):
+        """Write last.pkl (full training state); return its path, or None if it failed."""
+        path = os.path.join(self.run_dir, LAST_NAME)
+        previous = (f'the previous {path} is intact' if os.path.exists(path)
+                    else f'there is no earlier {LAST_NAME}')
+        return self._save(checkpoint, path, previous)
+
+
+# --------------------------------------------------------------------------- loading
+
+def _is_state_dict(obj):
+    return (isinstance(obj, dict) and len(obj) > 0
+            and all(isinstance(k, str) for k in obj)
+            and all(isinstance(v, torch.Tensor) for v in obj.values()))
+
+
+def strip_wrapper_prefixes(state_dict):
+    """Remove 'module.' (DistributedDataParallel) and '_orig_mod.' (torch.compile) from keys.
+
+    A prefix is stripped only when *every* key has it, so a model with a real submodule called
+    'module' is left alone. Repeats, so 'module._orig_mod.' goes too. The state_dict's
+    _metadata (per-module versions that load_state_dict reads) is renamed the same way.
+    """
+    for _ in range(4):  # at most a couple of nested wrappers in practice
+        prefix = next((p for p in _WRAPPER_PREFIXES
+                       if state_dict and all(k.startswith(p) for k in state_dict)), None)
+        if prefix is None:
+            break
+        metadata = getattr(state_dict, '_metadata', None)
+        state_dict = collections.OrderedDict((k[len(prefix):], v) for k, v in state_dict.items())
+        if metadata is not None:
+            renamed = collections.OrderedDict()
+            for k, v in metadata.items():
+                if k == prefix[:-1]:
+                    renamed[''] = v  # the wrapped model's own root entry
+                elif k.startswith(prefix):
+                    renamed[k[len(prefix):]] = v
+                # else: the wrapper's root entry, meaningless for the bare model
+            state_dict._metadata = renamed
+    return state_dict
+
+
+_EXPECTED = ('expected a checkpoint saved by train_swin.py (a dict with "format": '
+             f'"{CHECKPOINT_FORMAT}") or a bare model state_dict (parameter name -> tensor)')
+
+
+def load_checkpoint(path, map_location='cpu', weights_only=True):
+    """Load a checkpoint file as a dict with every key of CHECKPOINT_KEYS plus 'format' and 'path'.
+
+    Accepts this project's format and the user's old files: a bare state_dict, or one wrapped as
+    {'model': sd} / {'state_dict': sd} / {'model_state_dict': sd}. Keys missing from the file are
+    None ('config' None means: infer the model from the weights, models_swin.infer_model_config).
+    'format' is CHECKPOINT_FORMAT or BARE_FORMAT. Wrapper prefixes are stripped from state_dict.
+
+    weights_only=True (default) refuses files holding arbitrary Python objects, because unpickling
+    those can run code. Every file this project or the user's train_swin.py wrote loads this way;
+    pass weights_only=False only for a file you trust that needs it (the error tells you).
+    Raises FileNotFoundError for a missing file, ValueError naming the path for anything else.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f'checkpoint not found: {path}')
+    if os.path.isdir(path):
+        raise ValueError(f'{path} is a folder; {_EXPECTED} (in a run folder: best_model_srcc_*.pkl or {LAST_NAME})')
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=weights_only)
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
+        detail = str(e)
+        unsupported = re.search(r'Unsupported global: GLOBAL (\S+)', detail)
+        if unsupported:
+            raise ValueError(
+                f'{path} contains a Python object ({unsupported.group(1)}) that '
+                f'torch.load(weights_only=True) refuses, because unpickling it can run code; if '
+                f'you trust this file, load it with load_checkpoint(path, weights_only=False)') from None
+        first_line = detail.strip().splitlines()[0] if detail.strip() else type(e).__name__
+        raise ValueError(f'could not read {path} ({os.path.getsize(path)} bytes): it is truncated, '
+                         f'corrupt or not a PyTorch file ({type(e).__name__}: {first_line[:200]}); '
+                         f'{_EXPECTED}') from None
+
+    if isinstance(obj, dict) and isinstance(obj.get('format'), str):
+        if obj['format'] != CHECKPOINT_FORMAT:
+            raise ValueError(f'{path} has checkpoint format {obj["format"]!r}; this code reads '
+                             f'{CHECKPOINT_FORMAT!r} and bare state_dicts')
+        if not _is_state_dict(obj.get('state_dict')):
+            raise ValueError(f'{path} says format {CHECKPOINT_FORMAT!r} but its "state_dict" is '
+                             f'not a dict of parameter name -> tensor')
+        out = {k: obj.get(k) for k in CHECKPOINT_KEYS}
+        out.update({k: v for k, v in obj.items() if k not in out})
+        fmt = CHECKPOINT_FORMAT
+    elif _is_state_dict(obj):
+        out = dict.fromkeys(CHECKPOINT_KEYS)
+        out['state_dict'] = obj
+        fmt = BARE_FORMAT
+    else:
+        inner = None
+        if isinstance(obj, dict):
+            inner = next((k for k in ('state_dict', 'model', 'model_state_dict')
+                          if _is_state_dict(obj.get(k))), None)
+        if inner is None:
+            what = (f'a dict with keys {sorted(map(str, obj))[:10]}' if isinstance(obj, dict)
+                    else f'a {type(obj).__name__}')
+            raise ValueError(f'{path} holds {what}, not a checkpoint; {_EXPECTED}')
+        # a wrapped old file: keep what it says about itself, the rest stays None
+        out = dict.fromkeys(CHECKPOINT_KEYS)
+        out.update({k: obj[k] for k in ('epoch', 'config', 'optimizer', 'metrics') if k in obj})
+        out['state_dict'] = obj[inner]
+        fmt = BARE_FORMAT
+    out['format'] = fmt
+    out['state_dict'] = strip_wrapper_prefixes(out['state_dict'])
+    out['path'] = path
+    return out
