@@ -1,0 +1,829 @@
+"""Train and evaluate a Swin-Transformer HyperIQA model: the whole loop in one file.
+
+    python train_swin.py --dataset koniq-10k --model_size base --attention_fusion ...
+    torchrun --nproc_per_node 2 train_swin.py ...        # DistributedDataParallel
+
+Reading order: build_parser (every flag, grouped, defaults in the help) ->
+main (set-up, rounds) -> run_round (epochs: train, evaluate, select, save) ->
+train_one_epoch / predict_scores. Losses and the learning-rate schedule are the
+small functions in between. Every run writes one folder
+checkpoints/<dataset>-swin[-ranking-alphaA]_<time>/ (config.json, metrics.csv,
+summary.json, best_model_srcc_X_plcc_Y.pkl, last.pkl) and logs/<run>.log.
+"""
+import argparse
+import contextlib
+import csv
+import datetime
+import difflib
+import io
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import checkpoints
+import data_loader
+import iqa_metrics
+import models_swin
+
+SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
+METRIC_COLUMNS = ['round', 'epoch', 'lr_backbone', 'lr_head', 'train_loss', 'train_srcc',
+                  'val_srcc', 'val_plcc', 'val_krcc', 'test_srcc', 'test_plcc', 'test_krcc',
+                  'spaq_srcc', 'spaq_plcc', 'epoch_seconds', 'train_patches_per_s', 'is_best']
+# Flags that describe the machine, not the experiment: a resumed run may change them.
+MACHINE_FLAGS = ('device', 'num_workers', 'cache_dir', 'data_root', 'no_amp', 'compile', 'eval_batch_size')
+
+
+# --------------------------------------------------------------------------- flags
+
+class SuggestingParser(argparse.ArgumentParser):
+    """argparse that refuses unknown flags with a "did you mean" hint.
+
+    The user once lost a night to ``--no_multi_scale`` (should be
+    ``--no_multiscale``) being silently ignored by a parse_known_args script.
+    """
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            options = [o for action in self._actions for o in action.option_strings]
+            lines = []
+            for extra in extras:
+                flag = extra.split('=', 1)[0]
+                if not flag.startswith('-'):
+                    lines.append(f'unexpected value {extra!r} (a flag before it takes no value, or a typo?)')
+                    continue
+                close = difflib.get_close_matches(flag, options, n=2, cutoff=0.75)
+                hint = f' -- did you mean {" or ".join(close)}?' if close else ''
+                lines.append(f'unknown flag {flag}{hint}')
+            self.error('; '.join(lines) + '\nNothing was run. See --help for every flag.')
+        return parsed
+
+
+def build_parser():
+    p = SuggestingParser(
+        prog='train_swin.py', allow_abbrev=False,
+        description='Train a Swin-Transformer HyperIQA blind image-quality model.',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    g = p.add_argument_group('Dataset')
+    g.add_argument('--dataset', default='koniq-10k', metavar='NAME',
+                   help='koniq-10k, spaq, kadid-10k, agiqa-3k, livec, live, csiq, tid2013, bid, demo '
+                        '(built-in, no download), or a path to a CSV/JSON list of images and scores')
+    g.add_argument('--data_root', default=None, metavar='PATH',
+                   help='dataset folder (default: the dataset\'s folder next to this script, e.g. koniq-10k/)')
+    g.add_argument('--score', default=None, metavar='COLUMN',
+                   help='score column where a dataset has several (KonIQ: MOS_zscore or MOS; '
+                        'AGIQA-3K: mos_quality or mos_align); default: the dataset\'s standard target')
+    g.add_argument('--csv_image_column', default='image', metavar='COL', help='image column of a generic CSV')
+    g.add_argument('--csv_score_column', default='score', metavar='COL', help='score column of a generic CSV')
+    g.add_argument('--resize', type=int, nargs=2, default=[512, 384], metavar=('H', 'W'),
+                   help='every image is resized once to H x W (the user\'s torchvision Resize((512, 384)))')
+    g.add_argument('--cache_dir', default=os.path.join(SCRIPT_DIR, '.cache', 'images'), metavar='DIR',
+                   help='decoded-image cache ("none" disables it)')
+    g.add_argument('--skip_bad_images', action='store_true',
+                   help='skip unreadable/missing/too-small images with a warning instead of stopping')
+    g.add_argument('--no_spaq', action='store_true',
+                   help='skip the SPAQ cross-test after each epoch (on when spaq-test/ exists)')
+
+    g = p.add_argument_group('Model')
+    g.add_argument('--model_size', default='base', choices=models_swin.MODEL_SIZES,
+                   help='Swin size (nano = tiny random model for CPU tests/demo; resnet50 = original HyperIQA)')
+    g.add_argument('--attention_fusion', action='store_true',
+                   help='weight the four multi-scale stages with a learned attention net')
+    g.add_argument('--no_multiscale', action='store_true', help='feed only stage 4 to the hyper-network')
+    g.add_argument('--drop_path_rate', type=float, default=0.2, metavar='P', help='stochastic depth of the backbone')
+    g.add_argument('--dropout_rate', type=float, default=0.3, metavar='P',
+                   help='dropout on the hyper features and in the target net')
+    g.add_argument('--no_pretrained', action='store_true', help='random initialisation (no ImageNet weights)')
+    g.add_argument('--pretrained_path', default=None, metavar='FILE',
+                   help='ImageNet weights from a local file instead of the hub (offline clusters)')
+
+    g = p.add_argument_group('Training')
+    g.add_argument('--epochs', type=int, default=10, metavar='N', help='epochs per round')
+    g.add_argument('--batch_size', type=int, default=32, metavar='N', help='training patches per step (per process)')
+    g.add_argument('--eval_batch_size', type=int, default=64, metavar='N', help='patches per evaluation forward')
+    g.add_argument('--train_patch_num', type=int, default=20, metavar='N', help='random crops per training image per epoch')
+    g.add_argument('--test_patch_num', type=int, default=20, metavar='N', help='crops per evaluated image (scores averaged)')
+    g.add_argument('--patch_size', type=int, default=224, metavar='PX', help='crop size')
+    g.add_argument('--train_test_num', type=int, default=1, metavar='N',
+                   help='rounds (new random split each round where there is no official split); the median is reported')
+    g.add_argument('--no_color_jitter', action='store_true',
+                   help='turn off ColorJitter(0.1, 0.1, 0.1, 0.05) on training crops')
+    g.add_argument('--grad_accum_steps', type=int, default=1, metavar='N', help='batches per optimizer step')
+    g.add_argument('--max_grad_norm', type=float, default=1.0, metavar='X', help='gradient clipping (0 = off)')
+
+    g = p.add_argument_group('Optimizer and learning-rate schedule')
+    g.add_argument('--lr', type=float, default=5e-6, metavar='LR', help='backbone learning rate (AdamW)')
+    g.add_argument('--lr_ratio', type=float, default=10, metavar='R', help='head learning rate = lr x R')
+    g.add_argument('--weight_decay', type=float, default=2e-4, metavar='WD', help='AdamW weight decay')
+    g.add_argument('--lr_scheduler', default='cosine', choices=('cosine', 'step', 'none'),
+                   help='cosine: per-epoch decay of each group to min_lr_ratio x its start; '
+                        'step: head lr / 10 every 6 epochs (original HyperIQA); none: constant')
+    g.add_argument('--no_lr_scheduler', action='store_true', help='same as --lr_scheduler none')
+    g.add_argument('--min_lr_ratio', type=float, default=0.01, metavar='R',
+                   help='cosine floor as a fraction of each group\'s starting lr')
+    g.add_argument('--warmup_epochs', type=int, default=0, metavar='N', help='linear warm-up epochs')
+
+    g = p.add_argument_group('Loss')
+    g.add_argument('--loss_type', default='l1', choices=('l1', 'l2', 'srcc', 'rank', 'pairwise'),
+                   help='l1/l2 on MOS; srcc = 1 - batch correlation; rank = pairwise hinge; pairwise = fidelity')
+    g.add_argument('--ranking_loss_alpha', type=float, default=0.0, metavar='A',
+                   help='weight of the margin ranking loss added to the main loss (0 = off)')
+    g.add_argument('--ranking_loss_margin', type=float, default=0.1, metavar='M', help='margin of the ranking losses')
+
+    g = p.add_argument_group('Evaluation, selection and early stopping')
+    g.add_argument('--test_random_crop', action='store_true',
+                   help='new random test crops every epoch (the user\'s paper protocol); default: fixed crops')
+    g.add_argument('--select_on', default='val', choices=('val', 'test'),
+                   help='split that picks the best epoch and drives early stopping '
+                        '(test = the user\'s protocol; results are labelled as such)')
+    g.add_argument('--patience', type=int, default=5, metavar='N', help='epochs without improvement before stopping')
+    g.add_argument('--no_early_stopping', action='store_true', help='always run every epoch')
+    g.add_argument('--early_stopping_min_delta', type=float, default=0.0, metavar='D',
+                   help='smallest SRCC gain that counts as an improvement')
+
+    g = p.add_argument_group('Output and resume')
+    g.add_argument('--output_dir', default=os.path.join(SCRIPT_DIR, 'checkpoints'), metavar='DIR',
+                   help='parent folder of the run folders')
+    g.add_argument('--log_dir', default=os.path.join(SCRIPT_DIR, 'logs'), metavar='DIR', help='folder of <run>.log')
+    g.add_argument('--name', default='', metavar='LABEL', help='experiment label stored in config.json (tables, plots)')
+    g.add_argument('--keep_checkpoints', type=int, default=1, metavar='N', help='best checkpoints kept (plus last.pkl)')
+    g.add_argument('--resume', default=None, metavar='RUN_DIR_OR_CKPT',
+                   help='continue a run from its folder (last.pkl) or a checkpoint with training state')
+
+    g = p.add_argument_group('Misc')
+    g.add_argument('--seed', type=int, default=42, metavar='N', help='fixes data order, crops and initialisation')
+    g.add_argument('--device', default='auto', metavar='DEV', help='auto, cpu, cuda, cuda:1, ...')
+    g.add_argument('--num_workers', type=int, default=None, metavar='N',
+                   help='processes decoding images for the cache (default: all cores)')
+    g.add_argument('--no_amp', action='store_true', help='no bf16 autocast on CUDA (on by default there)')
+    g.add_argument('--compile', action='store_true', help='torch.compile the model (static shapes)')
+    return p
+
+
+def check_args(args, warn):
+    """Explain contradictory flags before any work starts; return the fixed-up args."""
+    errors = []
+    if args.no_lr_scheduler:
+        args.lr_scheduler = 'none'
+    if args.attention_fusion and args.no_multiscale:
+        warn('--attention_fusion needs the multi-scale features, which --no_multiscale turns off: '
+             'attention fusion is OFF for this run (single-scale model).')
+        args.attention_fusion = False
+    if args.patch_size > min(args.resize):
+        errors.append(f'--patch_size {args.patch_size} is larger than the resized image '
+                      f'{args.resize[0]}x{args.resize[1]} (--resize): no crop fits')
+    if args.model_size != 'resnet50' and args.patch_size != 224:
+        errors.append(f'--patch_size {args.patch_size}: Swin models take 224x224 crops '
+                      '(their window and LDA pooling sizes are fixed)')
+    for flag in ('epochs', 'batch_size', 'eval_batch_size', 'train_patch_num', 'test_patch_num',
+                 'train_test_num', 'grad_accum_steps', 'keep_checkpoints'):
+        if getattr(args, flag) < 1:
+            errors.append(f'--{flag} must be at least 1, got {getattr(args, flag)}')
+    for flag in ('drop_path_rate', 'dropout_rate'):
+        if not 0 <= getattr(args, flag) < 1:
+            errors.append(f'--{flag} must be in [0, 1), got {getattr(args, flag)}')
+    if args.lr <= 0 or args.lr_ratio <= 0:
+        errors.append('--lr and --lr_ratio must be positive')
+    if args.loss_type in ('srcc', 'rank', 'pairwise') and args.batch_size < 2:
+        errors.append(f'--loss_type {args.loss_type} compares images within a batch: --batch_size must be >= 2')
+    if args.ranking_loss_alpha < 0:
+        errors.append('--ranking_loss_alpha must be >= 0')
+    if args.warmup_epochs >= args.epochs and args.warmup_epochs > 0:
+        errors.append(f'--warmup_epochs {args.warmup_epochs} must be smaller than --epochs {args.epochs}')
+    if args.patience < 1:
+        errors.append('--patience must be at least 1 (use --no_early_stopping to turn it off)')
+    if args.no_pretrained and args.pretrained_path:
+        errors.append('--no_pretrained and --pretrained_path contradict each other')
+    if args.pretrained_path and not os.path.isfile(args.pretrained_path):
+        errors.append(f'--pretrained_path {args.pretrained_path}: no such file')
+    if errors:
+        raise SystemExit('train_swin.py: error: ' + '\n  '.join([''] + errors).lstrip('\n') +
+                         '\nNothing was run.')
+    return args
+
+
+# --------------------------------------------------------------------------- losses
+
+def quality_loss(pred, mos, loss_type, margin=0.1):
+    """The main training loss between (B,) predictions and (B,) MOS."""
+    if loss_type == 'l1':
+        return F.l1_loss(pred, mos)
+    if loss_type == 'l2':
+        return F.mse_loss(pred, mos)
+    if loss_type == 'srcc':
+        return 1.0 - batch_correlation(pred, mos)
+    if loss_type == 'rank':
+        return margin_ranking_loss(pred, mos, margin)
+    if loss_type == 'pairwise':
+        return fidelity_loss(pred, mos)
+    raise ValueError(f'unknown loss_type {loss_type!r}')
+
+
+def batch_correlation(pred, mos, eps=1e-8):
+    """Pearson correlation over the batch: a differentiable stand-in for SRCC."""
+    p = pred - pred.mean()
+    m = mos - mos.mean()
+    return (p * m).sum() / (p.norm() * m.norm() + eps)
+
+
+def margin_ranking_loss(pred, mos, margin=0.1):
+    """Mean hinge max(0, margin - (p_i - p_j) * sign(y_i - y_j)) over pairs with y_i != y_j.
+
+    The user's ranking loss: it penalises every pair the model orders against
+    the MOS (or separates by less than `margin`). 0 when all MOS are equal.
+    """
+    sign = torch.sign(mos[:, None] - mos[None, :])
+    hinge = F.relu(margin - (pred[:, None] - pred[None, :]) * sign)
+    mask = sign != 0
+    if not mask.any():
+        return pred.sum() * 0.0
+    return hinge[mask].mean()
+
+
+def fidelity_loss(pred, mos, eps=1e-12):
+    """Pairwise fidelity loss (Tsai et al. 2007; used by UNIQUE/LIQE for IQA).
+
+    P(i better than j) = Phi((p_i - p_j) / sqrt(2)) under a Thurstone model with unit
+    variance; the target is 1, 0.5 or 0 from the MOS order. Averaged over pairs i < j.
+    """
+    i, j = torch.triu_indices(len(pred), len(pred), offset=1, device=pred.device)
+    prob = 0.5 * (1 + torch.erf((pred[i] - pred[j]) / 2))  # Phi(d / sqrt 2) = (1 + erf(d / 2)) / 2
+    target = (torch.sign(mos[i] - mos[j]) + 1) / 2
+    loss = 1 - torch.sqrt(target * prob + eps) - torch.sqrt((1 - target) * (1 - prob) + eps)
+    return loss.mean()
+
+
+def total_loss(pred, mos, args):
+    loss = quality_loss(pred, mos, args.loss_type, args.ranking_loss_margin)
+    if args.ranking_loss_alpha > 0:
+        loss = loss + args.ranking_loss_alpha * margin_ranking_loss(pred, mos, args.ranking_loss_margin)
+    return loss
+
+
+# --------------------------------------------------------------------------- schedule
+
+def learning_rates(epoch, args):
+    """(backbone lr, head lr) for a 0-based epoch.
+
+    Cosine decays each group to `min_lr_ratio` x its own start. The user's code
+    used CosineAnnealingLR(eta_min=1e-6) for both groups, which *raises* the
+    learning rate during training whenever it starts below 1e-6 (their best runs
+    used lr=5e-7); a floor proportional to each group's lr cannot do that.
+    """
+    base_backbone, base_head = args.lr, args.lr * args.lr_ratio
+    if epoch < args.warmup_epochs:
+        f = (epoch + 1) / (args.warmup_epochs + 1)
+        return base_backbone * f, base_head * f
+    if args.lr_scheduler == 'cosine':
+        span = max(args.epochs - args.warmup_epochs, 1)
+        progress = (epoch - args.warmup_epochs) / span
+        f = args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return base_backbone * f, base_head * f
+    if args.lr_scheduler == 'step':
+        # Original HyperIQA: the backbone keeps its lr, the hyper-network's drops 10x every 6 epochs.
+        return base_backbone, base_head / 10 ** (epoch // 6)
+    return base_backbone, base_head
+
+
+# --------------------------------------------------------------------------- processes
+
+def setup_distributed(device_flag):
+    """(rank, world_size, device). torchrun sets WORLD_SIZE/RANK/LOCAL_RANK."""
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    if device_flag == 'auto':
+        device_flag = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if world == 1:
+        return 0, 1, torch.device(device_flag)
+    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+    if device_flag.startswith('cuda'):
+        torch.cuda.set_device(local_rank)
+        device = torch.device('cuda', local_rank)
+        dist.init_process_group('nccl')
+    else:
+        device = torch.device('cpu')
+        dist.init_process_group('gloo')
+    return dist.get_rank(), world, device
+
+
+def gather_to_all(array, world_size):
+    """Concatenate a numpy array from every rank, in rank order (identity for 1 process)."""
+    if world_size == 1:
+        return array
+    parts = [None] * world_size
+    dist.all_gather_object(parts, array)
+    return np.concatenate(parts)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+class Tee(io.TextIOBase):
+    """Send console output to the terminal and to logs/<run>.log as well."""
+
+    def __init__(self, stream, log_file):
+        self.stream, self.log_file = stream, log_file
+
+    def write(self, text):
+        self.stream.write(text)
+        self.log_file.write(text)
+        self.log_file.flush()
+        return len(text)
+
+    def flush(self):
+        self.stream.flush()
+        self.log_file.flush()
+
+
+# --------------------------------------------------------------------------- evaluation
+
+def predict_scores(model, images_u8, *, patch_size=224, patch_num=20, batch_size=64, random_crop=False,
+                   seed=0, device='cpu', amp=False, rank=0, world_size=1, pad_batches=False, desc=None):
+    """One score per image: the mean of the model's scores over `patch_num` crops.
+
+    With several processes each rank scores every world_size-th image and the
+    predictions are gathered, so metrics equal the single-process ones. Crops
+    depend on the image's index (and on `seed` with random_crop), never on the
+    batch or the process it lands in.
+    """
+    n = images_u8.shape[0]
+    ids = np.arange(rank, n, world_size)
+    preds = torch.zeros(n, dtype=torch.float64)
+    counts = torch.zeros(n, dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    total = math.ceil(len(ids) * patch_num / batch_size)
+    bar = tqdm(total=total, desc=desc or 'eval', unit='batch', leave=False, file=sys.__stderr__,
+               disable=rank != 0 or desc is None, mininterval=1.0)
+    with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16, enabled=amp):
+        for patches, index in data_loader.eval_patch_batches(
+                images_u8, patch_size=patch_size, patch_num=patch_num, batch_size=batch_size,
+                random_crop=random_crop, seed=seed, device=device, image_ids=ids):
+            real = patches.shape[0]
+            if pad_batches and real < batch_size:  # torch.compile: keep one static shape
+                patches = torch.cat([patches, patches[:1].expand(batch_size - real, -1, -1, -1)])
+            out = model(patches)[:real].float().cpu().double()
+            preds.index_add_(0, index.cpu(), out)
+            counts.index_add_(0, index.cpu(), torch.ones_like(out))
+            bar.update(1)
+    bar.close()
+    model.train(was_training)
+    local = np.stack([ids, (preds[ids] / counts[ids]).numpy()], axis=1)
+    gathered = gather_to_all(local, world_size)
+    result = np.empty(n)
+    result[gathered[:, 0].astype(int)] = gathered[:, 1]
+    return result
+
+
+def evaluate_split(model, images_u8, mos, direction, args, device, amp, rank, world, seed, desc):
+    """SRCC/PLCC/KRCC of one split (direction -1 flips a lower-is-better target)."""
+    pred = predict_scores(model, images_u8, patch_size=args.patch_size, patch_num=args.test_patch_num,
+                          batch_size=args.eval_batch_size, random_crop=args.test_random_crop, seed=seed,
+                          device=device, amp=amp, rank=rank, world_size=world, pad_batches=args.compile,
+                          desc=desc)
+    return iqa_metrics.correlations(pred, direction * np.asarray(mos)), pred
+
+
+# --------------------------------------------------------------------------- training
+
+def train_one_epoch(model, optimizer, sampler, epoch, args, device, amp, rank, world, progress_desc):
+    """One pass over every (image, patch) pair. Returns (mean loss, train SRCC, patches/s, seconds)."""
+    model.train()
+    losses, preds, targets = [], [], []
+    n_patches = 0
+    start = time.perf_counter()
+    bar = tqdm(total=len(sampler), desc=progress_desc, unit='batch', file=sys.__stderr__,
+               disable=rank != 0, mininterval=1.0, leave=False)
+    optimizer.zero_grad(set_to_none=True)
+    for step, (patches, mos, _) in enumerate(sampler.batches(epoch)):
+        last_of_group = (step + 1) % args.grad_accum_steps == 0 or step + 1 == len(sampler)
+        sync = contextlib.nullcontext() if last_of_group or world == 1 else model.no_sync()
+        with sync:
+            with torch.autocast('cuda', dtype=torch.bfloat16, enabled=amp):
+                pred = model(patches).float()
+            loss = total_loss(pred, mos, args)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f'loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}')
+            (loss / args.grad_accum_steps).backward()
+        if last_of_group:
+            if args.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        preds.append(pred.detach().cpu().numpy())
+        targets.append(mos.cpu().numpy())
+        n_patches += patches.shape[0]
+        elapsed = time.perf_counter() - start
+        bar.set_postfix(loss=f'{np.mean(losses):.4f}', patches_s=f'{n_patches * world / max(elapsed, 1e-9):.0f}',
+                        refresh=False)
+        bar.update(1)
+    bar.close()
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    pred_all = gather_to_all(np.concatenate(preds), world)
+    mos_all = gather_to_all(np.concatenate(targets), world)
+    loss_all = gather_to_all(np.asarray(losses), world)
+    return float(np.mean(loss_all)), iqa_metrics.srcc(pred_all, mos_all), n_patches * world / seconds, seconds
+
+
+def remap_splits(dataset, kept):
+    """Split index arrays after bad images were dropped (positions into the kept images)."""
+    position = np.full(len(dataset.paths), -1)
+    position[kept] = np.arange(len(kept))
+    out = {}
+    for name, idx in dataset.splits.items():
+        new = position[np.asarray(idx, dtype=int)]
+        out[name] = new[new >= 0]
+    return out
+
+
+def fmt(x, spec='.4f'):
+    return '' if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def write_metrics_csv(path, rows):
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, lineterminator='\n')
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ('' if row.get(k) is None else row[k]) for k in METRIC_COLUMNS})
+    checkpoints.atomic_write_text(path, buf.getvalue())
+
+
+def load_spaq(args, log):
+    """The SPAQ cross-test set, when spaq-test/ exists and --no_spaq is not given."""
+    if args.no_spaq or args.dataset in ('spaq',):
+        return None
+    root = os.path.join(SCRIPT_DIR, data_loader.DEFAULT_ROOTS['spaq'])
+    if not os.path.isdir(root):
+        return None
+    spaq = data_loader.load_dataset('spaq', root)
+    images, kept = data_loader.load_images(spaq.paths, resize_hw=tuple(args.resize), cache_dir=args.cache_dir,
+                                           num_workers=args.num_workers, skip_bad=True,
+                                           min_hw=(args.patch_size, args.patch_size))
+    log(f'SPAQ cross-test: {len(kept)} images from {root} (turn off with --no_spaq)')
+    return images, spaq.mos[kept], (1 if spaq.higher_is_better else -1)
+
+
+def run_round(round_idx, args, state, ctx):
+    """Train and evaluate one round; returns this round's best-epoch record."""
+    log, rank, world, device, amp = ctx['log'], ctx['rank'], ctx['world'], ctx['device'], ctx['amp']
+    round_seed = args.seed + round_idx - 1
+    dataset = data_loader.load_dataset(args.dataset, args.data_root, seed=round_seed, score=args.score,
+                                       csv_image_column=args.csv_image_column,
+                                       csv_score_column=args.csv_score_column)
+    images, kept = data_loader.load_images(dataset.paths, resize_hw=tuple(args.resize), cache_dir=args.cache_dir,
+                                           num_workers=args.num_workers, skip_bad=args.skip_bad_images,
+                                           min_hw=(args.patch_size, args.patch_size), progress=rank == 0)
+    splits = remap_splits(dataset, kept)
+    mos = dataset.mos[kept]
+    if 'train' not in splits or len(splits['train']) < 2 or 'test' not in splits:
+        raise SystemExit(f'{dataset.name}: no training split (found {sorted(splits)}); it can be used with '
+                         'cross_dataset_test.py but not for training')
+    select_on = args.select_on
+    if select_on == 'val' and len(splits.get('val', [])) == 0:
+        log(f'note: {dataset.name} has no validation split ({dataset.split_source}); the best epoch is '
+            'selected on the TEST split and results are labelled "selected on test".')
+        select_on = 'test'
+    log(f'Round {round_idx}/{args.train_test_num}: {dataset.name} from {dataset.root}, split: '
+        f'{dataset.split_source}; train {len(splits["train"])}, val {len(splits.get("val", []))}, '
+        f'test {len(splits["test"])} images; target {dataset.score_name}')
+    # Stored so that cross-dataset tests know which way this model's scores point.
+    ctx['config']['higher_is_better'] = bool(dataset.higher_is_better)
+    if rank == 0:
+        checkpoints.atomic_write_json(os.path.join(ctx['run_dir'], 'config.json'), ctx['config'])
+
+    seed_everything(round_seed)
+    model = models_swin.build_model(args.model_size, use_multiscale=not args.no_multiscale,
+                                    use_attention=args.attention_fusion,
+                                    pretrained=not args.no_pretrained, pretrained_path=args.pretrained_path,
+                                    drop_path_rate=args.drop_path_rate, dropout_rate=args.dropout_rate).to(device)
+    raw_model = model
+    state['params'] = models_swin.count_parameters(model)
+    groups = [{'params': model.backbone_parameters(), 'lr': args.lr},
+              {'params': model.head_parameters(), 'lr': args.lr * args.lr_ratio}]
+    optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay, fused=device.type == 'cuda')
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == 'cuda' else None)
+    if args.compile:
+        model = torch.compile(model)
+
+    train_images = images[splits['train']]
+    sampler = data_loader.TrainPatchSampler(
+        train_images, mos[splits['train']], patch_size=args.patch_size, patch_num=args.train_patch_num,
+        batch_size=args.batch_size, color_jitter=not args.no_color_jitter, seed=round_seed, device=device,
+        rank=rank, world_size=world, drop_last=args.compile)
+    eval_sets = {name: (images[splits[name]], mos[splits[name]]) for name in ('val', 'test') if name in splits
+                 and len(splits[name])}
+
+    first_epoch = 0
+    best = None
+    bad_epochs = 0
+    resume = state.pop('resume_checkpoint', None)
+    if resume is not None and resume['round'] == round_idx:
+        raw_model.load_state_dict(resume['state_dict'])
+        optimizer.load_state_dict(resume['optimizer'])
+        first_epoch = resume['epoch']
+        best = resume['best']
+        bad_epochs = resume['early_stopping']['bad_epochs']
+        checkpoints.restore_rng_state(resume['rng_state'])
+        log(f'Resumed round {round_idx} after epoch {first_epoch} (best so far: '
+            f'{json.dumps(best) if best else "none"})')
+
+    run_dir = ctx['run_dir']
+    ckpt_dir = run_dir if args.train_test_num == 1 else os.path.join(run_dir, f'round{round_idx}')
+    saver = checkpoints.CheckpointSaver(ckpt_dir, keep=args.keep_checkpoints) if rank == 0 else None
+    if saver is not None and best and best.get('checkpoint'):
+        saver.best_paths = [best['checkpoint']] if os.path.exists(best['checkpoint']) else []
+
+    header = 'Epoch\tTrain_Loss\tTrain_SRCC\t' + ('Val_SRCC\t' if 'val' in eval_sets else '') + \
+             'Test_SRCC\tTest_PLCC' + ('\tSPAQ_SRCC\tSPAQ_PLCC' if ctx['spaq'] else '')
+    log(header)
+    status = 'finished'
+    for epoch in range(first_epoch, args.epochs):
+        lr_backbone, lr_head = learning_rates(epoch, args)
+        optimizer.param_groups[0]['lr'], optimizer.param_groups[1]['lr'] = lr_backbone, lr_head
+        try:
+            train_loss, train_srcc, patches_per_s, seconds = train_one_epoch(
+                model, optimizer, sampler, epoch, args, device, amp, rank, world,
+                f'Round {round_idx} epoch {epoch + 1}/{args.epochs}')
+        except FloatingPointError as err:
+            log(f'STOPPED: {err}. The model diverged (try a lower --lr or --max_grad_norm); the last good '
+                f'checkpoints in {run_dir} are intact.')
+            state['status'] = 'diverged'
+            return best, 'diverged'
+        row = {'round': round_idx, 'epoch': epoch + 1, 'lr_backbone': f'{lr_backbone:.3e}',
+               'lr_head': f'{lr_head:.3e}', 'train_loss': fmt(train_loss), 'train_srcc': fmt(train_srcc)}
+        eval_seed = round_seed * 1000 + epoch if args.test_random_crop else round_seed
+        results = {}
+        for name, (imgs, split_mos) in eval_sets.items():
+            results[name], _ = evaluate_split(model, imgs, split_mos, 1, args, device, amp, rank, world,
+                                              eval_seed, f'{name} eval')
+            for metric in ('srcc', 'plcc', 'krcc'):
+                row[f'{name}_{metric}'] = fmt(results[name][metric])
+        if ctx['spaq']:
+            spaq_images, spaq_mos, spaq_dir = ctx['spaq']
+            direction = spaq_dir * (1 if dataset.higher_is_better else -1)
+            results['spaq'], _ = evaluate_split(model, spaq_images, spaq_mos, direction, args, device, amp,
+                                                rank, world, eval_seed, 'SPAQ eval')
+            row['spaq_srcc'], row['spaq_plcc'] = fmt(results['spaq']['srcc']), fmt(results['spaq']['plcc'])
+        row['epoch_seconds'] = f'{seconds:.1f}'
+        row['train_patches_per_s'] = f'{patches_per_s:.1f}'
+
+        score = results[select_on]['srcc']
+        improved = best is None or (not math.isnan(score) and score > best['select_srcc'] + args.early_stopping_min_delta)
+        if improved:
+            bad_epochs = 0
+            best = {'epoch': epoch + 1, 'select_srcc': score,
+                    'val_srcc': results.get('val', {}).get('srcc'), 'val_plcc': results.get('val', {}).get('plcc'),
+                    'test_srcc': results['test']['srcc'], 'test_plcc': results['test']['plcc'],
+                    'test_krcc': results['test']['krcc']}
+        else:
+            bad_epochs += 1
+        row['is_best'] = int(improved)
+        state['rows'].append(row)
+
+        log('%d\t%.4f\t\t%.4f\t\t%s%.4f\t\t%.4f%s' % (
+            epoch + 1, train_loss, train_srcc,
+            f'{results["val"]["srcc"]:.4f}\t\t' if 'val' in results else '', results['test']['srcc'],
+            results['test']['plcc'],
+            f'\t{results["spaq"]["srcc"]:.4f}\t\t{results["spaq"]["plcc"]:.4f}' if 'spaq' in results else '')
+            + f'\t({seconds:.0f} s, {patches_per_s:.0f} patches/s, lr {lr_backbone:.2e}/{lr_head:.2e})'
+            + ('  * best' if improved else ''))
+
+        stop_now = not args.no_early_stopping and bad_epochs >= args.patience
+        if rank == 0:
+            checkpoint = {'format': 'swin-iqa-checkpoint/1', 'state_dict': raw_model.state_dict(),
+                          'config': ctx['config'], 'epoch': epoch + 1, 'round': round_idx, 'metrics': row,
+                          'code_version': ctx['config']['code_version']}
+            if improved:
+                path = saver.save_best(checkpoint, best['test_srcc'], best['test_plcc'])
+                if path is not None:
+                    best['checkpoint'] = path
+                    log(f'  new best ({select_on} SRCC {score:.4f}) saved: {path}')
+            checkpoint.update(optimizer=optimizer.state_dict(), rng_state=checkpoints.capture_rng_state(), best=best,
+                              early_stopping={'bad_epochs': bad_epochs}, rounds=state['rounds'],
+                              train_seconds=time.time() - state['start_time'] + state.get('seconds_before', 0.0))
+            saver.save_last(checkpoint)
+            write_metrics_csv(os.path.join(run_dir, 'metrics.csv'), state['rows'])
+            write_summary(run_dir, args, state, best, select_on, 'running')
+        if stop_now:
+            log(f'Early stopping: no {select_on} SRCC gain > {args.early_stopping_min_delta} for '
+                f'{args.patience} epochs.')
+            status = 'stopped_early'
+            break
+    best['select_on'] = select_on
+    if 'test' in eval_sets and best is not None and rank == 0:
+        # Bootstrap intervals of the selected epoch, from its saved weights.
+        best.update(best_intervals(raw_model, best, eval_sets['test'], args, device, amp,
+                                   round_seed * 1000 + best['epoch'] - 1 if args.test_random_crop else round_seed))
+    return best, status
+
+
+def best_intervals(model, best, test_set, args, device, amp, seed):
+    """95% bootstrap intervals of the selected epoch's test SRCC/PLCC."""
+    path = best.get('checkpoint')
+    if not path or not os.path.exists(path):
+        return {}
+    model.load_state_dict(checkpoints.load_checkpoint(path)['state_dict'])
+    pred = predict_scores(model, test_set[0], patch_size=args.patch_size, patch_num=args.test_patch_num,
+                          batch_size=args.eval_batch_size, random_crop=args.test_random_crop, seed=seed,
+                          device=device, amp=amp)
+    mos = test_set[1]
+    return {'test_srcc_ci': list(iqa_metrics.bootstrap_ci(pred, mos, 'srcc')),
+            'test_plcc_ci': list(iqa_metrics.bootstrap_ci(pred, mos, 'plcc'))}
+
+
+def write_summary(run_dir, args, state, best, select_on, status):
+    rounds = [r for r in state['rounds']] + ([best] if status == 'running' and best else [])
+    test_srccs = [r['test_srcc'] for r in rounds if r]
+    test_plccs = [r['test_plcc'] for r in rounds if r]
+    summary = {
+        'run_name': state['run_name'], 'name': args.name, 'status': status, 'select_on': select_on,
+        'best_epoch': best['epoch'] if best else None, 'best': best, 'rounds': state['rounds'],
+        'median_test_srcc': float(np.median(test_srccs)) if test_srccs else None,
+        'median_test_plcc': float(np.median(test_plccs)) if test_plccs else None,
+        'train_seconds': round(time.time() - state['start_time'] + state.get('seconds_before', 0.0), 1),
+        'train_patches_per_s': state['rows'][-1]['train_patches_per_s'] if state['rows'] else None,
+        'best_checkpoint': best.get('checkpoint') if best else None,
+        'params': state.get('params'),
+    }
+    checkpoints.atomic_write_json(os.path.join(run_dir, 'summary.json'), summary)
+
+
+def resolve_resume(path):
+    """The checkpoint to resume from: RUN_DIR/last.pkl or the file given."""
+    ckpt_path = os.path.join(path, 'last.pkl') if os.path.isdir(path) else path
+    if not os.path.exists(ckpt_path):
+        raise SystemExit(f'--resume {path}: {ckpt_path} does not exist (a run folder holds last.pkl '
+                         'after its first epoch)')
+    ckpt = checkpoints.load_checkpoint(ckpt_path)
+    if ckpt.get('optimizer') is None or ckpt.get('config') is None:
+        raise SystemExit(f'--resume {ckpt_path}: this checkpoint has no training state (optimizer, RNG); '
+                         'resume from the run folder or its last.pkl')
+    return ckpt_path, ckpt
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    resume = None
+    if args.resume:
+        resume_path, resume = resolve_resume(args.resume)
+        stored = dict(resume['config'])
+        given = {k: v for k, v in vars(args).items() if k in MACHINE_FLAGS and v != parser.get_default(k)}
+        ignored = sorted(k for k, v in vars(args).items() if k not in MACHINE_FLAGS and k != 'resume'
+                         and v != parser.get_default(k) and stored.get(k) != v)
+        for key in [k for k in vars(args)]:
+            if key in stored:
+                setattr(args, key, stored[key])
+        for key, value in given.items():
+            setattr(args, key, value)
+        args.resume = resume_path
+    warnings = []
+    args = check_args(args, warnings.append)
+
+    rank, world, device = setup_distributed(args.device)
+    amp = device.type == 'cuda' and not args.no_amp
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers outside autocast
+        torch.backends.cudnn.allow_tf32 = True
+    if args.cache_dir in ('none', ''):
+        args.cache_dir = None
+
+    if resume is not None:
+        run_dir = os.path.dirname(os.path.abspath(resume_path))
+        if os.path.basename(run_dir).startswith('round') and args.train_test_num > 1:
+            run_dir = os.path.dirname(run_dir)
+        run_name = os.path.basename(run_dir)
+    else:
+        run_name = checkpoints.run_name(args.dataset if os.sep not in args.dataset else
+                                        os.path.splitext(os.path.basename(args.dataset))[0],
+                                        args.ranking_loss_alpha, datetime.datetime.now())
+        run_dir = os.path.join(args.output_dir, run_name)
+        if world > 1:  # every rank must agree on the folder (clocks may tick between them)
+            names = [run_name]
+            dist.broadcast_object_list(names, src=0)
+            run_name = names[0]
+            run_dir = os.path.join(args.output_dir, run_name)
+    log_file = None
+    console = (sys.stdout, sys.stderr)
+    if rank == 0:
+        if resume is None:
+            suffix = 1
+            base_dir, base_name = run_dir, run_name
+            while True:
+                try:
+                    os.makedirs(run_dir)
+                    break
+                except FileExistsError:  # two runs started in the same second (two GPUs)
+                    suffix += 1
+                    run_dir, run_name = f'{base_dir}_{suffix}', f'{base_name}_{suffix}'
+        os.makedirs(args.log_dir, exist_ok=True)
+        log_file = open(os.path.join(args.log_dir, f'{run_name}.log'), 'a', encoding='utf-8')
+        sys.stdout = Tee(console[0], log_file)
+        sys.stderr = Tee(console[1], log_file)
+    if world > 1:
+        names = [run_dir, run_name]
+        dist.broadcast_object_list(names, src=0)
+        run_dir, run_name = names
+
+    def log(message):
+        if rank == 0:
+            print(message, flush=True)
+
+    try:
+        for message in warnings:
+            log(f'WARNING: {message}')
+        if resume is not None and ignored:
+            log('note: resuming uses the run\'s stored configuration; ignored: ' +
+                ', '.join(f'--{k}' for k in ignored))
+        config = dict(vars(args))
+        config.update(run_name=run_name, code_version=checkpoints.code_version(),
+                      command='python train_swin.py ' + ' '.join(argv), world_size=world)
+        if resume is not None:
+            config['code_version'] = resume['config'].get('code_version', config['code_version'])
+            config['command'] = resume['config'].get('command', config['command'])
+        log('=' * 72)
+        log(f'Run {run_name}  ({"resumed" if resume else "new"}, {world} process(es), device {device}, '
+            f'bf16 autocast {"on" if amp else "off"})')
+        for key in sorted(vars(args)):
+            log(f'  {key:<26} {getattr(args, key)}')
+        log('=' * 72)
+        state = {'run_name': run_name, 'rows': [], 'rounds': [], 'start_time': time.time()}
+        first_round = 1
+        if resume is not None:
+            state['rounds'] = resume.get('rounds') or []
+            first_round = resume['round']
+            state['resume_checkpoint'] = resume
+            state['seconds_before'] = float(resume.get('train_seconds') or 0.0)
+            metrics_path = os.path.join(run_dir, 'metrics.csv')
+            if os.path.exists(metrics_path):
+                with open(metrics_path, newline='') as f:
+                    for row in csv.DictReader(f):
+                        if (int(row['round']), int(row['epoch'])) <= (resume['round'], resume['epoch']):
+                            state['rows'].append(row)
+        ctx = {'log': log, 'rank': rank, 'world': world, 'device': device, 'amp': amp, 'run_dir': run_dir,
+               'spaq': load_spaq(args, log)}
+        status = 'finished'
+        best = None
+        ctx['config'] = config
+        for round_idx in range(first_round, args.train_test_num + 1):
+            best, status = run_round(round_idx, args, state, ctx)
+            if status == 'diverged':
+                break
+            state['rounds'].append(best)
+        if rank == 0:
+            final = 'diverged' if status == 'diverged' else status
+            if status != 'diverged':
+                write_summary(run_dir, args, state, best, best['select_on'], final)
+                finished = [r for r in state['rounds'] if r]
+                label = 'selected on val' if best['select_on'] == 'val' else 'selected on test'
+                if args.train_test_num > 1:
+                    log('Testing median SRCC %.4f, median PLCC %.4f over %d rounds' % (
+                        np.median([r['test_srcc'] for r in finished]),
+                        np.median([r['test_plcc'] for r in finished]), len(finished)))
+                    srcc, plcc = (np.median([r['test_srcc'] for r in finished]),
+                                  np.median([r['test_plcc'] for r in finished]))
+                else:
+                    srcc, plcc = best['test_srcc'], best['test_plcc']
+                ci = ''
+                if best.get('test_srcc_ci'):
+                    ci = ' (95%% CI SRCC %.4f-%.4f, PLCC %.4f-%.4f)' % (*best['test_srcc_ci'], *best['test_plcc_ci'])
+                log(f'Run folder: {run_dir}')
+                log('Best test SRCC %.4f PLCC %.4f (epoch %d, %s)%s' % (srcc, plcc, best['epoch'], label, ci))
+            else:
+                write_summary(run_dir, args, state, best, args.select_on, 'diverged')
+        return 0 if status != 'diverged' else 3
+    except data_loader.DataError as err:
+        log(f'DATA ERROR: {err}')
+        raise SystemExit(2)
+    except models_swin.PretrainedWeightsError as err:
+        log(f'ERROR: {err}')
+        raise SystemExit(2)
+    finally:
+        if log_file is not None:
+            sys.stdout, sys.stderr = console
+            log_file.close()
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    sys.exit(main())
