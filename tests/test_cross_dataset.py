@@ -1,0 +1,269 @@
+"""cross_dataset_test.py end to end on the nano model and tiny data sets in the real file formats.
+
+Everything runs in-process through cross_dataset_test.main() (one import of torch/timm for the
+whole file). The data sets come from tests/dataset_fixtures.py (40x48 images, resized to 232x240
+here) and every image is scored with 2 crops, so the file needs a few seconds of model time on a
+shared 2-core machine.
+"""
+import csv
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import checkpoints
+import cross_dataset_test as cdt
+import data_loader
+import iqa_metrics
+import models_swin
+import train_swin
+from dataset_fixtures import make_csiq, make_json_list, make_koniq, write_image, write_png16
+
+FAST = ['--test_patch_num', '2', '--resize', '232', '240', '--batch_size', '8', '--cache_dir', 'none',
+        '--n_boot', '200', '--device', 'cpu']
+
+
+# --------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope='module')
+def world(tmp_path_factory):
+    """Data sets, a project checkpoint and the same weights as a bare state_dict."""
+    base = tmp_path_factory.mktemp('cross')
+    make_koniq(base / 'koniq-10k', sets=('training',) * 3 + ('validation',) + ('test',) * 6)
+    make_json_list(base / 'spaq-test', 'spaq_test.json', n=5, prefix='spaq_test/')  # the user's layout
+    make_csiq(base / 'csiq')
+
+    torch.manual_seed(0)
+    model = models_swin.build_model('nano', use_multiscale=True, use_attention=True, pretrained=False)
+    config = {'model_size': 'nano', 'no_multiscale': False, 'attention_fusion': True, 'patch_size': 224,
+              'test_patch_num': 2, 'resize': [232, 240], 'eval_batch_size': 8, 'dataset': 'koniq-10k',
+              'higher_is_better': True, 'seed': 0, 'drop_path_rate': 0.2, 'dropout_rate': 0.3,
+              'run_name': 'koniq-10k-swin_20251223_002226'}
+    run_dir = base / 'checkpoints' / config['run_name']
+    os.makedirs(run_dir)
+    project = run_dir / 'best_model_srcc_0.9378_plcc_0.9485.pkl'
+    checkpoints.atomic_torch_save({'format': checkpoints.CHECKPOINT_FORMAT, 'state_dict': model.state_dict(),
+                                   'config': config, 'epoch': 3, 'round': 1, 'metrics': {}}, project)
+    bare = base / 'old' / 'best_model_srcc_0.9249_plcc_0.9360.pkl'
+    os.makedirs(bare.parent)
+    torch.save(model.state_dict(), bare)
+    return {'base': base, 'project': project, 'bare': bare, 'n_koniq': 6, 'n_spaq': 5,
+            'koniq': base / 'koniq-10k', 'spaq': base / 'spaq-test', 'csiq': base / 'csiq'}
+
+
+def run(capsys, *argv):
+    rc = cdt.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+# --------------------------------------------------------------------------- cross-dataset
+
+def test_project_and_bare_checkpoints_agree_and_json_matches_metrics(world, capsys, tmp_path):
+    datasets = ['--datasets', f'koniq={world["koniq"]}', f'spaq={world["spaq"]}']
+    rc, out, err = run(capsys, '--checkpoint', world['project'], *datasets, '--output_dir', tmp_path / 'a', *FAST)
+    assert rc == 0, err
+    # bare state_dict: architecture inferred from the weights, and the override flags accepted
+    rc, out_bare, err = run(capsys, '--checkpoint', world['bare'], *datasets, '--output_dir', tmp_path / 'b',
+                            '--model_size', 'nano', '--attention_fusion', '--seed', '0', *FAST)
+    assert rc == 0, err
+
+    a = json.loads((tmp_path / 'a' / 'cross_dataset_results_nano_best_model_srcc_0.9378_plcc_0.9485.json')
+                   .read_text())
+    b = json.loads((tmp_path / 'b' / 'cross_dataset_results_nano_best_model_srcc_0.9249_plcc_0.9360.json')
+                   .read_text())
+    assert a['results'] == b['results']
+    assert a['checkpoint'] == str(world['project']) and b['checkpoint'] == str(world['bare'])
+    assert a['model']['source'] == 'checkpoint config'
+    assert b['model']['source'].startswith('inferred from the weights, overridden by --model_size nano')
+    assert a['checkpoint_format'] == checkpoints.CHECKPOINT_FORMAT
+    assert b['checkpoint_format'] == checkpoints.BARE_FORMAT
+    for key in ('model_size', 'use_multiscale', 'use_attention'):
+        assert a['model'][key] == b['model'][key]
+    assert (a['model']['model_size'], a['model']['use_attention']) == ('nano', True)
+    assert a['trained_on'] == 'koniq-10k' and b['trained_on'] is None
+    assert a['test_patch_num'] == 2 and a['resize'] == [232, 240]
+
+    koniq = a['results']['koniq']
+    assert set(koniq) >= {'images', 'srcc', 'plcc', 'krcc', 'srcc_ci', 'plcc_ci', 'root', 'split'}
+    assert koniq['images'] == world['n_koniq'] and koniq['split'] == 'test'
+    assert a['results']['spaq']['images'] == world['n_spaq']
+    assert koniq['root'] == str(world['koniq'])
+    # the in-domain set is left out of the cross-domain mean
+    assert a['in_domain'] == ['koniq'] and b['in_domain'] == []
+    assert a['cross_domain_mean']['datasets'] == ['spaq']
+    assert b['cross_domain_mean'] is None
+
+    # the numbers are iqa_metrics on predict_scores' predictions for the same images
+    model, ckpt, _, _ = cdt.load_model(str(world['project']), cdt.build_parser().parse_args([]),
+                                       torch.device('cpu'))
+    dataset = data_loader.load_dataset('koniq', world['koniq'])
+    test = dataset.splits['test']
+    images, kept = data_loader.load_images([dataset.paths[i] for i in test], (232, 240), cache_dir=None)
+    pred = train_swin.predict_scores(model, images, patch_size=224, patch_num=2, batch_size=8, seed=0)
+    mos = dataset.mos[test]
+    expected = iqa_metrics.correlations(pred, mos)
+    for metric in ('srcc', 'plcc', 'krcc'):
+        assert koniq[metric] == pytest.approx(expected[metric], abs=1e-12)
+    assert koniq['srcc_ci'] == pytest.approx(list(iqa_metrics.bootstrap_ci(pred, mos, 'srcc', 200, seed=0)))
+    assert koniq['plcc_ci'][0] <= koniq['plcc'] <= koniq['plcc_ci'][1]
+
+    # the same model twice: identical weights, identical scores
+    bare_args = cdt.build_parser().parse_args(['--model_size', 'nano', '--attention_fusion'])
+    model_b, _, _, _ = cdt.load_model(str(world['bare']), bare_args, torch.device('cpu'))
+    pred_b = train_swin.predict_scores(model_b, images, patch_size=224, patch_num=2, batch_size=8, seed=0)
+    np.testing.assert_array_equal(pred, pred_b)
+
+    # the printed table has the numbers, with intervals
+    row = next(line for line in out.splitlines() if line.startswith('| koniq |'))
+    assert f'{koniq["srcc"]:.4f} [{koniq["srcc_ci"][0]:.4f}, {koniq["srcc_ci"][1]:.4f}]' in row
+    assert f'| {world["n_koniq"]} |' in row
+
+
+def test_lower_is_better_dataset_is_flipped(world, capsys, tmp_path):
+    rc, out, err = run(capsys, '--checkpoint', world['project'], '--datasets', f'csiq={world["csiq"]}',
+                       '--split', 'all', '--output_dir', tmp_path, *FAST)
+    assert rc == 0, err
+    result = json.loads(next(tmp_path.glob('cross_dataset_results_*.json')).read_text())['results']['csiq']
+    assert result['mos_flipped'] is True and result['higher_is_better'] is False
+    assert result['images'] == 10 and result['split'] == 'all'
+    assert 'scored against -MOS' in out
+
+    model, _, _, _ = cdt.load_model(str(world['project']), cdt.build_parser().parse_args([]), torch.device('cpu'))
+    dataset = data_loader.load_dataset('csiq', world['csiq'])
+    images, _ = data_loader.load_images(dataset.paths, (232, 240), cache_dir=None)
+    pred = train_swin.predict_scores(model, images, patch_size=224, patch_num=2, batch_size=8, seed=0)
+    assert result['srcc'] == pytest.approx(iqa_metrics.srcc(pred, -dataset.mos), abs=1e-12)
+
+
+def test_missing_dataset_is_skipped_and_all_missing_exits_2(world, capsys, tmp_path):
+    nowhere = tmp_path / 'no-such-folder'
+    rc, out, err = run(capsys, '--checkpoint', world['project'], '--datasets', f'spaq={world["spaq"]}',
+                       f'kadid={nowhere}', '--output_dir', tmp_path, *FAST)
+    assert rc == 0, err
+    assert f'kadid: not found at {nowhere}; skipped' in out
+    saved = json.loads(next(tmp_path.glob('cross_dataset_results_*.json')).read_text())
+    assert list(saved['results']) == ['spaq'] and saved['missing'] == {'kadid': str(nowhere)}
+
+    out_dir = tmp_path / 'none'
+    rc, out, err = run(capsys, '--checkpoint', world['project'], '--datasets', f'kadid={nowhere}',
+                       f'agiqa={nowhere}2', '--output_dir', out_dir, *FAST)
+    assert rc == 2
+    assert 'No data set could be scored' in err
+    assert f'kadid at {nowhere}' in err and f'agiqa at {nowhere}2' in err
+    assert '--datasets NAME=PATH' in err
+    assert not out_dir.exists() or not list(out_dir.iterdir())
+
+
+def test_default_datasets_name_their_default_roots(world, capsys, monkeypatch, tmp_path):
+    # nothing at the default roots: every default data set is reported with the folder looked at
+    monkeypatch.setattr(data_loader, 'DEFAULT_ROOTS',
+                        {k: tmp_path / 'empty' / os.path.basename(v) for k, v in data_loader.DEFAULT_ROOTS.items()})
+    rc, out, err = run(capsys, '--checkpoint', world['project'], '--output_dir', tmp_path, *FAST)
+    assert rc == 2
+    for label, folder in (('koniq', 'koniq-10k'), ('spaq', 'spaq-test'), ('kadid', 'kadid-test'),
+                          ('agiqa', 'agiqa-test')):
+        assert f'{label} at {tmp_path / "empty" / folder}' in err
+
+
+def test_checkpoint_errors_name_the_file_and_flag(world, capsys, tmp_path):
+    rc, out, err = run(capsys, '--checkpoint', tmp_path / 'nope.pkl', *FAST)
+    assert rc == 2 and '--checkpoint' in err and 'nope.pkl' in err
+    # an override that contradicts the weights: strict loading refuses, naming the file
+    rc, out, err = run(capsys, '--checkpoint', world['bare'], '--no_multiscale', '--datasets',
+                       f'spaq={world["spaq"]}', '--output_dir', tmp_path, *FAST)
+    assert rc == 2
+    assert str(world['bare']) in err and 'single-scale' in err and '--no_multiscale' in err
+    rc, out, err = run(capsys, '--datasets', 'spaq')
+    assert rc == 2 and '--checkpoint FILE is required' in err
+    rc, out, err = run(capsys, '--checkpoint', world['project'], '--datasets', 'nosuchset', *FAST)
+    assert rc == 2 and '--datasets nosuchset: unknown dataset' in err
+
+
+# --------------------------------------------------------------------------- --images
+
+def test_images_folder_with_a_broken_image(world, capsys, tmp_path):
+    folder = tmp_path / 'photos'
+    write_image(folder / 'big.jpg', (600, 800), seed=1, fmt='JPEG')          # larger than the resize
+    write_image(folder / 'small.png', (60, 90), seed=2)                      # smaller than one crop
+    write_image(folder / 'sub' / 'gray.tif', (240, 256), seed=3, mode='L')   # grayscale, another format
+    write_image(folder / 'alpha.webp', (240, 256), seed=4, mode='RGBA', fmt='WEBP')
+    write_png16(folder / 'deep.png', np.random.default_rng(5).integers(0, 65536, (50, 70, 3)))  # 16 bit
+    (folder / 'broken.jpg').write_bytes(b'\xff\xd8\xff\xe0 this is not a JPEG')
+    (folder / 'notes.txt').write_text('not an image, not listed')
+    (folder / '._big.jpg').write_bytes(b'macOS metadata')
+
+    out_csv = tmp_path / 'out' / 'scores.csv'
+    rc, out, err = run(capsys, '--checkpoint', world['project'], '--images', folder, '--output', out_csv, *FAST)
+    assert rc == 0, err
+    with open(out_csv, newline='') as f:
+        rows = list(csv.DictReader(f))
+    by_name = {os.path.relpath(r['path'], folder): r for r in rows}
+    assert set(by_name) == {'alpha.webp', 'big.jpg', 'broken.jpg', 'deep.png', 'small.png',
+                            os.path.join('sub', 'gray.tif')}
+    for name, r in by_name.items():
+        if name == 'broken.jpg':
+            assert r['score'] == '' and 'cannot decode image' in r['error']
+        else:
+            assert r['error'] == '' and np.isfinite(float(r['score']))
+    assert '5 of 6 images scored' in out
+    assert re.search(r'1 unreadable image\(s\).*\n\s+\S*broken\.jpg: cannot decode image', out)
+
+    # the same scores through a list file and a glob; a list's relative paths are relative to it
+    (tmp_path / 'list.txt').write_text('# images\nphotos/big.jpg\n\nphotos/small.png\n')
+    out2 = tmp_path / 'scores2.csv'
+    rc, out, err = run(capsys, '--checkpoint', world['project'], '--images', tmp_path / 'list.txt',
+                       str(folder / '*.webp'), '--output', out2, *FAST)
+    assert rc == 0, err
+    with open(out2, newline='') as f:
+        rows2 = {os.path.basename(r['path']): r['score'] for r in csv.DictReader(f)}
+    assert rows2 == {k: by_name[k]['score'] for k in ('big.jpg', 'small.png', 'alpha.webp')}
+
+    rc, out, err = run(capsys, '--checkpoint', world['project'], '--images', str(tmp_path / '*.nothing'),
+                       '--output', tmp_path / 'x.csv', *FAST)
+    assert rc == 2 and '--images' in err and '*.nothing' in err and 'matches nothing' in err
+
+
+# --------------------------------------------------------------------------- --complexity
+
+def test_complexity_table_for_nano(capsys, tmp_path):
+    md = tmp_path / 'complexity.md'
+    rc, out, err = run(capsys, '--complexity', '--sizes', 'nano', '--batch_size', '2', '--runs', '3',
+                       '--device', 'cpu', '--output', md)
+    assert rc == 0, err
+    header = next(line for line in out.splitlines() if line.startswith('| model |'))
+    assert 'GMACs' in header and 'GFLOPs' in header and 'throughput bs2' in header
+    row = next(line for line in out.splitlines() if line.startswith('| nano |'))
+    cells = [c.strip() for c in row.strip('|').split('|')]
+    params, gmacs, gflops, latency, throughput = map(float, cells[2:7])
+    nano = models_swin.build_model('nano', True, True, pretrained=False)
+    assert params == pytest.approx(models_swin.count_parameters(nano) / 1e6, abs=0.005)
+    assert gflops == pytest.approx(2 * gmacs, abs=0.011) and gflops > 0.1
+    assert latency > 0 and throughput > 0
+    assert 'FlopCounterMode' in out and f'torch {torch.__version__}' in out
+    assert md.read_text().startswith('| model |')
+
+
+def test_dataset_specs(tmp_path):
+    specs = cdt.parse_dataset_specs(['koniq', 'kadid=/data/kadid10k', f'mine={tmp_path}/list.csv',
+                                     f'{tmp_path}/other.json'])
+    assert [(label, name) for label, name, _ in specs] == [
+        ('koniq', 'koniq-10k'), ('kadid', 'kadid-10k'), ('mine', 'generic'), ('other', 'generic')]
+    assert specs[0][2] == data_loader.DEFAULT_ROOTS['koniq-10k']
+    assert str(specs[1][2]) == '/data/kadid10k' and specs[2][2] == tmp_path / 'list.csv'
+    with pytest.raises(cdt.UsageError, match='names .koniq. twice'):
+        cdt.parse_dataset_specs(['koniq', 'koniq=/elsewhere'])
+    with pytest.raises(cdt.UsageError, match='expected NAME=PATH'):
+        cdt.parse_dataset_specs(['spaq='])
+    # the training set is recognised by name for known sets, by path for annotation files
+    assert cdt.is_training_set('koniq-10k', tmp_path, 'koniq')
+    assert not cdt.is_training_set('generic', tmp_path / 'a.csv', str(tmp_path / 'b.csv'))
+    assert cdt.is_training_set('generic', tmp_path / 'a.csv', str(tmp_path / 'a.csv'))
+    # the user's file names; last.pkl gets its run folder so two runs do not overwrite each other
+    assert cdt.results_path('out', 'ckpt/run1/best_model_srcc_0.9378_plcc_0.9485.pkl', 'base') == \
+        os.path.join('out', 'cross_dataset_results_base_best_model_srcc_0.9378_plcc_0.9485.json')
+    assert cdt.results_path('out', 'ckpt/run1/last.pkl', 'tiny') == \
+        os.path.join('out', 'cross_dataset_results_tiny_run1_last.json')
