@@ -1209,9 +1209,13 @@ def _patch_views(images: torch.Tensor, index, top, left, flip, p: int) -> Iterat
     """(3, p, p) uint8 views of the crops (mirrored copies where flip); images contiguous."""
     _, _, h, w = images.shape
     plane = h * w
+    # as_strided's offset counts from the start of the storage, not of this tensor: a view such
+    # as images[5:6] (contiguous, storage_offset 5 * 3 * plane) must add its own offset, or every
+    # view of one storage yields the crops of its first image.
+    base = images.storage_offset()
     for k, (i, t, l) in enumerate(zip(index, top, left)):
         # as_strided: one call instead of four-way slicing, which dominates at this size
-        view = images.as_strided((3, p, p), (plane, w, 1), i * 3 * plane + t * w + l)
+        view = images.as_strided((3, p, p), (plane, w, 1), base + i * 3 * plane + t * w + l)
         yield view.flip(-1) if flip is not None and flip[k] else view
 
 

@@ -210,9 +210,15 @@ def test_images_folder_with_a_broken_image(world, capsys, tmp_path):
         else:
             assert r['error'] == '' and np.isfinite(float(r['score']))
     assert '5 of 6 images scored' in out
+    # every file is scored from its own pixels: five different images, five different scores
+    # (images are scored one at a time from views into one decoded tensor; a crop cut at the
+    # wrong offset gave every file the score of the first one)
+    scores = {name: float(r['score']) for name, r in by_name.items() if name != 'broken.jpg'}
+    assert len(set(scores.values())) == 5, scores
     assert re.search(r'1 unreadable image\(s\).*\n\s+\S*broken\.jpg: cannot decode image', out)
 
-    # the same scores through a list file and a glob; a list's relative paths are relative to it
+    # the same scores through a list file and a glob (another first image, other neighbours);
+    # a list's relative paths are relative to it
     (tmp_path / 'list.txt').write_text('# images\nphotos/big.jpg\n\nphotos/small.png\n')
     out2 = tmp_path / 'scores2.csv'
     rc, out, err = run(capsys, '--checkpoint', world['project'], '--images', tmp_path / 'list.txt',

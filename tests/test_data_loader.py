@@ -559,6 +559,12 @@ def test_eval_crops_fixed_ordered_unflipped():
     # a subset keeps the crops of its first images; another batch size changes nothing
     sub = torch.cat([x[0] for x in dl.eval_patch_batches(images[:2], patch_size=p, patch_num=7, batch_size=3)])
     assert torch.equal(sub, patches[:14])
+    # a view that starts further into the storage (images[2:4], storage_offset > 0) is cut from
+    # its own images, exactly as a copy of them is, not from the storage's first ones
+    view = torch.cat([x[0] for x in dl.eval_patch_batches(images[2:4], patch_size=p, patch_num=7, batch_size=3)])
+    copy = torch.cat([x[0] for x in dl.eval_patch_batches(images[2:4].clone(), patch_size=p, patch_num=7,
+                                                          batch_size=3)])
+    assert torch.equal(view, copy) and not torch.equal(view, sub)
     # a process's share (DDP): same indices and crops as in the full run
     share = list(dl.eval_patch_batches(images, patch_size=p, patch_num=7, batch_size=10, image_ids=[1, 4]))
     assert torch.cat([x[1] for x in share]).tolist() == [1] * 7 + [4] * 7
