@@ -15,6 +15,7 @@ import contextlib
 import csv
 import datetime
 import difflib
+import glob
 import io
 import json
 import math
@@ -530,6 +531,7 @@ def run_round(round_idx, args, state, ctx):
         rank=rank, world_size=world, drop_last=args.compile)
     eval_sets = {name: (images[splits[name]], mos[splits[name]]) for name in ('val', 'test') if name in splits
                  and len(splits[name])}
+    del images  # the splits hold their own copies; KonIQ's full set is 5.9 GB
 
     first_epoch = 0
     best = None
@@ -586,7 +588,8 @@ def run_round(round_idx, args, state, ctx):
         row['train_patches_per_s'] = f'{patches_per_s:.1f}'
 
         score = results[select_on]['srcc']
-        improved = best is None or (not math.isnan(score) and score > best['select_srcc'] + args.early_stopping_min_delta)
+        best_so_far = -math.inf if best is None or math.isnan(best['select_srcc']) else best['select_srcc']
+        improved = best is None or (not math.isnan(score) and score > best_so_far + args.early_stopping_min_delta)
         if improved:
             bad_epochs = 0
             best = {'epoch': epoch + 1, 'select_srcc': score,
@@ -668,7 +671,11 @@ def write_summary(run_dir, args, state, best, select_on, status):
 
 def resolve_resume(path):
     """The checkpoint to resume from: RUN_DIR/last.pkl or the file given."""
-    ckpt_path = os.path.join(path, 'last.pkl') if os.path.isdir(path) else path
+    ckpt_path = path
+    if os.path.isdir(path):
+        # a multi-round run keeps each round's last.pkl in round<k>/: continue the newest
+        candidates = glob.glob(os.path.join(path, 'last.pkl')) + glob.glob(os.path.join(path, 'round*', 'last.pkl'))
+        ckpt_path = max(candidates, key=os.path.getmtime) if candidates else os.path.join(path, 'last.pkl')
     if not os.path.exists(ckpt_path):
         raise SystemExit(f'--resume {path}: {ckpt_path} does not exist (a run folder holds last.pkl '
                          'after its first epoch)')

@@ -201,8 +201,11 @@ def test_infer_model_config_rejects_foreign_state_dict():
 
 
 def test_offline_pretrained_error_names_both_ways_out(monkeypatch, tmp_path):
+    import huggingface_hub.constants
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
     monkeypatch.setenv('HF_HOME', str(tmp_path / 'empty-hf-cache'))
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(tmp_path / 'empty-hf-cache'))
     with pytest.raises(models_swin.PretrainedWeightsError) as err:
         build_model('tiny', pretrained=True)
     message = str(err.value)
