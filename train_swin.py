@@ -399,10 +399,26 @@ def evaluate_split(model, images_u8, mos, direction, args, device, amp, rank, wo
 
 # --------------------------------------------------------------------------- training
 
+# Reading a value back from the GPU (loss.item(), .cpu()) waits for all queued work, which
+# stops the data for the next batch from being prepared while the GPU computes. So losses and
+# predictions stay on the device and are read every CHECK_EVERY steps (progress bar, NaN check).
+CHECK_EVERY = 25
+
+
+def check_losses(losses, first_step, epoch):
+    """Raise FloatingPointError at the first non-finite loss of `losses` (device tensors)."""
+    values = torch.stack(losses)
+    bad = ~torch.isfinite(values)
+    if bad.any():
+        i = int(bad.nonzero()[0, 0])
+        raise FloatingPointError(f'loss is {values[i].item()} at epoch {epoch + 1}, step {first_step + i + 1}')
+
+
 def train_one_epoch(model, optimizer, sampler, epoch, args, device, amp, rank, world, progress_desc):
     """One pass over every (image, patch) pair. Returns (mean loss, train SRCC, patches/s, seconds)."""
     model.train()
     losses, preds, targets = [], [], []
+    checked = 0
     n_patches = 0
     start = time.perf_counter()
     bar = tqdm(total=len(sampler), desc=progress_desc, unit='batch', file=sys.__stderr__,
@@ -415,29 +431,31 @@ def train_one_epoch(model, optimizer, sampler, epoch, args, device, amp, rank, w
             with torch.autocast('cuda', dtype=torch.bfloat16, enabled=amp):
                 pred = model(patches).float()
             loss = total_loss(pred, mos, args)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f'loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}')
             (loss / args.grad_accum_steps).backward()
         if last_of_group:
             if args.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        preds.append(pred.detach().cpu().numpy())
-        targets.append(mos.cpu().numpy())
+        losses.append(loss.detach())
+        preds.append(pred.detach())
+        targets.append(mos)
         n_patches += patches.shape[0]
-        elapsed = time.perf_counter() - start
-        bar.set_postfix(loss=f'{np.mean(losses):.4f}', patches_s=f'{n_patches * world / max(elapsed, 1e-9):.0f}',
-                        refresh=False)
         bar.update(1)
+        if (step + 1) % CHECK_EVERY == 0:
+            check_losses(losses[checked:], checked, epoch)
+            checked = len(losses)
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(loss=f'{torch.stack(losses).mean().item():.4f}',
+                            patches_s=f'{n_patches * world / max(elapsed, 1e-9):.0f}', refresh=False)
     bar.close()
+    check_losses(losses[checked:], checked, epoch)
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    pred_all = gather_to_all(np.concatenate(preds), world)
-    mos_all = gather_to_all(np.concatenate(targets), world)
-    loss_all = gather_to_all(np.asarray(losses), world)
+    pred_all = gather_to_all(torch.cat(preds).cpu().numpy(), world)
+    mos_all = gather_to_all(torch.cat(targets).cpu().numpy(), world)
+    loss_all = gather_to_all(torch.stack(losses).cpu().numpy(), world)
     return float(np.mean(loss_all)), iqa_metrics.srcc(pred_all, mos_all), n_patches * world / seconds, seconds
 
 
