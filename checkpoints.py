@@ -57,7 +57,7 @@ def _fsync_dir(folder):
         os.close(fd)
 
 
-def _atomic_write(path, write):
+def atomic_write(path, write):
     """Call write(file) on a temp file next to `path`, then move it over `path`.
 
     The temp file is in the same folder so os.replace is an atomic rename on one filesystem.
@@ -91,11 +91,11 @@ def _atomic_write(path, write):
 
 
 def atomic_write_bytes(path, data):
-    """Write bytes to `path` atomically (all or nothing; see `_atomic_write`)."""
+    """Write bytes to `path` atomically (all or nothing; see `atomic_write`)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         # bytes(5) would silently write five zero bytes
         raise TypeError(f'data for {path} must be bytes, got {type(data).__name__}')
-    _atomic_write(path, lambda f: f.write(data))
+    atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_write_text(path, text):
@@ -156,7 +156,7 @@ def atomic_torch_save(obj, path):
                 raise
             raise cause from None
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 # --------------------------------------------------------------------------- names

@@ -40,6 +40,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
+import checkpoints
+
 __all__ = [
     'IMAGENET_MEAN', 'IMAGENET_STD', 'DATASET_NAMES', 'DATASET_ALIASES', 'DEFAULT_ROOTS',
     'GENERIC', 'DataError', 'IQADataset', 'resolve_dataset', 'load_dataset', 'load_images',
@@ -1051,18 +1053,9 @@ def _decode_all(paths, stats, resize_hw, num_workers, progress):
 
 
 def _atomic_write(path: Path, write: Callable) -> None:
-    """Write via a temporary file in the same folder + flush + fsync + os.replace."""
+    """checkpoints.atomic_write (temp file, fsync, rename), creating the folder first."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}-{threading.get_ident()}.tmp')
-    try:
-        with open(tmp, 'wb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    checkpoints.atomic_write(path, write)
 
 
 def _cache_files(cache: Path, key: str) -> tuple[Path, Path]:
