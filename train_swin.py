@@ -490,10 +490,15 @@ def load_spaq(args, log):
     root = os.path.join(SCRIPT_DIR, data_loader.DEFAULT_ROOTS['spaq'])
     if not os.path.isdir(root):
         return None
-    spaq = data_loader.load_dataset('spaq', root)
-    images, kept = data_loader.load_images(spaq.paths, resize_hw=tuple(args.resize), cache_dir=args.cache_dir,
-                                           num_workers=args.num_workers, skip_bad=True,
-                                           min_hw=(args.patch_size, args.patch_size))
+    try:
+        spaq = data_loader.load_dataset('spaq', root)
+        images, kept = data_loader.load_images(spaq.paths, resize_hw=tuple(args.resize), cache_dir=args.cache_dir,
+                                               num_workers=args.num_workers, skip_bad=True,
+                                               min_hw=(args.patch_size, args.patch_size))
+    except data_loader.DataError as err:
+        # A broken side test must not cost the training run; say so loudly instead.
+        log(f'WARNING: SPAQ cross-test skipped, {root} is not readable: {err}')
+        return None
     log(f'SPAQ cross-test: {len(kept)} images from {root} (turn off with --no_spaq)')
     return images, spaq.mos[kept], (1 if spaq.higher_is_better else -1)
 

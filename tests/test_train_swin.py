@@ -384,3 +384,25 @@ def test_short_end_to_end_run_learns(tmp_path):
     assert test_srcc[-1] > test_srcc[0] + 0.3
     assert max(test_srcc) > 0.5
     assert float(rows[-1]['train_loss']) < float(rows[0]['train_loss'])
+
+
+def test_spaq_cross_test_each_epoch_when_spaq_test_exists(koniq_root, tmp_path, monkeypatch):
+    from dataset_fixtures import make_json_list
+    spaq = tmp_path / 'spaq-test'
+    make_json_list(spaq, 'spaq_test.json', n=5)
+    monkeypatch.setitem(data_loader.DEFAULT_ROOTS, 'spaq', spaq)
+    argv = [a for a in tiny_args(koniq_root, tmp_path, epochs=2) if a != '--no_spaq']
+    assert train_swin.main(argv) == 0
+    rows = read_metrics(only_run_dir(tmp_path))
+    assert all(-1 <= float(r['spaq_srcc']) <= 1 for r in rows)
+
+
+def test_broken_spaq_folder_is_reported_and_skipped(tmp_path, monkeypatch):
+    spaq = tmp_path / 'spaq-test'
+    spaq.mkdir()
+    (spaq / 'spaq_test.json').write_text('[{"image": "missing.png", "score": "not a number"}]')
+    monkeypatch.setitem(data_loader.DEFAULT_ROOTS, 'spaq', spaq)
+    args = train_swin.build_parser().parse_args(['--cache_dir', 'none'])
+    messages = []
+    assert train_swin.load_spaq(args, messages.append) is None
+    assert 'SPAQ cross-test skipped' in messages[0] and 'spaq_test.json' in messages[0]
