@@ -497,10 +497,29 @@ def test_signal_stops_running_experiments_and_their_children(sandbox, sig, statu
     assert 'interrupted: SLOW1' in stdout and 'not started: NEXT' in stdout
 
 
-# TODO(lead, after train_swin.py lands): the real tiny CPU run of the issue's Tests line goes here:
-# a 3-line experiment file with the real train_swin.py on the demo data (e.g. `--dataset demo
-# --model_size nano --no_pretrained --epochs 1 --batch_size 8 --train_patch_num 1
-# --test_patch_num 1 --resize 224 224 --num_workers 0`; Swin takes 224 crops only), run from
-# tmp_path with SCRIPT and `--gpus cpu`; assert three .done markers, a run folder per line whose
-# config.json "name" is the line's name, "Best test SRCC" in each log, the results table printed,
-# and "skip ... (finished)" for all three on re-launch.
+def test_real_tiny_cpu_queue_with_train_swin_and_skip_on_relaunch(tmp_path):
+    """Three real (tiny) trainings through the queue, the results table, then a re-launch."""
+    sys.path.insert(0, os.path.join(ROOT, 'tests'))
+    from dataset_fixtures import make_koniq
+    data = tmp_path / 'koniq'
+    make_koniq(data, sets=('training',) * 6 + ('validation',) * 2 + ('test',) * 3, hw=(64, 64))
+    common = (f'--dataset koniq-10k --data_root {data} --model_size nano --no_pretrained --epochs 1 '
+              '--batch_size 4 --train_patch_num 1 --test_patch_num 1 --resize 224 224 --cache_dir none '
+              '--num_workers 1 --no_spaq --output_dir checkpoints --log_dir logs')
+    (tmp_path / 'tiny.txt').write_text(f'T1 {common}\nT2 {common} --lr 1e-4\nT3 {common} --ranking_loss_alpha 0.3\n')
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    cmd = ['bash', SCRIPT, 'tiny.txt', '--gpus', 'cpu', '--python', sys.executable]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for name in ('T1', 'T2', 'T3'):
+        assert (tmp_path / 'logs' / 'experiments' / f'{name}.done').exists()
+        assert 'Best test SRCC' in (tmp_path / 'logs' / 'experiments' / f'{name}.log').read_text()
+    configs = [json.load(open(p)) for p in sorted((tmp_path / 'checkpoints').glob('*/config.json'))]
+    assert sorted(c['name'] for c in configs) == ['T1', 'T2', 'T3']
+    assert '| T2 |' in done.stdout and 'lr=0.0001' in done.stdout  # the results table, differences named
+
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0
+    for name in ('T1', 'T2', 'T3'):
+        assert f'skip {name} (finished)' in again.stdout
+    assert len(list((tmp_path / 'checkpoints').glob('*/config.json'))) == 3  # nothing ran twice

@@ -406,3 +406,17 @@ def test_broken_spaq_folder_is_reported_and_skipped(tmp_path, monkeypatch):
     messages = []
     assert train_swin.load_spaq(args, messages.append) is None
     assert 'SPAQ cross-test skipped' in messages[0] and 'spaq_test.json' in messages[0]
+
+
+def test_several_rounds_report_the_median_and_keep_each_rounds_checkpoints(koniq_root, tmp_path, monkeypatch):
+    scripted_evaluation(monkeypatch, val_srccs=[0.5, 0.6, 0.7, 0.4], test_srccs=[0.3, 0.5, 0.8, 0.2])
+    assert train_swin.main(tiny_args(koniq_root, tmp_path, '--train_test_num', '2', epochs=2)) == 0
+    run_dir = only_run_dir(tmp_path)
+    assert [(r['round'], r['epoch']) for r in read_metrics(run_dir)] == [('1', '1'), ('1', '2'), ('2', '1'), ('2', '2')]
+    assert os.listdir(os.path.join(run_dir, 'round1')).count('best_model_srcc_0.5000_plcc_0.5100.pkl') == 1
+    assert 'best_model_srcc_0.8000_plcc_0.8100.pkl' in os.listdir(os.path.join(run_dir, 'round2'))
+    summary = json.load(open(os.path.join(run_dir, 'summary.json')))
+    assert [r['test_srcc'] for r in summary['rounds']] == pytest.approx([0.5, 0.8])
+    assert summary['median_test_srcc'] == pytest.approx(0.65)
+    log = open(tmp_path / 'logs' / (os.path.basename(run_dir) + '.log')).read()
+    assert 'Testing median SRCC 0.6500, median PLCC 0.6600 over 2 rounds' in log
