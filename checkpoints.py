@@ -11,7 +11,7 @@ of checkpoints by hand. So here:
 - checkpoints are plain dicts of tensors/numbers/strings/lists, loadable with
   torch.load(weights_only=True), which cannot run code hidden in a file.
 
-Checkpoint format (see /work/contract.md): {"format": "swin-iqa-checkpoint/1", "state_dict",
+Checkpoint format (also in README.md, "Outputs"): {"format": "swin-iqa-checkpoint/1", "state_dict",
 "config", "epoch", "round", "metrics", "code_version", "optimizer", "scheduler", "rng_state",
 "best", "early_stopping"}. The user's older files are a bare model state_dict; both load.
 """

@@ -1,6 +1,6 @@
 """plot_training_curve.py and collect_results.py on synthetic run folders and an old-format log.
 
-No training: the run folders are written here in the contract's format (config.json, metrics.csv
+No training: the run folders are written here in train_swin.py's format (config.json, metrics.csv
 with its exact header, summary.json), the log in the format of the user's original solver.
 """
 import csv
@@ -94,7 +94,7 @@ def png_size(path):
     return struct.unpack('>II', data[16:24])
 
 
-def test_metrics_csv_read_in_contract_format(two_runs):
+def test_metrics_csv_read_in_train_swin_format(two_runs):
     rows = collect_results.read_metrics_csv(str(two_runs[0] / 'metrics.csv'))
     assert [r['epoch'] for r in rows] == [1, 2, 3]
     assert rows[1]['test_srcc'] == 0.9378 and rows[1]['is_best'] == 1
