@@ -510,9 +510,15 @@ def run_round(round_idx, args, state, ctx):
     dataset = data_loader.load_dataset(args.dataset, args.data_root, seed=round_seed, score=args.score,
                                        csv_image_column=args.csv_image_column,
                                        csv_score_column=args.csv_score_column)
+    # With several processes rank 0 decodes (and caches) first; the others then load its cache
+    # instead of decoding every image once per process.
+    if world > 1 and rank != 0:
+        dist.barrier()
     images, kept = data_loader.load_images(dataset.paths, resize_hw=tuple(args.resize), cache_dir=args.cache_dir,
                                            num_workers=args.num_workers, skip_bad=args.skip_bad_images,
                                            min_hw=(args.patch_size, args.patch_size), progress=rank == 0)
+    if world > 1 and rank == 0:
+        dist.barrier()
     splits = remap_splits(dataset, kept)
     mos = dataset.mos[kept]
     if 'train' not in splits or len(splits['train']) < 2 or 'test' not in splits:

@@ -317,9 +317,11 @@ def test_two_process_ddp_on_cpu_matches_single_process_evaluation(koniq_root, tm
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nnodes', '1', '--nproc_per_node', '2',
            '--master_addr', '127.0.0.1', '--master_port', str(free_port()),
-           os.path.join(ROOT, 'train_swin.py'), *tiny_args(koniq_root, tmp_path, epochs=2), '--device', 'cpu']
+           os.path.join(ROOT, 'train_swin.py'), *tiny_args(koniq_root, tmp_path, epochs=2), '--device', 'cpu',
+           '--cache_dir', str(tmp_path / 'cache')]  # rank 0 builds the cache, rank 1 reads it
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert len(list((tmp_path / 'cache').glob('*.npy'))) == 1
     run_dir = only_run_dir(tmp_path)  # one folder: only rank 0 writes
     config = json.load(open(os.path.join(run_dir, 'config.json')))
     assert config['world_size'] == 2
