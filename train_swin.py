@@ -80,10 +80,10 @@ def build_parser():
                    help='koniq-10k, spaq, kadid-10k, agiqa-3k, livec, live, csiq, tid2013, bid, demo '
                         '(built-in, no download), or a path to a CSV/JSON list of images and scores')
     g.add_argument('--data_root', default=None, metavar='PATH',
-                   help='dataset folder (default: the dataset\'s folder next to this script, e.g. koniq-10k/)')
+                   help='dataset folder; None = the dataset\'s folder next to this script, e.g. koniq-10k/')
     g.add_argument('--score', default=None, metavar='COLUMN',
                    help='score column where a dataset has several (KonIQ: MOS_zscore or MOS; '
-                        'AGIQA-3K: mos_quality or mos_align); default: the dataset\'s standard target')
+                        'AGIQA-3K: mos_quality or mos_align); None = the dataset\'s standard target')
     g.add_argument('--csv_image_column', default='image', metavar='COL', help='image column of a generic CSV')
     g.add_argument('--csv_score_column', default='score', metavar='COL', help='score column of a generic CSV')
     g.add_argument('--resize', type=int, nargs=2, default=[512, 384], metavar=('H', 'W'),
@@ -165,7 +165,7 @@ def build_parser():
     g.add_argument('--seed', type=int, default=42, metavar='N', help='fixes data order, crops and initialisation')
     g.add_argument('--device', default='auto', metavar='DEV', help='auto, cpu, cuda, cuda:1, ...')
     g.add_argument('--num_workers', type=int, default=None, metavar='N',
-                   help='processes decoding images for the cache (default: all cores)')
+                   help='threads decoding images for the cache; None = all cores')
     g.add_argument('--no_amp', action='store_true', help='no bf16 autocast on CUDA (on by default there)')
     g.add_argument('--compile', action='store_true', help='torch.compile the model (static shapes)')
     return p
