@@ -24,6 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+import checkpoints
+
 MODEL_SIZES = ('nano', 'tiny', 'small', 'base', 'resnet50')
 
 SWIN_VARIANTS = {
@@ -324,13 +326,9 @@ class HyperIQA(nn.Module):
 
 
 def normalise_state_dict(state_dict, expected_keys=None):
-    """Strip DDP/compile prefixes and drop buffers that timm rebuilds itself."""
-    out = {}
-    for key, value in state_dict.items():
-        for prefix in ('module.', '_orig_mod.'):
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-        out[key] = value
+    """Strip DDP/compile prefixes (checkpoints.strip_wrapper_prefixes) and drop buffers that
+    timm rebuilds itself when the model does not expect them."""
+    out = checkpoints.strip_wrapper_prefixes(state_dict)
     if expected_keys is not None:
         expected = set(expected_keys)
         out = {k: v for k, v in out.items()
