@@ -579,8 +579,6 @@ def run_round(round_idx, args, state, ctx):
     run_dir = ctx['run_dir']
     ckpt_dir = run_dir if args.train_test_num == 1 else os.path.join(run_dir, f'round{round_idx}')
     saver = checkpoints.CheckpointSaver(ckpt_dir, keep=args.keep_checkpoints) if rank == 0 else None
-    if saver is not None and best and best.get('checkpoint'):
-        saver.best_paths = [best['checkpoint']] if os.path.exists(best['checkpoint']) else []
 
     header = 'Epoch\tTrain_Loss\tTrain_SRCC\t' + ('Val_SRCC\t' if 'val' in eval_sets else '') + \
              'Test_SRCC\tTest_PLCC' + ('\tSPAQ_SRCC\tSPAQ_PLCC' if ctx['spaq'] else '')
