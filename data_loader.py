@@ -45,7 +45,7 @@ import checkpoints
 __all__ = [
     'IMAGENET_MEAN', 'IMAGENET_STD', 'DATASET_NAMES', 'DATASET_ALIASES', 'DEFAULT_ROOTS',
     'GENERIC', 'DataError', 'IQADataset', 'resolve_dataset', 'load_dataset', 'load_images',
-    'TrainPatchSampler', 'eval_patch_batches', 'ensure_demo_dataset',
+    'TrainPatchSampler', 'eval_patch_batches', 'place_images', 'ensure_demo_dataset',
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -1273,7 +1273,7 @@ def _patches(images: torch.Tensor, index, top, left, flip, p: int,
     return _normalize_batch(crops, jitter)
 
 
-def _place_images(images_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
+def place_images(images_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Keep the uint8 images where patches are cut: on a GPU when they fit comfortably."""
     if device.type != 'cuda' or images_u8.device == device:
         return images_u8
@@ -1314,7 +1314,7 @@ class TrainPatchSampler:
         if n < world_size:
             raise DataError(f'TrainPatchSampler: {n} images cannot be shared by {world_size} processes')
         self.device = torch.device(device)
-        self.images = _place_images(images_u8.contiguous(), self.device)
+        self.images = place_images(images_u8.contiguous(), self.device)
         self._pin = self.images.device.type == 'cpu' and self.device.type == 'cuda'
         self.mos = torch.from_numpy(mos).float().to(self.device)
         self.patch_size, self.patch_num, self.batch_size = patch_size, patch_num, batch_size
@@ -1398,7 +1398,7 @@ def eval_patch_batches(images_u8: torch.Tensor, *, patch_size: int = 224, patch_
     left = left.reshape(n, patch_num)[ids].ravel()
     index = np.repeat(ids, patch_num)
     images = images_u8.contiguous() if images_u8.device == device or device.type != 'cuda' \
-        else _place_images(images_u8.contiguous(), device)
+        else place_images(images_u8.contiguous(), device)
     pin = images.device.type == 'cpu' and device.type == 'cuda'
     for start in range(0, len(index), batch_size):
         sl = slice(start, start + batch_size)

@@ -483,7 +483,7 @@ def write_metrics_csv(path, rows):
     checkpoints.atomic_write_text(path, buf.getvalue())
 
 
-def load_spaq(args, log):
+def load_spaq(args, log, device=torch.device('cpu')):
     """The SPAQ cross-test set, when spaq-test/ exists and --no_spaq is not given."""
     if args.no_spaq or args.dataset in ('spaq',):
         return None
@@ -500,7 +500,7 @@ def load_spaq(args, log):
         log(f'WARNING: SPAQ cross-test skipped, {root} is not readable: {err}')
         return None
     log(f'SPAQ cross-test: {len(kept)} images from {root} (turn off with --no_spaq)')
-    return images, spaq.mos[kept], (1 if spaq.higher_is_better else -1)
+    return data_loader.place_images(images, device), spaq.mos[kept], (1 if spaq.higher_is_better else -1)
 
 
 def run_round(round_idx, args, state, ctx):
@@ -561,6 +561,9 @@ def run_round(round_idx, args, state, ctx):
     eval_sets = {name: (images[splits[name]], mos[splits[name]]) for name in ('val', 'test') if name in splits
                  and len(splits[name])}
     del images  # the splits hold their own copies; KonIQ's full set is 5.9 GB
+    # Moved to the GPU once (when they fit) rather than at every evaluation.
+    eval_sets = {name: (data_loader.place_images(imgs, device), split_mos)
+                 for name, (imgs, split_mos) in eval_sets.items()}
 
     first_epoch = 0
     best = None
@@ -814,7 +817,7 @@ def main(argv=None):
                         if (int(row['round']), int(row['epoch'])) <= (resume['round'], resume['epoch']):
                             state['rows'].append(row)
         ctx = {'log': log, 'rank': rank, 'world': world, 'device': device, 'amp': amp, 'run_dir': run_dir,
-               'spaq': load_spaq(args, log)}
+               'spaq': load_spaq(args, log, device)}
         status = 'finished'
         best = None
         ctx['config'] = config
