@@ -1411,33 +1411,33 @@ def eval_patch_batches(images_u8: torch.Tensor, *, patch_size: int = 224, patch_
 # The built-in demo data set
 # ----------------------------------------------------------------------------------------
 
-DEMO_VERSION = 2
+DEMO_VERSION = 3
 DEMO_SIZE = (384, 512)      # (H, W) stored: KonIQ's 4:3 landscape at half of 1024x768
 DEMO_JPEG_QUALITY = 92      # storage quality; the 'jpeg' distortion goes far below it
 # Reference images: scikit-image's bundled sample photos (files in skimage/data, no download)
 # and procedural images; the split is fixed and by reference, so no content is on both sides.
 DEMO_REFERENCES = (
-    ('astronaut', 'astronaut.png', 'training'), ('coffee', 'coffee.png', 'training'),
+    ('astronaut', 'astronaut.png', 'training'), ('grass', 'grass.png', 'training'),
     ('motorcycle', 'motorcycle_left.png', 'training'), ('hubble', 'hubble_deep_field.jpg', 'training'),
     ('retina', 'retina.jpg', 'training'), ('ihc', 'ihc.png', 'training'),
     ('brick', 'brick.png', 'training'), ('coins', 'coins.png', 'training'),
     ('shapes1', 'procedural', 'training'), ('clouds1', 'procedural', 'training'),
-    ('rocket', 'rocket.jpg', 'validation'), ('grass', 'grass.png', 'validation'),
+    ('rocket', 'rocket.jpg', 'validation'), ('coffee', 'coffee.png', 'validation'),
     ('shapes2', 'procedural', 'validation'),
     ('chelsea', 'chelsea.png', 'test'), ('camera', 'camera.png', 'test'),
     ('clouds2', 'procedural', 'test'),
 )
-# Five distortion kinds at five levels; level k of every kind gets the same score, a single
-# perceptual scale from 'barely visible' to 'very strong'. Two kinds change the exposure:
-# a small randomly initialised model picks up such global cues within minutes on a CPU,
-# while learning blur, noise and JPEG detectors from scratch takes far longer (measured with
-# the nano model: no progress after 500 steps on five structural kinds, rising SRCC with these).
+# Three distortion kinds at five levels; level k of every kind gets the same score, a single
+# perceptual scale from 'barely visible' to 'very strong'. They are the kinds a randomly
+# initialised model learns within CPU minutes from ten training references. Version 2 also
+# had blur and JPEG: judging how blurred or blocky an unseen picture is depends on its content,
+# and neither nano nor a plain 4-layer CNN learned it from ten references (within-kind test
+# SRCC about 0.3 for blur and 0.0 for JPEG after 600-1000 steps), which held the whole demo
+# near SRCC 0.3. Over-exposure was tried as a fourth kind and learned worst (about 0.65).
 DEMO_DISTORTIONS = {
-    'blur': (1.0, 1.8, 2.8, 4.2, 6.5),           # Gaussian blur radius (px)
-    'noise': (8.0, 15.0, 25.0, 38.0, 56.0),      # white noise standard deviation (0-255)
-    'jpeg': (30, 15, 9, 5, 2),                   # JPEG quality
-    'haze': (0.2, 0.35, 0.5, 0.65, 0.8),         # weight of a blend towards light gray (200)
-    'underexposure': (0.7, 0.5, 0.35, 0.25, 0.15),  # factor on all pixel values
+    'noise': (8.0, 15.0, 25.0, 38.0, 56.0),          # white noise standard deviation (0-255)
+    'haze': (0.2, 0.35, 0.5, 0.65, 0.8),             # weight of a blend towards light gray (200)
+    'underexposure': (0.7, 0.5, 0.35, 0.25, 0.15),   # factor on all pixel values
 }
 DEMO_LUMA_MEAN_STD = (120.0, 55.0)   # every reference is brought to this mean / std of gray level
 DEMO_LEVEL_SCORES = (90.0, 76.0, 63.0, 50.0, 36.0, 22.0)   # MOS_zscore of levels 0 (pristine) to 5
@@ -1452,7 +1452,7 @@ def ensure_demo_dataset(root: str | os.PathLike | None = None) -> Path:
     koniq10k_distributions_sets.csv (training / validation / test with disjoint reference
     images) and 512x384 JPEGs in 1024x768/ (the folder name the reader expects; the images
     are stored at half size to stay small). 16 references (scikit-image's bundled photos plus
-    procedural images) x (pristine + 5 distortions x 5 levels) = 416 images, ~21 MB, about
+    procedural images) x (pristine + 3 distortions x 5 levels) = 256 images, ~13 MB, about
     2 seconds to generate. Written to a temporary folder and renamed into place, so a crash or
     a concurrent run never leaves a half-written data set.
     """

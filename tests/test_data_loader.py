@@ -585,8 +585,8 @@ def demo_root(tmp_path_factory):
 
 def test_demo_dataset_through_koniq_reader(demo_root):
     ds = dl.load_dataset('demo', demo_root)
-    assert len(ds) == 416 and ds.score_name == 'MOS_zscore'
-    assert {k: len(v) for k, v in ds.splits.items()} == {'train': 260, 'val': 78, 'test': 78}
+    assert len(ds) == 256 and ds.score_name == 'MOS_zscore'
+    assert {k: len(v) for k, v in ds.splits.items()} == {'train': 160, 'val': 48, 'test': 48}
     assert all(Path(p).is_file() for p in ds.paths)
     ref = [Path(p).name.split('_')[0] for p in ds.paths]
     sides = {k: {ref[i] for i in v} for k, v in ds.splits.items()}

@@ -289,6 +289,44 @@ def test_resume_after_a_kill_ends_with_the_uninterrupted_metrics(koniq_root, tmp
     assert json.load(open(os.path.join(run_dir, 'summary.json')))['status'] == 'finished'
 
 
+@pytest.mark.parametrize('kill_at', [(2, 1), (1, 2)], ids=['in-round-2', 'between-rounds'])
+def test_resume_of_a_multi_round_run_ends_with_the_uninterrupted_metrics(koniq_root, tmp_path, monkeypatch,
+                                                                         kill_at):
+    """--train_test_num 2 keeps each round's checkpoints in round<k>/; a kill in the second
+    round (or just before it starts) resumes there, and the median covers both rounds."""
+    extra = ('--train_test_num', '2')
+    full = tmp_path / 'full'
+    assert train_swin.main(tiny_args(koniq_root, full, *extra, epochs=2)) == 0
+    expected = read_metrics(only_run_dir(full))
+    expected_summary = json.load(open(os.path.join(only_run_dir(full), 'summary.json')))
+
+    killed = tmp_path / 'killed'
+    real_epoch, calls = train_swin.train_one_epoch, []
+
+    def killed_later(model, optimizer, sampler, epoch, *rest):
+        calls.append(epoch)
+        if len(calls) == (kill_at[0] - 1) * 2 + kill_at[1] + 1:   # the epoch after kill_at
+            raise KeyboardInterrupt
+        return real_epoch(model, optimizer, sampler, epoch, *rest)
+    monkeypatch.setattr(train_swin, 'train_one_epoch', killed_later)
+    with pytest.raises(KeyboardInterrupt):
+        train_swin.main(tiny_args(koniq_root, killed, *extra, epochs=2))
+    monkeypatch.setattr(train_swin, 'train_one_epoch', real_epoch)
+    run_dir = only_run_dir(killed)
+    done = [(int(r['round']), int(r['epoch'])) for r in read_metrics(run_dir)]
+    assert done[-1] == kill_at
+    assert train_swin.main(['--resume', run_dir]) == 0
+    timing = ('epoch_seconds', 'train_patches_per_s')
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
+    assert strip(read_metrics(run_dir)) == strip(expected)
+    summary = json.load(open(os.path.join(run_dir, 'summary.json')))
+    assert summary['status'] == 'finished'
+    assert [r['test_srcc'] for r in summary['rounds']] == [r['test_srcc'] for r in expected_summary['rounds']]
+    assert summary['median_test_srcc'] == expected_summary['median_test_srcc']
+    for k in (1, 2):
+        assert any(f.startswith('best_model_srcc_') for f in os.listdir(os.path.join(run_dir, f'round{k}')))
+
+
 def test_resume_refuses_a_weights_only_checkpoint(tmp_path):
     path = tmp_path / 'best_model_srcc_0.9000_plcc_0.9000.pkl'
     torch.save({'fc5b_fc.bias': torch.zeros(1)}, path)
