@@ -17,6 +17,10 @@ original HyperIQA release) are kept exactly as in the user's code so that their
 Run ``python models_swin.py`` to print the size of every variant.
 """
 import argparse
+import contextlib
+import os
+import socket
+import urllib.parse
 
 import timm
 import torch
@@ -71,6 +75,43 @@ def _offline_message(what, err):
             '  * train from random initialisation: --no_pretrained (build_model(..., pretrained=False)).')
 
 
+_PROXY_VARIABLES = ('HTTPS_PROXY', 'https_proxy', 'HTTP_PROXY', 'http_proxy', 'ALL_PROXY', 'all_proxy')
+
+
+def _hub_host_unresolvable():
+    """True when the model hub's host name does not resolve and no proxy would resolve it.
+
+    On an offline node huggingface_hub retries a failed request five times with back-off,
+    so the way-out message came only after about 45 s. A failed name lookup is immediate and
+    means no request can succeed, so the hub is then consulted in offline mode (the local
+    cache still serves weights downloaded earlier) and the message comes at once.
+    """
+    if any(os.environ.get(name) for name in _PROXY_VARIABLES):
+        return False
+    import huggingface_hub.constants as hub
+    host = urllib.parse.urlparse(hub.ENDPOINT).hostname
+    if not host:
+        return False
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return True
+    return False
+
+
+@contextlib.contextmanager
+def _hub_offline_if_unreachable():
+    import huggingface_hub.constants as hub
+    if hub.HF_HUB_OFFLINE or not _hub_host_unresolvable():
+        yield
+        return
+    hub.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = False
+
+
 def _add_lda_heads(module, channels):
     """Attach HyperIQA's local distortion-aware (LDA) heads to `module`.
 
@@ -119,7 +160,9 @@ class SwinBackbone(nn.Module):
             # timm maps a classification checkpoint onto the features model itself.
             kwargs['pretrained_cfg_overlay'] = dict(file=str(pretrained_path))
         try:
-            self.backbone = timm.create_model(name, pretrained=bool(pretrained), **kwargs)
+            hub = _hub_offline_if_unreachable() if pretrained and not pretrained_path else contextlib.nullcontext()
+            with hub:
+                self.backbone = timm.create_model(name, pretrained=bool(pretrained), **kwargs)
         except Exception as err:  # hub/network/file errors all mean the same thing to a user
             if not pretrained:
                 raise

@@ -1,5 +1,6 @@
 """Model behaviour a user relies on: shapes, the batched target net, gradients,
 determinism, checkpoint compatibility and the offline-weights message."""
+import socket
 import urllib.error
 
 import pytest
@@ -211,6 +212,36 @@ def test_offline_pretrained_error_names_both_ways_out(monkeypatch, tmp_path):
     message = str(err.value)
     assert 'swin_tiny_patch4_window7_224' in message
     assert '--pretrained_path' in message and '--no_pretrained' in message
+
+
+def test_unresolvable_hub_fails_at_once_without_retries(monkeypatch, tmp_path):
+    """No DNS (an offline node without HF_HUB_OFFLINE set): the message comes without the
+    hub client's retry back-off, and the offline switch is put back afterwards."""
+    import time
+    import huggingface_hub.constants
+    for name in models_swin._PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv('HF_HUB_OFFLINE', raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', False)
+    monkeypatch.setenv('HF_HOME', str(tmp_path / 'empty-hf-cache'))
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(tmp_path / 'empty-hf-cache'))
+
+    def no_dns(host, *args, **kwargs):
+        raise socket.gaierror(-2, 'Name or service not known')
+    monkeypatch.setattr(socket, 'getaddrinfo', no_dns)
+    waits = []
+    monkeypatch.setattr(time, 'sleep', waits.append)
+    with pytest.raises(models_swin.PretrainedWeightsError) as err:
+        build_model('tiny', pretrained=True)
+    assert waits == []
+    assert '--pretrained_path' in str(err.value) and '--no_pretrained' in str(err.value)
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is False
+
+
+def test_a_proxy_skips_the_name_lookup(monkeypatch):
+    monkeypatch.setenv('HTTPS_PROXY', 'http://proxy.example:3128')
+    monkeypatch.setattr(socket, 'getaddrinfo', lambda *a, **k: pytest.fail('looked the hub up despite a proxy'))
+    assert models_swin._hub_host_unresolvable() is False
 
 
 def test_offline_resnet50_error_names_both_ways_out(monkeypatch):
