@@ -57,6 +57,11 @@ def read_metrics(run_dir):
         return list(csv.DictReader(f))
 
 
+def without_timing(rows):
+    """metrics.csv rows minus the wall-clock columns, which differ between identical runs."""
+    return [{k: v for k, v in r.items() if k not in ('epoch_seconds', 'train_patches_per_s')} for r in rows]
+
+
 def scripted_evaluation(monkeypatch, val_srccs, test_srccs):
     """Replace evaluation with scripted SRCCs per epoch (val first, then test, each epoch)."""
     calls = {'val': iter(val_srccs), 'test': iter(test_srccs)}
@@ -283,9 +288,7 @@ def test_resume_after_a_kill_ends_with_the_uninterrupted_metrics(koniq_root, tmp
     assert len(read_metrics(run_dir)) == 2
     assert train_swin.main(['--resume', run_dir]) == 0
     resumed = read_metrics(run_dir)
-    timing = ('epoch_seconds', 'train_patches_per_s')
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
-    assert strip(resumed) == strip(expected)
+    assert without_timing(resumed) == without_timing(expected)
     assert json.load(open(os.path.join(run_dir, 'summary.json')))['status'] == 'finished'
 
 
@@ -316,9 +319,7 @@ def test_resume_of_a_multi_round_run_ends_with_the_uninterrupted_metrics(koniq_r
     done = [(int(r['round']), int(r['epoch'])) for r in read_metrics(run_dir)]
     assert done[-1] == kill_at
     assert train_swin.main(['--resume', run_dir]) == 0
-    timing = ('epoch_seconds', 'train_patches_per_s')
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
-    assert strip(read_metrics(run_dir)) == strip(expected)
+    assert without_timing(read_metrics(run_dir)) == without_timing(expected)
     summary = json.load(open(os.path.join(run_dir, 'summary.json')))
     assert summary['status'] == 'finished'
     assert [r['test_srcc'] for r in summary['rounds']] == [r['test_srcc'] for r in expected_summary['rounds']]
