@@ -8,7 +8,7 @@
 Three modes, one per question the user asks after training:
 
 * cross-dataset (default): how well does a KonIQ-trained model generalise? Every data set is
-  scored with the crops training-time evaluation uses (train_swin.predict_scores), and SRCC/PLCC
+  scored with the crops training-time evaluation uses (evaluation.predict_scores), and SRCC/PLCC
   come with 95% bootstrap intervals over images, so a +0.0025 SRCC difference between two runs
   can be told apart from noise. Results go to cross_dataset_results_<size>_<checkpoint>.json.
 * --images: one score per image file, for images that have no MOS.
@@ -36,9 +36,10 @@ from tqdm import tqdm
 
 import checkpoints
 import data_loader
+import evaluation
 import iqa_metrics
 import models_swin
-import train_swin
+import run_setup
 
 SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATASETS = ('koniq', 'spaq', 'kadid', 'agiqa')
@@ -69,7 +70,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser():
     # train_swin's parser: an unknown or misspelt flag stops with a "did you mean" hint
-    p = train_swin.SuggestingParser(
+    p = run_setup.SuggestingParser(
         prog='cross_dataset_test.py', allow_abbrev=False,
         description='Evaluate a trained HyperIQA checkpoint on several IQA data sets (default), score '
                     'arbitrary images (--images), or print the model-complexity table (--complexity).',
@@ -259,8 +260,8 @@ def _flag_or(value, stored):
 
 
 def score_images(model, images_u8, settings, device, amp, desc=None):
-    """One score per image with the crops of training-time evaluation (train_swin.predict_scores)."""
-    return train_swin.predict_scores(
+    """One score per image with the crops of training-time evaluation (evaluation.predict_scores)."""
+    return evaluation.predict_scores(
         model, images_u8, patch_size=settings['patch_size'], patch_num=settings['test_patch_num'],
         batch_size=settings['batch_size'], random_crop=settings['test_random_crop'],
         seed=settings['seed'], device=device, amp=amp, desc=desc)

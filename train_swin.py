@@ -5,7 +5,7 @@
 
 Reading order: build_parser (every flag, grouped, defaults in the help) ->
 main (set-up, rounds) -> run_round (epochs: train, evaluate, select, save) ->
-train_one_epoch / predict_scores. Losses and the learning-rate schedule are the
+train_one_epoch / evaluation.predict_scores. Losses and the learning-rate schedule are the
 small functions in between. Every run writes one folder
 checkpoints/<dataset>-swin[-ranking-alphaA]_<time>/ (config.json, metrics.csv,
 summary.json, best_model_srcc_X_plcc_Y.pkl, last.pkl) and logs/<run>.log.
@@ -14,13 +14,11 @@ import argparse
 import contextlib
 import csv
 import datetime
-import difflib
 import glob
 import io
 import json
 import math
 import os
-import random
 import sys
 import time
 
@@ -34,6 +32,8 @@ import checkpoints
 import data_loader
 import iqa_metrics
 import models_swin
+from evaluation import predict_scores
+from run_setup import SuggestingParser, Tee, gather_to_all, seed_everything, setup_distributed
 
 SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
 METRIC_COLUMNS = ['round', 'epoch', 'lr_backbone', 'lr_head', 'train_loss', 'train_srcc',
@@ -44,30 +44,6 @@ MACHINE_FLAGS = ('device', 'num_workers', 'cache_dir', 'data_root', 'no_amp', 'c
 
 
 # --------------------------------------------------------------------------- flags
-
-class SuggestingParser(argparse.ArgumentParser):
-    """argparse that refuses unknown flags with a "did you mean" hint.
-
-    The user once lost a night to ``--no_multi_scale`` (should be
-    ``--no_multiscale``) being silently ignored by a parse_known_args script.
-    """
-
-    def parse_args(self, args=None, namespace=None):
-        parsed, extras = self.parse_known_args(args, namespace)
-        if extras:
-            options = [o for action in self._actions for o in action.option_strings]
-            lines = []
-            for extra in extras:
-                flag = extra.split('=', 1)[0]
-                if not flag.startswith('-'):
-                    lines.append(f'unexpected value {extra!r} (a flag before it takes no value, or a typo?)')
-                    continue
-                close = difflib.get_close_matches(flag, options, n=2, cutoff=0.75)
-                hint = f' -- did you mean {" or ".join(close)}?' if close else ''
-                lines.append(f'unknown flag {flag}{hint}')
-            self.error('; '.join(lines) + '\nNothing was run. See --help for every flag.')
-        return parsed
-
 
 def build_parser():
     p = SuggestingParser(
@@ -296,97 +272,7 @@ def learning_rates(epoch, args):
     return base_backbone, base_head
 
 
-# --------------------------------------------------------------------------- processes
-
-def setup_distributed(device_flag):
-    """(rank, world_size, device). torchrun sets WORLD_SIZE/RANK/LOCAL_RANK."""
-    world = int(os.environ.get('WORLD_SIZE', '1'))
-    if device_flag == 'auto':
-        device_flag = 'cuda' if torch.cuda.is_available() else 'cpu'
-    if world == 1:
-        return 0, 1, torch.device(device_flag)
-    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
-    if device_flag.startswith('cuda'):
-        torch.cuda.set_device(local_rank)
-        device = torch.device('cuda', local_rank)
-        dist.init_process_group('nccl')
-    else:
-        device = torch.device('cpu')
-        dist.init_process_group('gloo')
-    return dist.get_rank(), world, device
-
-
-def gather_to_all(array, world_size):
-    """Concatenate a numpy array from every rank, in rank order (identity for 1 process)."""
-    if world_size == 1:
-        return array
-    parts = [None] * world_size
-    dist.all_gather_object(parts, array)
-    return np.concatenate(parts)
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
-
-
-class Tee(io.TextIOBase):
-    """Send console output to the terminal and to logs/<run>.log as well."""
-
-    def __init__(self, stream, log_file):
-        self.stream, self.log_file = stream, log_file
-
-    def write(self, text):
-        self.stream.write(text)
-        self.log_file.write(text)
-        self.log_file.flush()
-        return len(text)
-
-    def flush(self):
-        self.stream.flush()
-        self.log_file.flush()
-
-
 # --------------------------------------------------------------------------- evaluation
-
-def predict_scores(model, images_u8, *, patch_size=224, patch_num=20, batch_size=64, random_crop=False,
-                   seed=0, device='cpu', amp=False, rank=0, world_size=1, pad_batches=False, desc=None):
-    """One score per image: the mean of the model's scores over `patch_num` crops.
-
-    With several processes each rank scores every world_size-th image and the
-    predictions are gathered, so metrics equal the single-process ones. Crops
-    depend on the image's index (and on `seed` with random_crop), never on the
-    batch or the process it lands in.
-    """
-    n = images_u8.shape[0]
-    ids = np.arange(rank, n, world_size)
-    preds = torch.zeros(n, dtype=torch.float64)
-    counts = torch.zeros(n, dtype=torch.float64)
-    was_training = model.training
-    model.eval()
-    total = math.ceil(len(ids) * patch_num / batch_size)
-    bar = tqdm(total=total, desc=desc or 'eval', unit='batch', leave=False, file=sys.__stderr__,
-               disable=rank != 0 or desc is None, mininterval=1.0)
-    with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16, enabled=amp):
-        for patches, index in data_loader.eval_patch_batches(
-                images_u8, patch_size=patch_size, patch_num=patch_num, batch_size=batch_size,
-                random_crop=random_crop, seed=seed, device=device, image_ids=ids):
-            real = patches.shape[0]
-            if pad_batches and real < batch_size:  # torch.compile: keep one static shape
-                patches = torch.cat([patches, patches[:1].expand(batch_size - real, -1, -1, -1)])
-            out = model(patches)[:real].float().cpu().double()
-            preds.index_add_(0, index.cpu(), out)
-            counts.index_add_(0, index.cpu(), torch.ones_like(out))
-            bar.update(1)
-    bar.close()
-    model.train(was_training)
-    local = np.stack([ids, (preds[ids] / counts[ids]).numpy()], axis=1)
-    gathered = gather_to_all(local, world_size)
-    result = np.empty(n)
-    result[gathered[:, 0].astype(int)] = gathered[:, 1]
-    return result
-
 
 def evaluate_split(model, images_u8, mos, direction, args, device, amp, rank, world, seed, desc):
     """SRCC/PLCC/KRCC of one split (direction -1 flips a lower-is-better target)."""

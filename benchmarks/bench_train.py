@@ -2,7 +2,7 @@
 
 A benchmark, not a test: it only measures. Every figure comes from the code a real run uses:
 models_swin.build_model, data_loader.TrainPatchSampler / load_images, train_swin.train_one_epoch
-(loss, backward, clipping, AdamW step, per-step .item()) and train_swin.predict_scores. The model
+(loss, backward, clipping, AdamW step, per-step .item()) and evaluation.predict_scores. The model
 has random weights (no download) and the training images are random uint8 tensors of the cached
 size (512x384): speed does not depend on either. In order, it measures
 
@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import checkpoints  # noqa: E402
 import cross_dataset_test  # noqa: E402
 import data_loader  # noqa: E402
+import evaluation  # noqa: E402
 import models_swin  # noqa: E402
 import train_swin  # noqa: E402
 from bench_data import write_jpegs  # noqa: E402  (same synthetic JPEGs as the data benchmark)
@@ -197,12 +198,12 @@ def train_patches_per_s(model, optimizer, sampler_like, epoch, train_args, devic
 
 
 def eval_patches_per_s(model, images, n_batches, args, device, amp):
-    """(patches/s, seconds) of train_swin.predict_scores over about n_batches evaluation batches."""
+    """(patches/s, seconds) of evaluation.predict_scores over about n_batches evaluation batches."""
     n = images.shape[0]
     patch_num = max(1, math.ceil(n_batches * args.eval_batch_size / n))
     sync(device)
     start = time.perf_counter()
-    train_swin.predict_scores(model, images, patch_num=patch_num, batch_size=args.eval_batch_size,
+    evaluation.predict_scores(model, images, patch_num=patch_num, batch_size=args.eval_batch_size,
                               device=device, amp=amp, pad_batches=args.compile)
     sync(device)   # predict_scores already waits for its last batch (.cpu()); this is for clarity
     seconds = time.perf_counter() - start

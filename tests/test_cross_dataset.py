@@ -17,9 +17,9 @@ import torch
 import checkpoints
 import cross_dataset_test as cdt
 import data_loader
+import evaluation
 import iqa_metrics
 import models_swin
-import train_swin
 from dataset_fixtures import make_csiq, make_json_list, make_koniq, write_image, write_png16
 
 FAST = ['--test_patch_num', '2', '--resize', '232', '240', '--batch_size', '8', '--cache_dir', 'none',
@@ -103,7 +103,7 @@ def test_project_and_bare_checkpoints_agree_and_json_matches_metrics(world, caps
     dataset = data_loader.load_dataset('koniq', world['koniq'])
     test = dataset.splits['test']
     images, kept = data_loader.load_images([dataset.paths[i] for i in test], (232, 240), cache_dir=None)
-    pred = train_swin.predict_scores(model, images, patch_size=224, patch_num=2, batch_size=8, seed=0)
+    pred = evaluation.predict_scores(model, images, patch_size=224, patch_num=2, batch_size=8, seed=0)
     mos = dataset.mos[test]
     expected = iqa_metrics.correlations(pred, mos)
     for metric in ('srcc', 'plcc', 'krcc'):
@@ -114,7 +114,7 @@ def test_project_and_bare_checkpoints_agree_and_json_matches_metrics(world, caps
     # the same model twice: identical weights, identical scores
     bare_args = cdt.build_parser().parse_args(['--model_size', 'nano', '--attention_fusion'])
     model_b, _, _, _ = cdt.load_model(str(world['bare']), bare_args, torch.device('cpu'))
-    pred_b = train_swin.predict_scores(model_b, images, patch_size=224, patch_num=2, batch_size=8, seed=0)
+    pred_b = evaluation.predict_scores(model_b, images, patch_size=224, patch_num=2, batch_size=8, seed=0)
     np.testing.assert_array_equal(pred, pred_b)
 
     # the printed table has the numbers, with intervals
@@ -135,7 +135,7 @@ def test_lower_is_better_dataset_is_flipped(world, capsys, tmp_path):
     model, _, _, _ = cdt.load_model(str(world['project']), cdt.build_parser().parse_args([]), torch.device('cpu'))
     dataset = data_loader.load_dataset('csiq', world['csiq'])
     images, _ = data_loader.load_images(dataset.paths, (232, 240), cache_dir=None)
-    pred = train_swin.predict_scores(model, images, patch_size=224, patch_num=2, batch_size=8, seed=0)
+    pred = evaluation.predict_scores(model, images, patch_size=224, patch_num=2, batch_size=8, seed=0)
     assert result['srcc'] == pytest.approx(iqa_metrics.srcc(pred, -dataset.mos), abs=1e-12)
 
 

@@ -16,6 +16,7 @@ import torch
 
 import checkpoints
 import data_loader
+import evaluation
 import train_swin
 from dataset_fixtures import make_koniq
 
@@ -374,7 +375,7 @@ def test_two_process_ddp_on_cpu_matches_single_process_evaluation(koniq_root, tm
     dataset = data_loader.load_dataset('koniq-10k', str(koniq_root), seed=3)
     images, kept = data_loader.load_images(dataset.paths, resize_hw=(224, 224), cache_dir=None, num_workers=1)
     test = dataset.splits['test']
-    pred = train_swin.predict_scores(model, images[test], patch_size=224, patch_num=2, batch_size=8, seed=3)
+    pred = evaluation.predict_scores(model, images[test], patch_size=224, patch_num=2, batch_size=8, seed=3)
     from iqa_metrics import srcc, plcc
     assert summary['best']['test_srcc'] == pytest.approx(srcc(pred, dataset.mos[test]), abs=1e-6)
     assert summary['best']['test_plcc'] == pytest.approx(plcc(pred, dataset.mos[test]), abs=1e-4)

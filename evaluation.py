@@ -1,0 +1,51 @@
+"""Per-image scores of a patch-based IQA model, shared by training-time evaluation
+(train_swin.py) and checkpoint evaluation (cross_dataset_test.py), so both score
+an image with exactly the same crops.
+"""
+import math
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data_loader
+from run_setup import gather_to_all
+
+
+def predict_scores(model, images_u8, *, patch_size=224, patch_num=20, batch_size=64, random_crop=False,
+                   seed=0, device='cpu', amp=False, rank=0, world_size=1, pad_batches=False, desc=None):
+    """One score per image: the mean of the model's scores over `patch_num` crops.
+
+    With several processes each rank scores every world_size-th image and the
+    predictions are gathered, so metrics equal the single-process ones. Crops
+    depend on the image's index (and on `seed` with random_crop), never on the
+    batch or the process it lands in.
+    """
+    n = images_u8.shape[0]
+    ids = np.arange(rank, n, world_size)
+    preds = torch.zeros(n, dtype=torch.float64)
+    counts = torch.zeros(n, dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    total = math.ceil(len(ids) * patch_num / batch_size)
+    bar = tqdm(total=total, desc=desc or 'eval', unit='batch', leave=False, file=sys.__stderr__,
+               disable=rank != 0 or desc is None, mininterval=1.0)
+    with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16, enabled=amp):
+        for patches, index in data_loader.eval_patch_batches(
+                images_u8, patch_size=patch_size, patch_num=patch_num, batch_size=batch_size,
+                random_crop=random_crop, seed=seed, device=device, image_ids=ids):
+            real = patches.shape[0]
+            if pad_batches and real < batch_size:  # torch.compile: keep one static shape
+                patches = torch.cat([patches, patches[:1].expand(batch_size - real, -1, -1, -1)])
+            out = model(patches)[:real].float().cpu().double()
+            preds.index_add_(0, index.cpu(), out)
+            counts.index_add_(0, index.cpu(), torch.ones_like(out))
+            bar.update(1)
+    bar.close()
+    model.train(was_training)
+    local = np.stack([ids, (preds[ids] / counts[ids]).numpy()], axis=1)
+    gathered = gather_to_all(local, world_size)
+    result = np.empty(n)
+    result[gathered[:, 0].astype(int)] = gathered[:, 1]
+    return result
