@@ -91,8 +91,9 @@ def build_parser():
                         'their default folders next to this script, NAME=PATH for another folder or '
                         'annotation file, or a path to a .csv/.json list of images and scores '
                         f'(default: {" ".join(DEFAULT_DATASETS)})')
-    g.add_argument('--split', default='test', choices=('test', 'all'),
-                   help="images scored: the data set's test split (test-only sets: every image), or all")
+    g.add_argument('--split', default='test', choices=('test', 'val', 'all'),
+                   help="images scored: the data set's test split (test-only sets: every image), its "
+                        "validation split (the checkpoint's --val_ratio and seed), or all")
     g.add_argument('--n_boot', type=int, default=1000, metavar='N',
                    help='bootstrap resamples of the 95%% intervals (0 = none)')
     g.add_argument('--output_dir', default='.', metavar='DIR', help='folder of the results JSON')
@@ -244,6 +245,8 @@ def eval_settings(ckpt, args):
         # which way the training target pointed; bare state_dicts come from KonIQ MOS (higher = better)
         higher_is_better=bool(config.get('higher_is_better', True)),
         trained_on=config.get('dataset'),
+        # the run's validation share; a run from before validation splits had none
+        val_ratio=float(config.get('val_ratio', 0.0)) if config else data_loader.DEFAULT_VAL_RATIO,
     )
     for flag in ('test_patch_num', 'batch_size'):
         if settings[flag] < 1:
@@ -307,10 +310,12 @@ def evaluate_dataset(model, label, name, root, settings, args, device, amp, cach
     (e.g. a model trained on KonIQ MOS tested on LIVE DMOS), so a good model has positive SRCC.
     """
     seed = settings['seed']
-    dataset = data_loader.load_dataset(name, root, seed=seed)
-    if args.split == 'test':
-        split = 'test'
-        index = np.asarray(dataset.splits['test'])
+    dataset = data_loader.load_dataset(name, root, seed=seed, val_ratio=settings['val_ratio'])
+    if args.split in ('test', 'val'):
+        split = args.split
+        if split not in dataset.splits:
+            raise data_loader.DataError(f'{label}: no validation split ({dataset.split_source})')
+        index = np.asarray(dataset.splits[split])
     else:
         split = 'all'
         index = np.arange(len(dataset))

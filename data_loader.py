@@ -46,6 +46,7 @@ __all__ = [
     'IMAGENET_MEAN', 'IMAGENET_STD', 'DATASET_NAMES', 'DATASET_ALIASES', 'DEFAULT_ROOTS',
     'GENERIC', 'DataError', 'IQADataset', 'resolve_dataset', 'load_dataset', 'load_images',
     'TrainPatchSampler', 'eval_patch_batches', 'place_images', 'ensure_demo_dataset',
+    'DEFAULT_VAL_RATIO', 'split_by_groups',
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -115,6 +116,9 @@ SPAQ_XLSX = Path('Annotations') / 'MOS and Image attribute scores.xlsx'
 LIVE_FOLDERS = (('jp2k', 227), ('jpeg', 233), ('wn', 174), ('gblur', 174), ('fastfading', 174))
 LIVEC_SKIP = 7          # AllImages_release.mat starts with the 7 images used to train raters
 KADID_TRAIN_REFS = 65   # the common protocol: references I01-I65 train, I66-I81 test
+# Share of the training side held out for validation (selection, early stopping) where a
+# data set has no official validation split: selecting on test would bias the test numbers.
+DEFAULT_VAL_RATIO = 0.1
 
 
 class DataError(ValueError):
@@ -180,19 +184,20 @@ def resolve_dataset(name_or_path: str, root: str | os.PathLike | None = None) ->
 
 
 def load_dataset(name: str, root: str | os.PathLike | None = None, *, seed: int = 0,
-                 score: str | None = None, train_ratio: float = 0.8,
+                 score: str | None = None, train_ratio: float = 0.8, val_ratio: float = DEFAULT_VAL_RATIO,
                  csv_image_column: str = 'image', csv_score_column: str = 'score') -> IQADataset:
     """Read a data set's annotation files into an IQADataset (images are not opened here).
 
     `seed` and `train_ratio` choose the random split of data sets that have no official one
     (by reference image or prompt where several images share content, so no content is on
-    both sides). `score` picks another score column where a data set has several
+    both sides). Where a data set has no official validation split, `val_ratio` of its
+    training side (same grouping, same seed) becomes the 'val' split (0: none, the behaviour
+    of earlier versions); the test side does not depend on val_ratio. `score` picks another score column where a data set has several
     (KonIQ 'MOS' for the 1-5 scale, AGIQA-3K 'mos_align', ...). Image files are checked
     later, all together, by load_images.
     """
     name, root = resolve_dataset(name, root)
-    if not 0.0 < train_ratio < 1.0:
-        raise DataError(f'train_ratio must be between 0 and 1 (exclusive), got {train_ratio}')
+    _check_ratios(train_ratio, val_ratio)
     if name == 'demo':
         root = ensure_demo_dataset(root)
     if not root.exists():
@@ -200,7 +205,8 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, *, seed: int 
                         f'{EXPECTED_LAYOUT[name]} there; {ROOT_HINT}')
     if root.is_file() and root.name in ANNOTATION_FILES.get(name, ()):
         root = root.parent   # NAME=path/to/dmos.csv means that data set's folder
-    ctx = _ReadContext(name=name, root=root, seed=seed, score=score, train_ratio=train_ratio)
+    ctx = _ReadContext(name=name, root=root, seed=seed, score=score, train_ratio=train_ratio,
+                       val_ratio=val_ratio)
     if root.is_file():
         # NAME=path/to/list.json or a generic annotation file.
         if root.suffix.lower() == '.json':
@@ -225,6 +231,7 @@ class _ReadContext:
     seed: int
     score: str | None
     train_ratio: float
+    val_ratio: float = DEFAULT_VAL_RATIO
 
 
 # ----------------------------------------------------------------------------------------
@@ -377,32 +384,91 @@ def _load_mat(path: Path, key: str) -> np.ndarray:
     return content[key]
 
 
-def _random_split(n: int, seed: int, train_ratio: float, groups: Sequence | None = None) -> dict:
-    """Random train/test split of n images; with `groups`, whole groups go to one side.
+def split_by_groups(n: int, seed: int, train_ratio: float = 0.8, val_ratio: float = DEFAULT_VAL_RATIO,
+                    groups: Sequence | None = None) -> dict[str, np.ndarray]:
+    """Seeded random train/val/test split of n images; with `groups`, whole groups go to one side.
 
-    Like HyperIQA: shuffle the units (images or references) and give round(ratio * count)
-    to training. Every group keeps at least one unit on each side when there are two or more.
+    `groups` holds one key per image (its reference image, its prompt): images that share
+    content must not be trained on and tested on. Like HyperIQA, the units (images or
+    groups) are shuffled and round(train_ratio * count) go to the training side; test is the
+    rest, exactly the split of earlier versions for the same seed and train_ratio. The
+    validation split is then carved out of the training side with the same grouping:
+    round(val_ratio * training units), at least one unit when val_ratio > 0 and the training
+    side has two or more (val_ratio 0: no 'val' key). Returns 'train' / 'val' / 'test' ->
+    sorted int64 indices.
     """
-    keys = np.arange(n) if groups is None else np.asarray([str(g) for g in groups])
+    _check_ratios(train_ratio, val_ratio)
+    keys = _unit_keys(n, groups)
     units = np.unique(keys)  # sorted, so the split depends only on the seed
-    order = np.random.default_rng(seed).permutation(len(units))
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(units))
     n_train = int(round(train_ratio * len(units)))
     if len(units) >= 2:
         n_train = min(max(n_train, 1), len(units) - 1)
-    train_units = units[order[:n_train]]
-    in_train = np.isin(keys, train_units)
-    return {'train': np.flatnonzero(in_train), 'test': np.flatnonzero(~in_train)}
+    in_train = np.isin(keys, units[order[:n_train]])
+    splits = {'train': np.flatnonzero(in_train), 'test': np.flatnonzero(~in_train)}
+    # Continuing the same generator: the validation split is seeded by the split's seed.
+    return _carve_val(splits, keys, rng, val_ratio)
+
+
+def _check_ratios(train_ratio: float, val_ratio: float) -> None:
+    if not 0.0 < train_ratio < 1.0:
+        raise DataError(f'train_ratio must be between 0 and 1 (exclusive), got {train_ratio}')
+    if not 0.0 <= val_ratio < 1.0:
+        raise DataError(f'val_ratio must be at least 0 and below 1, got {val_ratio} '
+                        f'(train_swin.py --val_ratio; 0 = no validation split)')
+
+
+def _unit_keys(n: int, groups: Sequence | None) -> np.ndarray:
+    if groups is None:
+        return np.arange(n)
+    if len(groups) != n:
+        raise ValueError(f'{len(groups)} group keys for {n} images')
+    return np.asarray([str(g) for g in groups])
+
+
+def _carve_val(splits: dict, keys: np.ndarray, rng: np.random.Generator, val_ratio: float) -> dict:
+    """Move round(val_ratio * units) whole units of the training side to a 'val' split."""
+    train = np.asarray(splits['train'], dtype=np.int64)
+    units = np.unique(keys[train])
+    n_val = int(round(val_ratio * len(units)))
+    if val_ratio > 0 and len(units) >= 2:
+        n_val = min(max(n_val, 1), len(units) - 1)
+    else:
+        n_val = 0
+    if n_val == 0:
+        return {'train': train, 'test': np.asarray(splits['test'], dtype=np.int64)}
+    in_val = np.isin(keys[train], units[rng.permutation(len(units))[:n_val]])
+    return {'train': train[~in_val], 'val': train[in_val], 'test': np.asarray(splits['test'], dtype=np.int64)}
+
+
+def _random_split(ctx: '_ReadContext', n: int, groups: Sequence | None = None) -> dict:
+    return split_by_groups(n, ctx.seed, ctx.train_ratio, ctx.val_ratio, groups)
+
+
+def _val_from_train(ctx: '_ReadContext', splits: dict, n: int, groups: Sequence | None = None) -> dict:
+    """A fixed train/test split without validation images: carve val out of its training side
+    (same grouping, seeded by ctx.seed); the official or the user's own test side stays as it is."""
+    if len(splits.get('val', ())):
+        return splits
+    return _carve_val(splits, _unit_keys(n, groups), np.random.default_rng(ctx.seed), ctx.val_ratio)
 
 
 def _random_source(ctx: _ReadContext, unit: str) -> str:
     pct = int(round(ctx.train_ratio * 100))
-    return f'random {pct}/{100 - pct} by {unit} (seed {ctx.seed})'
+    return f'random {pct}/{100 - pct} by {unit} (seed {ctx.seed})' + _val_source(ctx, unit)
 
 
-def _announce_random(name: str, source: str, splits: dict) -> None:
+def _val_source(ctx: _ReadContext, unit: str) -> str:
+    if ctx.val_ratio == 0:
+        return '; no validation split (val_ratio 0)'
+    return f'; val {ctx.val_ratio * 100:g}% of the training side by {unit} (seed {ctx.seed})'
+
+
+def _announce_random(name: str, source: str, splits: dict, why: str = 'no official split') -> None:
     # The issue asks for the fallback split to be printed: results depend on it.
     sizes = ' / '.join(f'{k} {len(v)}' for k, v in splits.items())
-    print(f'{name}: no official split; using {source}: {sizes} images', flush=True)
+    print(f'{name}: {why}; using {source}: {sizes} images', flush=True)
 
 
 def _pick_score(ctx: _ReadContext, default: str, choices: dict[str, str]) -> str:
@@ -539,10 +605,13 @@ def _read_koniq(ctx: _ReadContext) -> IQADataset:
         if unassigned:
             print(f'{ctx.name}: {unassigned} scored images are in neither {train_json.name} nor '
                   f'{test_json.name}; they are left out of both splits', flush=True)
-        source = 'koniq_train/test.json'
+        splits = _val_from_train(ctx, splits, len(names))
+        source = 'koniq_train/test.json' + _val_source(ctx, 'image')
+        if 'val' in splits:
+            _announce_random(ctx.name, source, splits, 'no validation split in koniq_train/test.json')
     else:
         source = _random_source(ctx, 'image')
-        splits = _random_split(len(names), ctx.seed, ctx.train_ratio)
+        splits = _random_split(ctx, len(names))
         _announce_random(ctx.name, source, splits)
     return _dataset(ctx, paths, mos, splits, source, score_name, score_range)
 
@@ -570,7 +639,7 @@ def _read_json_dataset(ctx: _ReadContext, json_file: Path, *, test_only: bool,
         splits, source = {'test': np.arange(len(paths))}, f'{json_file.name} (test only)'
     else:
         source = _random_source(ctx, 'image')
-        splits = _random_split(len(paths), ctx.seed, ctx.train_ratio)
+        splits = _random_split(ctx, len(paths))
         _announce_random(ctx.name, source, splits)
     if score_range is None:
         score_range = (float(mos.min()), float(mos.max()))
@@ -601,7 +670,7 @@ def _read_spaq(ctx: _ReadContext) -> IQADataset:
         paths.append(image_dir / str(image).strip())
         mos.append(_number(r.get(column), f'{xlsx} row {row_no}, column {column!r}'))
     source = _random_source(ctx, 'image')
-    splits = _random_split(len(paths), ctx.seed, ctx.train_ratio)
+    splits = _random_split(ctx, len(paths))
     _announce_random(ctx.name, source, splits)
     score_range = (0.0, 100.0) if column == 'MOS' else (float(min(mos)), float(max(mos)))
     return _dataset(ctx, paths, mos, splits, source, column, score_range)
@@ -631,7 +700,11 @@ def _read_kadid(ctx: _ReadContext) -> IQADataset:
     ref_ids = np.array(ref_ids)
     splits = {'train': np.flatnonzero(ref_ids <= KADID_TRAIN_REFS),
               'test': np.flatnonzero(ref_ids > KADID_TRAIN_REFS)}
-    source = f'by reference image (I01-I{KADID_TRAIN_REFS:02d} train, I{KADID_TRAIN_REFS + 1:02d}-I81 test)'
+    splits = _val_from_train(ctx, splits, len(paths), ref_ids)
+    source = (f'by reference image (I01-I{KADID_TRAIN_REFS:02d} train, I{KADID_TRAIN_REFS + 1:02d}-I81 test)'
+              + _val_source(ctx, 'reference image'))
+    if 'val' in splits:
+        _announce_random(ctx.name, source, splits, 'no official validation split')
     return _dataset(ctx, paths, mos, splits, source, 'dmos', (1.0, 5.0))
 
 
@@ -658,7 +731,7 @@ def _read_agiqa(ctx: _ReadContext) -> IQADataset:
     else:
         groups, unit = None, 'image'
     source = _random_source(ctx, unit)
-    splits = _random_split(len(paths), ctx.seed, ctx.train_ratio, groups)
+    splits = _random_split(ctx, len(paths), groups)
     _announce_random(ctx.name, source, splits)
     return _dataset(ctx, paths, mos, splits, source, column, (0.0, 5.0))
 
@@ -680,7 +753,7 @@ def _read_livec(ctx: _ReadContext) -> IQADataset:
     names, mos = names[LIVEC_SKIP:], mos[LIVEC_SKIP:]
     paths = [ctx.root / 'Images' / n for n in names]
     source = _random_source(ctx, 'image')
-    splits = _random_split(len(paths), ctx.seed, ctx.train_ratio)
+    splits = _random_split(ctx, len(paths))
     _announce_random(ctx.name, source, splits)
     return _dataset(ctx, paths, mos, splits, source, 'MOS', (0.0, 100.0))
 
@@ -706,7 +779,7 @@ def _read_live(ctx: _ReadContext) -> IQADataset:
     paths = [files[i] for i in keep]
     groups = [refs[i] for i in keep]
     source = _random_source(ctx, 'reference image')
-    splits = _random_split(len(paths), ctx.seed, ctx.train_ratio, groups)
+    splits = _random_split(ctx, len(paths), groups)
     _announce_random(ctx.name, source, splits)
     return _dataset(ctx, paths, dmos[keep], splits, source, 'DMOS', (0.0, 100.0),
                     higher_is_better=False)
@@ -739,7 +812,7 @@ def _read_csiq(ctx: _ReadContext) -> IQADataset:
     paths = [ctx.root / 'dst_imgs_all' / name for name, _ in pairs]
     groups = [name.split('.')[0].lower() for name, _ in pairs]
     source = _random_source(ctx, 'reference image')
-    splits = _random_split(len(paths), ctx.seed, ctx.train_ratio, groups)
+    splits = _random_split(ctx, len(paths), groups)
     _announce_random(ctx.name, source, splits)
     return _dataset(ctx, paths, [s for _, s in pairs], splits, source, 'DMOS', (0.0, 1.0),
                     higher_is_better=False)
@@ -756,7 +829,7 @@ def _read_tid2013(ctx: _ReadContext) -> IQADataset:
     paths = [ctx.root / 'distorted_images' / name for name, _ in pairs]
     groups = [name.split('_')[0][1:].lower() for name, _ in pairs]
     source = _random_source(ctx, 'reference image')
-    splits = _random_split(len(paths), ctx.seed, ctx.train_ratio, groups)
+    splits = _random_split(ctx, len(paths), groups)
     _announce_random(ctx.name, source, splits)
     return _dataset(ctx, paths, [s for _, s in pairs], splits, source, 'MOS', (0.0, 9.0))
 
@@ -780,7 +853,7 @@ def _read_bid(ctx: _ReadContext) -> IQADataset:
         paths.append(ctx.root / f'DatabaseImage{int(number):04d}.JPG')
         mos.append(_number(r.get(mos_col), f'{xlsx} row {row_no}, column B (MOS)'))
     source = _random_source(ctx, 'image')
-    splits = _random_split(len(paths), ctx.seed, ctx.train_ratio)
+    splits = _random_split(ctx, len(paths))
     _announce_random(ctx.name, source, splits)
     return _dataset(ctx, paths, mos, splits, source, 'MOS', (0.0, 5.0))
 
@@ -808,9 +881,14 @@ def _read_generic_csv(ctx: _ReadContext, csv_file: Path, image_column: str, scor
         sides = np.array(sides)
         splits = {k: np.flatnonzero(sides == k) for k in ('train', 'val', 'test')}
         source = f'{csv_file.name} column {split_column!r}'
+        if not len(splits['val']):
+            splits = _val_from_train(ctx, splits, len(paths))
+            source += _val_source(ctx, 'image')
+            if 'val' in splits:
+                _announce_random(csv_file.stem, source, splits, f'no val rows in column {split_column!r}')
     else:
         source = _random_source(ctx, 'image')
-        splits = _random_split(len(paths), ctx.seed, ctx.train_ratio)
+        splits = _random_split(ctx, len(paths))
         _announce_random(csv_file.stem, source, splits)
     ds = _dataset(ctx, paths, mos, splits, source, column, (float(mos.min()), float(mos.max())))
     if ctx.name == GENERIC:

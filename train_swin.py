@@ -123,6 +123,11 @@ def build_parser():
     g.add_argument('--select_on', default='val', choices=('val', 'test'),
                    help='split that picks the best epoch and drives early stopping '
                         '(test = the user\'s protocol; results are labelled as such)')
+    g.add_argument('--val_ratio', type=float, default=data_loader.DEFAULT_VAL_RATIO, metavar='R',
+                   help='where a data set has no official validation split: this share of its training '
+                        'side (whole reference images / prompts where images share content, seeded like '
+                        'the split) is held out as val; 0 = none, the best epoch is then selected on test '
+                        f'and labelled so (default {data_loader.DEFAULT_VAL_RATIO})')
     g.add_argument('--patience', type=int, default=5, metavar='N', help='epochs without improvement before stopping')
     g.add_argument('--no_early_stopping', action='store_true', help='always run every epoch')
     g.add_argument('--early_stopping_min_delta', type=float, default=0.0, metavar='D',
@@ -177,6 +182,8 @@ def check_args(args, warn):
         errors.append('--ranking_loss_alpha must be >= 0')
     if args.warmup_epochs >= args.epochs and args.warmup_epochs > 0:
         errors.append(f'--warmup_epochs {args.warmup_epochs} must be smaller than --epochs {args.epochs}')
+    if not 0 <= args.val_ratio < 1:
+        errors.append(f'--val_ratio must be at least 0 and below 1, got {args.val_ratio}')
     if args.patience < 1:
         errors.append('--patience must be at least 1 (use --no_early_stopping to turn it off)')
     if args.no_pretrained and args.pretrained_path:
@@ -394,7 +401,7 @@ def run_round(round_idx, args, state, ctx):
     log, rank, world, device, amp = ctx['log'], ctx['rank'], ctx['world'], ctx['device'], ctx['amp']
     round_seed = args.seed + round_idx - 1
     dataset = data_loader.load_dataset(args.dataset, args.data_root, seed=round_seed, score=args.score,
-                                       csv_image_column=args.csv_image_column,
+                                       val_ratio=args.val_ratio, csv_image_column=args.csv_image_column,
                                        csv_score_column=args.csv_score_column)
     # With several processes rank 0 decodes (and caches) first; the others then load its cache
     # instead of decoding every image once per process.
@@ -411,9 +418,12 @@ def run_round(round_idx, args, state, ctx):
         raise SystemExit(f'{dataset.name}: no training split (found {sorted(splits)}); it can be used with '
                          'cross_dataset_test.py but not for training')
     select_on = args.select_on
+    no_val = None
     if select_on == 'val' and len(splits.get('val', [])) == 0:
+        no_val = '--val_ratio 0' if args.val_ratio == 0 else f'none in {dataset.split_source}'
         log(f'note: {dataset.name} has no validation split ({dataset.split_source}); the best epoch is '
-            'selected on the TEST split and results are labelled "selected on test".')
+            f'selected on the TEST split and results are labelled "selected on test (no validation split: '
+            f'{no_val})".')
         select_on = 'test'
     log(f'Round {round_idx}/{args.train_test_num}: {dataset.name} from {dataset.root}, split: '
         f'{dataset.split_source}; train {len(splits["train"])}, val {len(splits.get("val", []))}, '
@@ -547,6 +557,8 @@ def run_round(round_idx, args, state, ctx):
             status = 'stopped_early'
             break
     best['select_on'] = select_on
+    if no_val:
+        best['no_val'] = no_val
     if 'test' in eval_sets and best is not None and rank == 0:
         # Bootstrap intervals of the selected epoch, from its saved weights.
         best.update(best_intervals(raw_model, best, eval_sets['test'], args, device, amp,
@@ -616,6 +628,8 @@ def main(argv=None):
         for key in [k for k in vars(args)]:
             if key in stored:
                 setattr(args, key, stored[key])
+        if 'val_ratio' not in stored:
+            args.val_ratio = 0.0  # a run from before validation splits: keep its training images
         for key, value in given.items():
             setattr(args, key, value)
         args.resume = resume_path
@@ -718,6 +732,8 @@ def main(argv=None):
                 write_summary(run_dir, args, state, best, best['select_on'], final)
                 finished = [r for r in state['rounds'] if r]
                 label = 'selected on val' if best['select_on'] == 'val' else 'selected on test'
+                if best.get('no_val'):
+                    label += f' (no validation split: {best["no_val"]})'
                 if args.train_test_num > 1:
                     log('Testing median SRCC %.4f, median PLCC %.4f over %d rounds' % (
                         np.median([r['test_srcc'] for r in finished]),

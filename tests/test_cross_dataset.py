@@ -139,6 +139,26 @@ def test_lower_is_better_dataset_is_flipped(world, capsys, tmp_path):
     assert result['srcc'] == pytest.approx(iqa_metrics.srcc(pred, -dataset.mos), abs=1e-12)
 
 
+def test_split_val_scores_the_runs_validation_split(world, capsys, tmp_path):
+    # A run with --val_ratio 0.1 and seed 5: --split val is the val split it selected on.
+    ckpt = checkpoints.load_checkpoint(str(world['project']))
+    config = dict(ckpt['config'], dataset='csiq', higher_is_better=False, seed=5, val_ratio=0.1)
+    with_val = tmp_path / 'with_val.pkl'
+    checkpoints.atomic_torch_save({'format': checkpoints.CHECKPOINT_FORMAT, 'state_dict': ckpt['state_dict'],
+                                   'config': config, 'epoch': 1, 'round': 1, 'metrics': {}}, with_val)
+    rc, out, err = run(capsys, '--checkpoint', with_val, '--datasets', f'csiq={world["csiq"]}', '--split', 'val',
+                       '--output_dir', tmp_path / 'a', *FAST, '--n_boot', '0')
+    assert rc == 0, err
+    result = json.loads(next((tmp_path / 'a').glob('cross_dataset_results_*.json')).read_text())['results']['csiq']
+    val = data_loader.load_dataset('csiq', world['csiq'], seed=5, val_ratio=0.1).splits['val']
+    assert result['split'] == 'val' and result['images'] == len(val) == 2
+    # A checkpoint from before validation splits (no val_ratio in its config) had none.
+    rc, out, err = run(capsys, '--checkpoint', world['project'], '--datasets', f'csiq={world["csiq"]}',
+                       '--split', 'val', '--output_dir', tmp_path / 'b', *FAST)
+    assert rc == 2 and 'csiq: no validation split (random 80/20 by reference image (seed 0); ' \
+                       'no validation split (val_ratio 0))' in out + err
+
+
 def test_missing_dataset_is_skipped_and_all_missing_exits_2(world, capsys, tmp_path):
     nowhere = tmp_path / 'no-such-folder'
     rc, out, err = run(capsys, '--checkpoint', world['project'], '--datasets', f'spaq={world["spaq"]}',

@@ -91,9 +91,9 @@ def test_koniq_sets_file_alone_and_512_folder(tmp_path):
 def test_koniq_user_json_layout(tmp_path):
     fx.make_koniq_user_json(tmp_path, n_train=5, n_test=3)
     ds = dl.load_dataset('koniq', tmp_path)
-    assert ds.split_source == 'koniq_train/test.json'
-    assert len(ds.splits['train']) == 5 and len(ds.splits['test']) == 3
-    for i in ds.splits['train']:
+    assert ds.split_source.startswith('koniq_train/test.json; val 10% of the training side')
+    assert {k: len(v) for k, v in ds.splits.items()} == {'train': 4, 'val': 1, 'test': 3}
+    for i in np.concatenate([ds.splits['train'], ds.splits['val']]):
         assert Path(ds.paths[i]).parent == tmp_path / 'train'
     for i in ds.splits['test']:
         assert Path(ds.paths[i]).parent == tmp_path / 'test'
@@ -102,11 +102,12 @@ def test_koniq_user_json_layout(tmp_path):
 
 def test_koniq_random_split_is_seeded_and_printed(tmp_path, capsys):
     fx.make_koniq(tmp_path, sets=('training',) * 10, sets_file=False)
-    a = dl.load_dataset('koniq', tmp_path, seed=3)
-    assert 'random 80/20 by image (seed 3)' in capsys.readouterr().out
+    a = dl.load_dataset('koniq', tmp_path, seed=3, val_ratio=0)
+    assert 'random 80/20 by image (seed 3); no validation split (val_ratio 0)' in capsys.readouterr().out
     b = dl.load_dataset('koniq', tmp_path, seed=3)
     c = dl.load_dataset('koniq', tmp_path, seed=4, train_ratio=0.5)
-    assert len(a.splits['train']) == 8 and len(a.splits['test']) == 2
+    assert {k: len(v) for k, v in a.splits.items()} == {'train': 8, 'test': 2}
+    assert {k: len(v) for k, v in b.splits.items()} == {'train': 7, 'val': 1, 'test': 2}
     assert np.array_equal(a.splits['test'], b.splits['test'])
     assert len(c.splits['test']) == 5
     assert_disjoint(a.splits)
@@ -141,7 +142,8 @@ def test_kadid_split_by_reference(tmp_path):
     fx.make_kadid(tmp_path)
     ds = dl.load_dataset('kadid-10k', tmp_path)
     refs = [int(Path(p).name[1:3]) for p in ds.paths]
-    assert sorted({refs[i] for i in ds.splits['train']}) == [1, 2, 65]
+    assert sorted({refs[i] for i in ds.splits['train']} | {refs[i] for i in ds.splits['val']}) == [1, 2, 65]
+    assert len({refs[i] for i in ds.splits['val']}) == 1
     assert sorted({refs[i] for i in ds.splits['test']}) == [66, 70, 81]
     assert ds.score_name == 'dmos' and ds.higher_is_better and ds.score_range == (1.0, 5.0)
     same = dl.load_dataset('kadid', tmp_path / 'dmos.csv')   # the annotation file names its folder
@@ -166,7 +168,7 @@ def test_livec_skips_first_seven(tmp_path):
     ds = dl.load_dataset('livec', tmp_path)
     assert len(ds) == 10
     assert Path(ds.paths[0]).name == names[7] and ds.mos[0] == 35.0
-    assert {k: len(v) for k, v in ds.splits.items()} == {'train': 8, 'test': 2}
+    assert {k: len(v) for k, v in ds.splits.items()} == {'train': 7, 'val': 1, 'test': 2}
     assert all(Path(p).is_file() for p in ds.paths)
 
 
@@ -186,8 +188,10 @@ def test_reference_split_datasets(tmp_path, name, maker, ref_of, higher):
         else:
             refs = [ref_of(p) for p in ds.paths]
         train = {refs[i] for i in ds.splits['train']}
+        val = {refs[i] for i in ds.splits['val']}
         test = {refs[i] for i in ds.splits['test']}
-        assert len(train) == 4 and len(test) == 1 and not train & test
+        assert len(train) == 3 and len(val) == 1 and len(test) == 1
+        assert not train & test and not val & test and not train & val
 
 
 def test_bid_xlsx(tmp_path):
@@ -204,13 +208,91 @@ def test_generic_csv_and_json(tmp_path):
     csv_path = fx.write_csv(tmp_path / 'mydata.csv', ['file', 'quality', 'split'], rows)
     ds = dl.load_dataset(str(csv_path), csv_image_column='file', csv_score_column='quality')
     assert ds.name == 'mydata' and ds.score_range == (0.0, 40.0)
-    assert list(ds.splits['test']) == [4] and ds.split_source == "mydata.csv column 'split'"
+    assert list(ds.splits['test']) == [4] and ds.split_source.startswith("mydata.csv column 'split'; val 10%")
     assert ds.paths[1] == str(tmp_path / 'imgs' / '1.png')
     with pytest.raises(dl.DataError, match=r"mydata.csv: column 'score' missing"):
         dl.load_dataset(str(csv_path), csv_image_column='file')
     js = fx.make_json_list(tmp_path / 'j', 'list.json', n=5)
     ds = dl.load_dataset(str(js), seed=2)
-    assert len(ds.splits['train']) == 4 and len(ds.splits['test']) == 1
+    assert {k: len(v) for k, v in ds.splits.items()} == {'train': 3, 'val': 1, 'test': 1}
+
+
+# ----------------------------------------------------------------------------------------
+# validation splits: carved from the training side, no content on two sides
+# ----------------------------------------------------------------------------------------
+
+def _generic_csv(root: Path, split_column: bool = False) -> Path:
+    rows = []
+    for i in range(10):
+        fx.write_image(root / 'imgs' / f'{i}.png', seed=i)
+        rows.append([f'imgs/{i}.png', i] + (['test' if i >= 8 else 'train'] if split_column else []))
+    return fx.write_csv(root / 'list.csv', ['image', 'score'] + (['split'] if split_column else []), rows)
+
+
+def _name_group(pattern):
+    return lambda ds, i: re.search(pattern, Path(ds.paths[i]).name).group(1)
+
+
+def _image_group(ds, i):
+    return ds.paths[i]
+
+
+# case -> (writer of the real format, data set name (None: load the written file), group of image i)
+READER_SPLITS = {
+    'koniq-10k without sets file': (lambda r: fx.make_koniq(r, sets=('training',) * 10, sets_file=False),
+                                    'koniq', _image_group),
+    'koniq-10k user json': (lambda r: fx.make_koniq_user_json(r, n_train=8, n_test=3), 'koniq', _image_group),
+    'spaq': (lambda r: fx.make_spaq(r, n=10), 'spaq', _image_group),
+    'kadid-10k': (fx.make_kadid, 'kadid', _name_group(r'^I(\d+)_')),
+    'agiqa-3k': (fx.make_agiqa, 'agiqa', _name_group(r'_prompt(\d+)')),
+    'livec': (lambda r: fx.make_livec(r, n=17), 'livec', _image_group),
+    'live': (fx.make_live, 'live', lambda ds, i: int(round(ds.mos[i])) % 10),   # dmos = 20 + 10 d + ref
+    'csiq': (fx.make_csiq, 'csiq', _name_group(r'^(.*?)\.')),
+    'tid2013': (fx.make_tid2013, 'tid2013', _name_group(r'^i(\d+)_')),
+    'bid': (lambda r: fx.make_bid(r, n=10), 'bid', _image_group),
+    'csv': (_generic_csv, None, _image_group),
+    'csv with a train/test column': (lambda r: _generic_csv(r, split_column=True), None, _image_group),
+    'json': (lambda r: fx.make_json_list(r, 'list.json', n=10), None, _image_group),
+}
+
+
+@pytest.mark.parametrize('case', list(READER_SPLITS))
+def test_every_reader_splits_train_val_test_by_group(tmp_path, case):
+    make, name, group_of = READER_SPLITS[case]
+    made = make(tmp_path)
+    target = (name, tmp_path) if name else (str(made), None)
+    for seed in (0, 1, 2):
+        ds = dl.load_dataset(*target, seed=seed)
+        assert list(ds.splits) == ['train', 'val', 'test'], ds.split_source
+        sides = {k: {group_of(ds, i) for i in idx} for k, idx in ds.splits.items()}
+        assert all(sides.values())
+        assert not sides['train'] & sides['val'] and not sides['train'] & sides['test']
+        assert not sides['val'] & sides['test']
+        assert 'val 10% of the training side' in ds.split_source
+        # val comes out of the training side only: the test split is that of --val_ratio 0
+        before = dl.load_dataset(*target, seed=seed, val_ratio=0)
+        assert list(before.splits) == ['train', 'test']
+        assert before.split_source.endswith('no validation split (val_ratio 0)')
+        assert np.array_equal(before.splits['test'], ds.splits['test'])
+        assert np.array_equal(np.sort(np.concatenate([ds.splits['train'], ds.splits['val']])),
+                              before.splits['train'])
+        again = dl.load_dataset(*target, seed=seed)
+        assert all(np.array_equal(again.splits[k], ds.splits[k]) for k in ds.splits)
+
+
+def test_split_by_groups_sizes_seed_and_old_split():
+    groups = [f'prompt {i // 6}' for i in range(600)]       # 100 prompts of 6 images
+    splits = dl.split_by_groups(600, seed=7, train_ratio=0.8, val_ratio=0.1, groups=groups)
+    units = {k: {groups[i] for i in idx} for k, idx in splits.items()}
+    assert {k: len(v) for k, v in units.items()} == {'train': 72, 'val': 8, 'test': 20}
+    assert {k: len(v) for k, v in splits.items()} == {'train': 432, 'val': 48, 'test': 120}
+    assert not units['train'] & units['val'] and not (units['train'] | units['val']) & units['test']
+    other = dl.split_by_groups(600, seed=8, train_ratio=0.8, val_ratio=0.1, groups=groups)
+    assert not np.array_equal(other['val'], splits['val'])
+    # --val_ratio 0 is the split of earlier versions, image for image (frozen from them)
+    assert dl.split_by_groups(10, seed=3, train_ratio=0.8, val_ratio=0)['test'].tolist() == [3, 8]
+    with pytest.raises(dl.DataError, match='val_ratio must be at least 0 and below 1'):
+        dl.split_by_groups(10, seed=3, val_ratio=1.0)
 
 
 # ----------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import checkpoints
 import data_loader
 import evaluation
 import train_swin
-from dataset_fixtures import make_koniq
+from dataset_fixtures import make_agiqa, make_koniq
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -229,6 +229,35 @@ def test_select_on_test_reproduces_the_users_protocol(koniq_root, tmp_path, monk
     assert summary['best_epoch'] == 2 and summary['select_on'] == 'test'
 
 
+def test_a_set_without_official_split_selects_on_its_own_val_split_every_round(tmp_path, monkeypatch):
+    # AGIQA-3K has no official split: each round carves val (by prompt) out of its training side.
+    root = tmp_path / 'agiqa-3k'
+    make_agiqa(root, prompts=10, per_prompt=2)
+    scripted_evaluation(monkeypatch, val_srccs=[0.5, 0.4, 0.3, 0.6], test_srccs=[0.2, 0.9, 0.8, 0.1])
+    args = tiny_args(root, tmp_path, '--train_test_num', '2', epochs=2)
+    args[args.index('koniq-10k')] = 'agiqa-3k'
+    assert train_swin.main(args) == 0
+    run_dir = only_run_dir(tmp_path)
+    summary = json.load(open(os.path.join(run_dir, 'summary.json')))
+    assert summary['select_on'] == 'val'
+    assert [r['test_srcc'] for r in summary['rounds']] == pytest.approx([0.2, 0.1])  # val's picks, not test's
+    assert json.load(open(os.path.join(run_dir, 'config.json')))['val_ratio'] == 0.1
+    log = open(tmp_path / 'logs' / (os.path.basename(run_dir) + '.log')).read()
+    for round_idx, seed in ((1, 3), (2, 4)):
+        assert (f'Round {round_idx}/2: agiqa-3k from {root}, split: random 80/20 by prompt (seed {seed}); '
+                f'val 10% of the training side by prompt (seed {seed}); train 14, val 2, test 4 images') in log
+    assert 'Best test SRCC 0.1500 PLCC 0.1600 (epoch 2, selected on val)' in log and 'TEST split' not in log
+
+    # --val_ratio 0: the behaviour of earlier versions, labelled as such
+    scripted_evaluation(monkeypatch, val_srccs=[], test_srccs=[0.2, 0.9])
+    out = tmp_path / 'no-val'
+    args = tiny_args(root, out, '--val_ratio', '0', epochs=2)
+    args[args.index('koniq-10k')] = 'agiqa-3k'
+    assert train_swin.main(args) == 0
+    log = open(out / 'logs' / (os.path.basename(only_run_dir(out)) + '.log')).read()
+    assert 'Best test SRCC 0.9000 PLCC 0.9100 (epoch 2, selected on test (no validation split: --val_ratio 0))' in log
+
+
 def test_full_disk_while_saving_keeps_previous_best_and_training_goes_on(koniq_root, tmp_path, monkeypatch):
     scripted_evaluation(monkeypatch, val_srccs=[0.5, 0.6, 0.7], test_srccs=[0.5, 0.6, 0.7])
     real_save = checkpoints.atomic_torch_save
@@ -291,6 +320,34 @@ def test_resume_after_a_kill_ends_with_the_uninterrupted_metrics(koniq_root, tmp
     resumed = read_metrics(run_dir)
     assert without_timing(resumed) == without_timing(expected)
     assert json.load(open(os.path.join(run_dir, 'summary.json')))['status'] == 'finished'
+
+
+def test_resuming_a_run_from_before_validation_splits_keeps_its_training_images(tmp_path, monkeypatch):
+    # Its config has no val_ratio: the resumed epochs must train on the same images (no val cut).
+    root = tmp_path / 'agiqa-3k'
+    make_agiqa(root, prompts=10, per_prompt=2)
+    real_epoch = train_swin.train_one_epoch
+
+    def killed_in_epoch_two(model, optimizer, sampler, epoch, *rest):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real_epoch(model, optimizer, sampler, epoch, *rest)
+    monkeypatch.setattr(train_swin, 'train_one_epoch', killed_in_epoch_two)
+    args = tiny_args(root, tmp_path, '--val_ratio', '0', epochs=2)
+    args[args.index('koniq-10k')] = 'agiqa-3k'
+    with pytest.raises(KeyboardInterrupt):
+        train_swin.main(args)
+    monkeypatch.setattr(train_swin, 'train_one_epoch', real_epoch)
+    run_dir = only_run_dir(tmp_path)
+    last = os.path.join(run_dir, 'last.pkl')
+    old = torch.load(last, weights_only=False)
+    del old['config']['val_ratio']
+    torch.save(old, last)
+    assert train_swin.main(['--resume', run_dir]) == 0
+    log = open(tmp_path / 'logs' / (os.path.basename(run_dir) + '.log')).read()
+    resumed = log[log.index('(resumed'):]
+    assert 'train 16, val 0, test 4 images' in resumed
+    assert 'selected on test (no validation split: --val_ratio 0)' in resumed
 
 
 @pytest.mark.parametrize('kill_at', [(2, 1), (1, 2)], ids=['in-round-2', 'between-rounds'])
