@@ -116,6 +116,7 @@ SPAQ_XLSX = Path('Annotations') / 'MOS and Image attribute scores.xlsx'
 LIVE_FOLDERS = (('jp2k', 227), ('jpeg', 233), ('wn', 174), ('gblur', 174), ('fastfading', 174))
 LIVEC_SKIP = 7          # AllImages_release.mat starts with the 7 images used to train raters
 KADID_TRAIN_REFS = 65   # the common protocol: references I01-I65 train, I66-I81 test
+PROBE_IMAGES = 20       # listed images tried in turn when looking for the image folder
 # Share of the training side held out for validation (selection, early stopping) where a
 # data set has no official validation split: selecting on test would bias the test numbers.
 DEFAULT_VAL_RATIO = 0.1
@@ -192,9 +193,11 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, *, seed: int 
     (by reference image or prompt where several images share content, so no content is on
     both sides). Where a data set has no official validation split, `val_ratio` of its
     training side (same grouping, same seed) becomes the 'val' split (0: none, the behaviour
-    of earlier versions); the test side does not depend on val_ratio. `score` picks another score column where a data set has several
-    (KonIQ 'MOS' for the 1-5 scale, AGIQA-3K 'mos_align', ...). Image files are checked
-    later, all together, by load_images.
+    of earlier versions); the test side does not depend on val_ratio. `score` picks another
+    score column where a data set has several (KonIQ 'MOS' for the 1-5 scale, AGIQA-3K
+    'mos_align', ...). The image folder is found from the first listed image
+    (_find_image_folder); the image files themselves are checked later, all together, by
+    load_images.
     """
     name, root = resolve_dataset(name, root)
     _check_ratios(train_ratio, val_ratio)
@@ -354,11 +357,77 @@ def _image_path(base: Path, image: str) -> Path:
     return beside if beside.is_file() else candidate
 
 
-def _first_dir(root: Path, names: Sequence[str]) -> Path | None:
-    for n in names:
-        if (root / n).is_dir():
-            return root / n
-    return None
+def _in_folder(folder: Path, name: str) -> Path:
+    return folder / name
+
+
+def _find_image_folder(ctx: _ReadContext, names: Sequence[str], expected: Sequence[Path], listed_in: Path,
+                       locate: Callable[[Path, str], Path] = _in_folder) -> Path:
+    """The folder that holds a data set's images, found from the first listed image.
+
+    Why: copies of a data set nest their images differently (the AGIQA-3K inside the user's
+    second project keeps them in ACGIQA-3K/), and a guessed folder turned that into one "file
+    not found" line per image with no hint. The first of `expected` that holds the first
+    listed image wins; else the folders one level below the root and below each expected
+    folder are searched, and the one used is printed. If the first image is nowhere, the next
+    few listed images are tried the same way (one missing file is load_images' to report).
+    If none is found, one DataError names the folders searched and the flags that point
+    elsewhere. `locate(folder, name)` is where a listed name would be in a folder.
+    """
+    expected = list(dict.fromkeys(expected))
+    if Path(names[0]).is_absolute():
+        return expected[0]   # absolute paths in a list: nothing to search, load_images checks them
+    for folder in expected:  # the usual case, before any folder is listed
+        if locate(folder, names[0]).is_file():
+            return folder
+    label = listed_in.stem if ctx.name == GENERIC else ctx.name
+    # One level down: the data set's own layout inside a subfolder of the root (a zip that
+    # unpacks into a folder of its own), the subfolder itself, and folders inside expected ones.
+    below = []
+    for base in dict.fromkeys([ctx.root, *expected]):
+        for sub in _subfolders(base):
+            if sub in expected:
+                continue
+            if base == ctx.root:
+                below += [sub / e.relative_to(ctx.root) for e in expected
+                          if e != ctx.root and e.is_relative_to(ctx.root)]
+            below.append(sub)
+    below = [d for d in dict.fromkeys(below) if d.is_dir()]
+    for name in names[:PROBE_IMAGES]:
+        for folder in expected:
+            if locate(folder, name).is_file():
+                return folder
+        for folder in below:
+            if locate(folder, name).is_file():
+                print(f'{label}: images found in {folder} (the listed image {name} is not in '
+                      f'{_folder_list(expected)}); using that folder', flush=True)
+                return folder
+    shown = ', '.join(str(d) for d in below[:8]) + (f' and {len(below) - 8} more' if len(below) > 8 else '')
+    if ctx.name == GENERIC:
+        hint = (f'image paths in {listed_in.name} are relative to its folder; '
+                f'fix the paths or move the list next to the images')
+    else:
+        hint = ("put the images in one of these folders, or point at the data set's folder "
+                '(train_swin.py --data_root PATH, cross_dataset_test.py --datasets NAME=PATH)')
+    looked_in = [f'{e}/ (no such folder)' for e in expected if not e.is_dir()]
+    if any(e.is_dir() for e in expected):
+        looked_in.append(_folder_list([e for e in expected if e.is_dir()]))
+    raise DataError(f'{label}: cannot find the images: {names[0]} (the first listed in {listed_in}) is not in '
+                    f'{", ".join(looked_in)}, nor in a folder one level below '
+                    f'{_folder_list(dict.fromkeys([ctx.root, *expected]))}'
+                    f'{f" (searched {shown})" if below else " (there is none)"}; {hint}')
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    try:
+        return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith('.'))
+    except OSError:  # absent or unreadable: nothing below it
+        return []
+
+
+def _folder_list(folders) -> str:
+    folders = [f'{f}/' for f in folders]
+    return folders[0] if len(folders) == 1 else ', '.join(folders[:-1]) + ' or ' + folders[-1]
 
 
 def _mat_str(value) -> str:
@@ -442,11 +511,11 @@ def _carve_val(splits: dict, keys: np.ndarray, rng: np.random.Generator, val_rat
     return {'train': train[~in_val], 'val': train[in_val], 'test': np.asarray(splits['test'], dtype=np.int64)}
 
 
-def _random_split(ctx: '_ReadContext', n: int, groups: Sequence | None = None) -> dict:
+def _random_split(ctx: _ReadContext, n: int, groups: Sequence | None = None) -> dict:
     return split_by_groups(n, ctx.seed, ctx.train_ratio, ctx.val_ratio, groups)
 
 
-def _val_from_train(ctx: '_ReadContext', splits: dict, n: int, groups: Sequence | None = None) -> dict:
+def _val_from_train(ctx: _ReadContext, splits: dict, n: int, groups: Sequence | None = None) -> dict:
     """A fixed train/test split without validation images: carve val out of its training side
     (same grouping, seeded by ctx.seed); the official or the user's own test side stays as it is."""
     if len(splits.get('val', ())):
@@ -571,15 +640,15 @@ def _read_koniq(ctx: _ReadContext) -> IQADataset:
     else:
         raise _missing_annotation(ctx)
 
-    image_dir = _first_dir(root, ('1024x768', '512x384'))
-    if image_dir is not None:
-        paths = [image_dir / n for n in names]
-    elif has_json:
+    image_dirs = [root / '1024x768', root / '512x384']
+    if has_json and not any((d / names[0]).is_file() for d in image_dirs):
+        # the user's layout: images in train/ and test/ as their JSON lists say
         lists = read_json_lists()
         paths = [lists[n][1] if n in lists else root / n for n in names]
     else:
-        raise DataError(f'{ctx.name}: no image folder in {root}: expected 1024x768/ or 512x384/ '
-                        f'(or train/ and test/ with koniq_train.json + koniq_test.json)')
+        listed_in = next(f for f in (scores_file, sets_file, train_json) if f.is_file())
+        image_dir = _find_image_folder(ctx, names, image_dirs, listed_in)
+        paths = [image_dir / n for n in names]
 
     if sets_file.is_file():
         _, set_rows = _read_csv(sets_file, ['image_name', 'set'])
@@ -632,7 +701,7 @@ def _read_json_dataset(ctx: _ReadContext, json_file: Path, *, test_only: bool,
     if ctx.score not in (None, 'score', 'gt_score'):
         raise DataError(f'{json_file}: a JSON list has one score per image; got score={ctx.score!r}')
     pairs = _read_score_list(json_file)
-    base = json_file.parent
+    base = _find_image_folder(ctx, [image for image, _ in pairs], [json_file.parent], json_file, _image_path)
     paths = [_image_path(base, image) for image, _ in pairs]
     mos = np.array([s for _, s in pairs])
     if test_only:
@@ -661,14 +730,15 @@ def _read_spaq(ctx: _ReadContext) -> IQADataset:
     attribute_columns = {h: h for h in header if h and h != 'Image name'}
     column = _pick_score(ctx, 'MOS', {**attribute_columns, 'mos': 'MOS'})
     _require_columns(xlsx, header, ['Image name', column])
-    image_dir = ctx.root / 'TestImage'
-    paths, mos = [], []
+    names, mos = [], []
     for row_no, r in rows:
         image = r.get('Image name')
         if image is None or str(image).strip() == '':
             raise DataError(f"{xlsx} row {row_no}, column 'Image name': expected a file name, got nothing")
-        paths.append(image_dir / str(image).strip())
+        names.append(str(image).strip())
         mos.append(_number(r.get(column), f'{xlsx} row {row_no}, column {column!r}'))
+    image_dir = _find_image_folder(ctx, names, [ctx.root / 'TestImage'], xlsx)
+    paths = [image_dir / n for n in names]
     source = _random_source(ctx, 'image')
     splits = _random_split(ctx, len(paths))
     _announce_random(ctx.name, source, splits)
@@ -687,7 +757,7 @@ def _read_kadid(ctx: _ReadContext) -> IQADataset:
         raise _missing_annotation(ctx)
     _pick_score(ctx, 'dmos', {'dmos': 'dmos'})
     _, rows = _read_csv(csv_file, ['dist_img', 'ref_img', 'dmos'])
-    image_dir = ctx.root / 'images' if (ctx.root / 'images').is_dir() else ctx.root
+    image_dir = _find_image_folder(ctx, [r['dist_img'] for _, r in rows], [ctx.root / 'images', ctx.root], csv_file)
     paths, mos, ref_ids = [], [], []
     for n, r in rows:
         match = re.match(r'[Ii](\d+)', Path(r['ref_img']).stem)
@@ -723,8 +793,8 @@ def _read_agiqa(ctx: _ReadContext) -> IQADataset:
     header, rows = _read_csv(csv_file, ['name', column])
     names = [r['name'] for _, r in rows]
     mos = [_number(r[column], f'{csv_file} line {n}, column {column!r}') for n, r in rows]
-    image_dir = next((d for d in (ctx.root / 'AGIQA-3K', ctx.root / 'images', ctx.root / 'image')
-                      if (d / names[0]).is_file()), ctx.root)
+    image_dir = _find_image_folder(ctx, names, [ctx.root / 'AGIQA-3K', ctx.root / 'images', ctx.root / 'image',
+                                                ctx.root], csv_file)
     paths = [image_dir / n for n in names]
     if 'prompt' in header:
         groups, unit = [r['prompt'] for _, r in rows], 'prompt'
@@ -751,7 +821,8 @@ def _read_livec(ctx: _ReadContext) -> IQADataset:
         raise DataError(f'{images_mat}: {len(names)} images; expected more than the {LIVEC_SKIP} '
                         f'training images it starts with')
     names, mos = names[LIVEC_SKIP:], mos[LIVEC_SKIP:]
-    paths = [ctx.root / 'Images' / n for n in names]
+    image_dir = _find_image_folder(ctx, names, [ctx.root / 'Images'], images_mat)
+    paths = [image_dir / n for n in names]
     source = _random_source(ctx, 'image')
     splits = _random_split(ctx, len(paths))
     _announce_random(ctx.name, source, splits)
@@ -768,15 +839,16 @@ def _read_live(ctx: _ReadContext) -> IQADataset:
     dmos = np.asarray(_load_mat(dmos_mat, 'dmos_new'), dtype=np.float64).ravel()
     orgs = np.asarray(_load_mat(dmos_mat, 'orgs')).ravel().astype(bool)
     refs = [_mat_str(v) for v in _load_mat(ref_mat, 'refnames_all').ravel()]
-    files = [ctx.root / folder / f'img{k}.bmp' for folder, count in LIVE_FOLDERS
-             for k in range(1, count + 1)]
+    files = [f'{folder}/img{k}.bmp' for folder, count in LIVE_FOLDERS for k in range(1, count + 1)]
     for what, arr in (('dmos_new', dmos), ('orgs', orgs), ('refnames_all', refs)):
         if len(arr) != len(files):
             counts = ' + '.join(f'{folder} {count}' for folder, count in LIVE_FOLDERS)
             raise DataError(f'{ref_mat if what == "refnames_all" else dmos_mat}: {what} has '
                             f'{len(arr)} entries; expected {len(files)} ({counts})')
     keep = np.flatnonzero(~orgs)  # orgs marks the undistorted copies of the references
-    paths = [files[i] for i in keep]
+    names = [files[i] for i in keep]
+    image_dir = _find_image_folder(ctx, names, [ctx.root], dmos_mat)
+    paths = [image_dir / n for n in names]
     groups = [refs[i] for i in keep]
     source = _random_source(ctx, 'reference image')
     splits = _random_split(ctx, len(paths), groups)
@@ -809,7 +881,8 @@ def _read_csiq(ctx: _ReadContext) -> IQADataset:
         raise _missing_annotation(ctx)
     _pick_score(ctx, 'DMOS', {'dmos': 'DMOS'})
     pairs = _read_name_score_lines(label_file, 0, 1)
-    paths = [ctx.root / 'dst_imgs_all' / name for name, _ in pairs]
+    image_dir = _find_image_folder(ctx, [name for name, _ in pairs], [ctx.root / 'dst_imgs_all'], label_file)
+    paths = [image_dir / name for name, _ in pairs]
     groups = [name.split('.')[0].lower() for name, _ in pairs]
     source = _random_source(ctx, 'reference image')
     splits = _random_split(ctx, len(paths), groups)
@@ -826,7 +899,8 @@ def _read_tid2013(ctx: _ReadContext) -> IQADataset:
         raise _missing_annotation(ctx)
     _pick_score(ctx, 'MOS', {'mos': 'MOS'})
     pairs = _read_name_score_lines(label_file, 1, 0)
-    paths = [ctx.root / 'distorted_images' / name for name, _ in pairs]
+    image_dir = _find_image_folder(ctx, [name for name, _ in pairs], [ctx.root / 'distorted_images'], label_file)
+    paths = [image_dir / name for name, _ in pairs]
     groups = [name.split('_')[0][1:].lower() for name, _ in pairs]
     source = _random_source(ctx, 'reference image')
     splits = _random_split(ctx, len(paths), groups)
@@ -845,13 +919,15 @@ def _read_bid(ctx: _ReadContext) -> IQADataset:
     if len(header) < 2:
         raise DataError(f'{xlsx}: expected two columns (image number, MOS); found {len(header)}')
     number_col, mos_col = header[0], header[1]
-    paths, mos = [], []
+    names, mos = [], []
     for row_no, r in rows:
         number = _number(r.get(number_col), f'{xlsx} row {row_no}, column A (image number)')
         if number != int(number):
             raise DataError(f'{xlsx} row {row_no}, column A (image number): expected a whole number, got {number}')
-        paths.append(ctx.root / f'DatabaseImage{int(number):04d}.JPG')
+        names.append(f'DatabaseImage{int(number):04d}.JPG')
         mos.append(_number(r.get(mos_col), f'{xlsx} row {row_no}, column B (MOS)'))
+    image_dir = _find_image_folder(ctx, names, [ctx.root], xlsx)
+    paths = [image_dir / n for n in names]
     source = _random_source(ctx, 'image')
     splits = _random_split(ctx, len(paths))
     _announce_random(ctx.name, source, splits)
@@ -864,7 +940,7 @@ def _read_generic_csv(ctx: _ReadContext, csv_file: Path, image_column: str, scor
     random split. Higher scores are taken to be better."""
     column = ctx.score or score_column
     header, rows = _read_csv(csv_file, [image_column, column])
-    base = csv_file.parent
+    base = _find_image_folder(ctx, [r[image_column] for _, r in rows], [csv_file.parent], csv_file, _image_path)
     paths = [_image_path(base, r[image_column]) for _, r in rows]
     mos = np.array([_number(r[column], f'{csv_file} line {n}, column {column!r}') for n, r in rows])
     split_column = next((c for c in ('split', 'set') if c in header), None)

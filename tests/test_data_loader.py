@@ -296,6 +296,87 @@ def test_split_by_groups_sizes_seed_and_old_split():
 
 
 # ----------------------------------------------------------------------------------------
+# image folders: found from the first listed image, not guessed
+# ----------------------------------------------------------------------------------------
+
+def test_agiqa_images_in_another_folder_are_found_and_named(tmp_path, capsys):
+    # The AGIQA-3K copy in the user's second project keeps its images in ACGIQA-3K/.
+    fx.make_agiqa(tmp_path)
+    (tmp_path / 'ACGIQA-3K').mkdir()
+    for image in tmp_path.glob('*.jpg'):
+        image.rename(tmp_path / 'ACGIQA-3K' / image.name)
+    ds = dl.load_dataset('agiqa', tmp_path)
+    assert all(Path(p).parent == tmp_path / 'ACGIQA-3K' and Path(p).is_file() for p in ds.paths)
+    out = capsys.readouterr().out
+    assert f'agiqa-3k: images found in {tmp_path / "ACGIQA-3K"}' in out and 'using that folder' in out
+    dl.load_images(ds.paths, (40, 48), cache_dir=None, progress=False)
+
+
+def test_images_nowhere_give_one_message_naming_folders_and_flag(tmp_path):
+    fx.make_agiqa(tmp_path, prompts=15)
+    (tmp_path / 'elsewhere' / 'deeper').mkdir(parents=True)
+    for image in tmp_path.glob('*.jpg'):
+        image.rename(tmp_path / 'elsewhere' / 'deeper' / image.name)
+    with pytest.raises(dl.DataError) as e:
+        dl.load_dataset('agiqa', tmp_path)
+    msg = str(e.value)
+    assert msg.startswith('agiqa-3k: cannot find the images: model0_prompt0.jpg (the first listed in '
+                          f'{tmp_path / "data.csv"}) is not in {tmp_path / "AGIQA-3K"}/ (no such folder), ')
+    assert f'searched {tmp_path / "elsewhere"})' in msg and '--data_root PATH' in msg
+    assert len(msg.splitlines()) == 1 and msg.count('.jpg') == 1
+
+
+def test_a_missing_first_image_keeps_the_folder_and_is_reported_alone(tmp_path):
+    fx.make_csiq(tmp_path)
+    first = sorted((tmp_path / 'dst_imgs_all').iterdir())[0]
+    listed_first = (tmp_path / 'csiq_label.txt').read_text().split()[0]
+    (tmp_path / 'dst_imgs_all' / listed_first).unlink()
+    ds = dl.load_dataset('csiq', tmp_path)
+    assert Path(ds.paths[0]).parent == tmp_path / 'dst_imgs_all' and first.parent == Path(ds.paths[0]).parent
+    with pytest.raises(dl.DataError, match=r'1 of 10 images cannot be used:\n  .*1600.AWGN.1.png: file not found'):
+        dl.load_images(ds.paths, (40, 48), cache_dir=None, progress=False)
+
+
+FOLDER_CASES = [c for c in READER_SPLITS if c != 'koniq-10k user json']
+
+
+def _move_images(root: Path, paths, to: Path) -> None:
+    for p in map(Path, paths):
+        target = to / p.relative_to(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        p.rename(target)
+
+
+@pytest.mark.parametrize('case', FOLDER_CASES)
+def test_every_reader_finds_its_images_one_level_down(tmp_path, case, capsys):
+    make, name, _ = READER_SPLITS[case]
+    made = make(tmp_path)
+    target = (name, tmp_path) if name else (str(made), None)
+    ds = dl.load_dataset(*target)
+    _move_images(tmp_path, ds.paths, tmp_path / 'copy')   # the same layout, one folder down
+    capsys.readouterr()
+    moved = dl.load_dataset(*target)
+    assert [str(Path(p).relative_to(tmp_path / 'copy')) for p in moved.paths] == \
+        [str(Path(p).relative_to(tmp_path)) for p in ds.paths]
+    assert all(Path(p).is_file() for p in moved.paths)
+    assert 'images found in ' + str(tmp_path / 'copy') in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('case', FOLDER_CASES)
+def test_every_reader_says_once_where_it_looked(tmp_path, case):
+    make, name, _ = READER_SPLITS[case]
+    made = make(tmp_path)
+    target = (name, tmp_path) if name else (str(made), None)
+    ds = dl.load_dataset(*target)
+    _move_images(tmp_path, ds.paths, tmp_path / 'a' / 'b')   # two levels down: not searched
+    with pytest.raises(dl.DataError) as e:
+        dl.load_dataset(*target)
+    msg = str(e.value)
+    assert 'cannot find the images' in msg and str(tmp_path / 'a') in msg and len(msg.splitlines()) == 1
+    assert ('--data_root PATH' in msg) if name else ('relative to its folder' in msg)
+
+
+# ----------------------------------------------------------------------------------------
 # bad annotation input
 # ----------------------------------------------------------------------------------------
 
