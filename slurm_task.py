@@ -24,8 +24,6 @@ import re
 import sys
 import time
 
-from checkpoints import atomic_write_text
-
 # States a new submission resumes from: the task was stopped, not broken.
 RESUMABLE = ('stopped', 'requeued', 'running', 'starting')
 RUN_FILES = ('config.json', 'metrics.csv', 'summary.json', 'slurm_task.json')
@@ -38,6 +36,19 @@ def read_task(path):
         return info if isinstance(info, dict) else {}
     except (OSError, ValueError):
         return {}
+
+
+def atomic_write_text(path, text):
+    """All or nothing, as checkpoints.atomic_write_text; not imported from there because that
+    module loads torch, seconds per call on a login node, and this runs several times a task."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f'.{os.path.basename(path)}.{os.getpid()}.tmp')
+    try:
+        with open(tmp, 'w', encoding='utf-8') as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def write_task(path, info):
