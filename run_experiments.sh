@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# run_experiments.sh - run a list of train_swin.py experiments on N GPUs, one per GPU at a time.
+# run_experiments.sh - run a list of train_swin.py experiments on N GPUs, one per GPU at a time,
+# or submit them to SLURM as one job array.
 #
 #   ./run_experiments.sh EXPERIMENT_FILE [--gpus 0,1|cpu] [--dry-run] [--python PY]
-#                        [--log_dir logs/experiments]
+#                        [--log_dir logs/experiments] [--script train_clip.py]
+#   ./run_experiments.sh EXPERIMENT_FILE --slurm [--max_running N] [sbatch options]
 #
 # EXPERIMENT_FILE has one experiment per line, a name and then train_swin.py's flags exactly as
 # typed on a command line:
 #
 #   # comments and blank lines are ignored
+#   # script: train_clip.py      (optional, before the first experiment: the training script)
 #   A1 --dataset koniq-10k --model_size base --lr 5e-6 \
 #      --test_random_crop --no_spaq
 #
@@ -27,6 +30,12 @@
 # lists, else the CPU (one experiment at a time). --python: $PYTHON if set, else .venv/bin/python
 # next to this script if it exists, else python. train_swin.py and collect_results.py: the copy in
 # the current directory if there is one, else the one next to this script.
+#
+# --slurm writes one batch script (LOG_DIR/slurm/FILE.sbatch) whose array task k runs the k-th
+# unfinished experiment with the same command, log and .done marker, and submits it with
+# `sbatch --array=0-(n-1)[%N] [sbatch options]`. The task stops and requeues itself on SIGUSR1
+# (sent 300 s before the time limit) and its next attempt resumes the run's last.pkl; see the
+# README (On a SLURM cluster) and slurm_task.py.
 set -uo pipefail
 
 if (( BASH_VERSINFO[0] < 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] < 3) )); then
@@ -43,10 +52,12 @@ KILL_GRACE_S=30
 usage() {
     cat <<'EOF'
 usage: ./run_experiments.sh EXPERIMENT_FILE [--gpus 0,1|cpu] [--dry-run] [--python PY]
-                            [--log_dir DIR]
+                            [--log_dir DIR] [--script FILE]
+       ./run_experiments.sh EXPERIMENT_FILE --slurm [--max_running N] [--dry-run] [sbatch options]
 
 Runs the experiments of EXPERIMENT_FILE (one per line: NAME --flag value ...) with
-train_swin.py, one per GPU at a time; the next starts when a GPU frees.
+train_swin.py (or the file's '# script: FILE' line), one per GPU at a time; the next starts
+when a GPU frees. With --slurm they go to SLURM as one job array instead.
 
   --gpus LIST     comma-separated GPU ids, one running experiment per entry (0,0 runs two
                   on GPU 0); 'cpu' runs one at a time on the CPU. Default: $CUDA_VISIBLE_DEVICES
@@ -55,6 +66,13 @@ train_swin.py, one per GPU at a time; the next starts when a GPU frees.
   --python PY     interpreter for train_swin.py. Default: $PYTHON, else .venv/bin/python next
                   to this script, else python.
   --log_dir DIR   where NAME.log and NAME.done go (default: logs/experiments).
+  --script FILE   the training script of every line (wins over '# script:'; default
+                  train_swin.py).
+  --slurm         submit one SLURM job array, a task per unfinished experiment, each running
+                  the same command; every later option not listed here goes to sbatch
+                  (e.g. -p gpu --gpus-per-task 2 --nodes 2 --time 12:00:00). A task requeues
+                  itself before its time limit and resumes its run's last.pkl.
+  --max_running N with --slurm: at most N tasks at once (--array=...%N).
 
 A re-launch skips experiments whose DIR/NAME.done exists; delete it to run one again.
 Exit status: 0 all done or skipped, 1 any failed, 2 bad usage, 130/143 interrupted.
