@@ -443,6 +443,10 @@ done
 # the time limit: SIGUSR1 (--signal=B:USR1@...) stops the trainer and requeues the task, whose
 # next attempt continues the run folder's last.pkl with --resume.
 read -r -d '' BATCH_BODY <<'EOF'
+# Set at once: a signal before the trainer starts must not kill this script unrecorded.
+STOP=""
+trap 'STOP=USR1' USR1
+trap 'STOP=TERM' TERM
 cd "$WORKDIR" || exit 1
 TASK=${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID:-0}}_${SLURM_ARRAY_TASK_ID:-0}
 LOG=$LOG_DIR/$NAME.log
@@ -485,20 +489,20 @@ printf '===== %s: %s, %s, started %(%Y-%m-%d %H:%M:%S)T =====\n%s\n' \
     "$PROG" "$NAME" "$DEVICE" -1 "$(quote_words "${cmd[@]}")" >>"$LOG"
 [[ -n $RESUME ]] && echo "$PROG: resuming $RESUME (its last.pkl)" >>"$LOG"
 
-STOP=""
-trap 'STOP=USR1' USR1
-trap 'STOP=TERM' TERM
 T0=$SECONDS
-set -m   # the trainer gets its own process group, so a stop reaches its workers too
-(
-    trap - USR1 TERM
-    PYTHONUNBUFFERED=1 exec "${cmd[@]}" </dev/null >>"$LOG" 2>&1
-) &
-PID=$!
-set +m
-wait "$PID"
-RC=$?
-if [[ -n $STOP ]]; then
+RC=0
+if [[ -z $STOP ]]; then
+    set -m   # the trainer gets its own process group, so a stop reaches its workers too
+    (
+        trap - USR1 TERM
+        PYTHONUNBUFFERED=1 exec "${cmd[@]}" </dev/null >>"$LOG" 2>&1
+    ) &
+    PID=$!
+    set +m
+    wait "$PID"
+    RC=$?
+fi
+if [[ -n $STOP && -n ${PID:-} ]]; then
     # SIGUSR1: the time limit is near; SIGTERM: cancelled, pre-empted or out of time. Either way
     # stop the trainer now: what it has finished is in last.pkl, written atomically each epoch.
     kill -TERM -- "-$PID" 2>/dev/null

@@ -12,15 +12,18 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 import collect_results
 import slurm_task
 from slurm_cluster import one_node_cluster, unavailable, wait_until
-from test_run_experiments import STUB_TRAINER, calls, fake_nvidia_smi, run_queue, script_env, write_stub
+from test_run_experiments import (STUB_TRAINER, calls, fake_nvidia_smi, process_alive, run_queue, script_env,
+                                  write_stub)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'run_experiments.sh')
@@ -152,6 +155,80 @@ def test_multi_gpu_tasks_use_torchrun_and_multi_node_tasks_srun_with_a_rendezvou
 
     out = run_queue(sandbox, 'M3\n', '--slurm', '--nodes', '2', '--dry-run')
     assert out.returncode == 2 and 'give --gpus-per-task N' in out.stderr
+
+
+@pytest.mark.parametrize('sig', ['USR1', 'TERM'])
+def test_a_stopped_task_resumes_its_run_folder(sandbox, sig):
+    """SIGUSR1 (the time limit is near): the task stops the trainer and requeues itself, and the
+    requeued attempt passes --resume with the run folder. SIGTERM (scancel, pre-emption): the task
+    stops; the next submission resumes the run the same way."""
+    work = sandbox / 'work'
+    bin_dir = sandbox / 'bin'
+    fake_commands(bin_dir, scontrol='echo "$*" >> scontrol.calls\n', sbatch='echo 77\n', squeue='')
+    (work / 'R1.slow').touch()
+    out = run_queue(sandbox, 'R1 --output_dir ckpt\n', '--slurm', '--dry-run')
+    (work / 'task.sbatch').write_text(batch_script(out.stdout))
+    env = script_env(bin_dir, SLURM_ARRAY_JOB_ID='41', SLURM_ARRAY_TASK_ID='0', SLURM_JOB_ID='42')
+    task = subprocess.Popen(['bash', 'task.sbatch'], cwd=work, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        pids = wait_until(lambda: (work / 'R1.pids').exists() and (work / 'R1.pids').read_text().split(),
+                          30, 'the stub trainer', interval=0.05)
+        run_dir = work / 'ckpt' / 'koniq-10k-swin_20250101_000000'  # what the trainer has written
+        run_dir.mkdir(parents=True)
+        (run_dir / 'config.json').write_text(json.dumps({'name': 'R1'}))
+        (run_dir / 'last.pkl').write_bytes(b'')
+        task.send_signal(getattr(signal, 'SIG' + sig))
+        task.communicate(timeout=30)
+    finally:
+        if task.poll() is None:
+            task.kill()
+    assert task.returncode == (0 if sig == 'USR1' else 143)
+    wait_until(lambda: not any(process_alive(int(p)) for p in pids), 5, 'the trainer to stop', interval=0.05)
+    logs = work / 'logs' / 'experiments'
+    state = json.loads((logs / 'R1.task').read_text())
+    assert not (logs / 'R1.done').exists()
+    assert json.loads((run_dir / 'slurm_task.json').read_text())['state'] == state['state']
+    if sig == 'USR1':
+        assert (work / 'scontrol.calls').read_text() == 'requeue 41_0\n'
+        assert (state['state'], state['attempt']) == ('requeued', 1)
+        assert 'R1 stopped before the time limit' in (logs / 'R1.log').read_text()
+        next_job = '41'
+    else:
+        assert (state['state'], state['exit_code']) == ('stopped', 143)
+        out = run_queue(sandbox, 'R1 --output_dir ckpt\n', '--slurm')
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert 'R1 was stopped last time (41_0): this task resumes its run' in out.stdout
+        assert 'task 77_0: R1' in out.stdout
+        next_job = '77'
+
+    (work / 'R1.slow').unlink()
+    done = run_task(sandbox, (work / 'task.sbatch').read_text() if sig == 'USR1'
+                    else (logs / 'slurm' / 'exps.sbatch').read_text(), 0, array_id=next_job)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert calls(work)[-1]['argv'] == ['--name', 'R1', '--output_dir', 'ckpt',
+                                       '--resume', 'ckpt/koniq-10k-swin_20250101_000000']
+    state = json.loads((logs / 'R1.task').read_text())
+    assert (state['state'], state['job'], state['run_dir']) == (
+        'done', f'{next_job}_0', 'ckpt/koniq-10k-swin_20250101_000000')
+    assert json.loads((run_dir / 'slurm_task.json').read_text())['state'] == 'done'
+    assert (logs / 'R1.done').exists()
+
+
+def test_an_attempt_that_died_before_its_first_epoch_leaves_no_second_folder(sandbox):
+    work = sandbox / 'work'
+    out = run_queue(sandbox, 'R2 --output_dir ckpt\n', '--slurm', '--dry-run')
+    script = batch_script(out.stdout)
+    logs = work / 'logs' / 'experiments'
+    logs.mkdir(parents=True)
+    (logs / 'R2.task').write_text(json.dumps({'job': '41_0', 'state': 'requeued', 'attempt': 1,
+                                              'first_start': time.time() - 60}))
+    orphan = work / 'ckpt' / 'koniq-10k-swin_20250101_000000'
+    orphan.mkdir(parents=True)
+    (orphan / 'config.json').write_text(json.dumps({'name': 'R2'}))
+    assert run_task(sandbox, script, 0).returncode == 0
+    assert calls(work)[-1]['argv'] == ['--name', 'R2', '--output_dir', 'ckpt']  # a new run
+    assert not orphan.exists()
 
 
 @pytest.mark.parametrize('args, message', [
