@@ -328,6 +328,8 @@ def failed_task_rows(tasks_dir, listed_paths):
         if run_dir and os.path.realpath(run_dir) in listed:
             continue  # its row already says so
         name = task.get('experiment') or file_name[:-len('.task')]
+        if os.path.exists(os.path.join(tasks_dir, name + '.done')):
+            continue  # finished later (run again, here or on the cluster)
         rows.append({k: float('nan') for k in RESULT_COLUMNS} | {
             'run': name, 'differs': '', 'status': slurm_status(task, 'failed'), 'best_epoch': None,
             'epochs_done': 0, 'rounds': 0, 'select_on': '', 'run_name': '',

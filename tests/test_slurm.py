@@ -300,6 +300,8 @@ def test_results_table_names_failed_and_stopped_array_tasks(tmp_path, monkeypatc
                                                'exit_code': 2, 'reason': 'error: unrecognized arguments: --x'}))
     (tasks / 'R3.task').write_text(json.dumps({'experiment': 'R3', 'job': '9_2', 'state': 'done'}))
     (tasks / 'R4.task').write_text(json.dumps({'experiment': 'R4', 'job': '9_3', 'state': 'stopped'}))
+    (tasks / 'R5.task').write_text(json.dumps({'experiment': 'R5', 'job': '9_4', 'state': 'failed'}))
+    (tasks / 'R5.done').write_text('name: R5\n')  # failed on the cluster, finished in a later run
     results, _ = collect_results.collect([], tasks_dir='logs/experiments')
     status = {r['run']: r['status'] for r in results}
     assert status == {
