@@ -24,7 +24,7 @@ demo: $(STAMP)
 	    --dropout_rate 0 --drop_path_rate 0 --no_color_jitter --no_spaq
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -rs tests
 
 clean-venv:
 	rm -rf $(VENV)

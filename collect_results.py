@@ -282,9 +282,59 @@ def load_run(path):
         log_path = _sibling_log(path, run_name, config)
         if log_path and _log_shows_crash(log_path):
             status = 'crashed'
+        task_path = os.path.join(path, 'slurm_task.json')
+        if os.path.isfile(task_path):
+            status = slurm_status(read_json(task_path), status)
     return {'path': path, 'run_name': run_name, 'label': str(config.get('name') or run_name),
             'config': config, 'summary': summary, 'rows': rows, 'source': 'metrics.csv',
             'status': status}
+
+
+def slurm_status(task, status):
+    """The status of a run that has not finished, told by the SLURM array task that ran it
+    (the slurm_task.json run_experiments.sh --slurm keeps): which task, and why it failed when
+    its log says."""
+    if not isinstance(task, dict) or not task.get('state'):
+        return status
+    job, state = task.get('job') or '?', task['state']
+    if state == 'failed':
+        return f'failed (SLURM task {job}: {task.get("reason") or "exit code " + str(task.get("exit_code"))})'
+    if state == 'stopped':
+        return f'stopped (SLURM task {job}: cancelled, pre-empted or out of time; resubmit to resume)'
+    if state == 'requeued':
+        return f'requeued (SLURM task {job}, resumes from last.pkl)'
+    if state in ('running', 'submitted'):
+        return f'{status} (SLURM task {job})'
+    return status
+
+
+def failed_task_rows(tasks_dir, listed_paths):
+    """Rows for SLURM array tasks that failed or were stopped without a run folder in the table
+    (a bad flag or missing data stops a run before it writes one), from tasks_dir/NAME.task."""
+    rows = []
+    if not os.path.isdir(tasks_dir):
+        return rows
+    listed = {os.path.realpath(p) for p in listed_paths}
+    for file_name in sorted(os.listdir(tasks_dir)):
+        if not file_name.endswith('.task'):
+            continue
+        try:
+            task = read_json(os.path.join(tasks_dir, file_name))
+        except (RunReadError, OSError):
+            continue
+        if not isinstance(task, dict) or task.get('state') not in ('failed', 'stopped'):
+            continue
+        run_dir = task.get('run_dir')
+        if run_dir and os.path.realpath(run_dir) in listed:
+            continue  # its row already says so
+        name = task.get('experiment') or file_name[:-len('.task')]
+        if os.path.exists(os.path.join(tasks_dir, name + '.done')):
+            continue  # finished later (run again, here or on the cluster)
+        rows.append({k: float('nan') for k in RESULT_COLUMNS} | {
+            'run': name, 'differs': '', 'status': slurm_status(task, 'failed'), 'best_epoch': None,
+            'epochs_done': 0, 'rounds': 0, 'select_on': '', 'run_name': '',
+            'path': os.path.join(tasks_dir, name + '.log')})
+    return rows
 
 
 def is_run_dir(path):
@@ -561,11 +611,20 @@ def sort_results(results, key):
     return sorted(results, key=lambda r: str(r[key]))
 
 
-def collect(specs, baseline_spec=None, default_parent='checkpoints'):
+def collect(specs, baseline_spec=None, default_parent='checkpoints', tasks_dir=None):
     """(results, baseline description) for the runs named by `specs`; unreadable runs become rows
-    with status 'error' (and the reason on stderr) instead of stopping the whole table."""
+    with status 'error' (and the reason on stderr) instead of stopping the whole table. With
+    `tasks_dir`, SLURM array tasks that failed before writing a run folder get a row too."""
     runs, results = [], []
-    for path in find_runs(specs, default_parent):
+    try:
+        paths = find_runs(specs, default_parent)
+    except RunReadError:
+        if not (tasks_dir and failed_task_rows(tasks_dir, [])):
+            raise
+        paths = []  # every task failed before it wrote a run folder: the table says which and why
+    if tasks_dir:
+        results.extend(failed_task_rows(tasks_dir, paths))
+    for path in paths:
         try:
             runs.append(load_run(path))
         except RunReadError as e:
@@ -607,9 +666,13 @@ def main(argv=None):
                         metavar='COLUMN',
                         help='column to sort on, numbers high to low; none keeps folder order '
                              '(default: test_srcc)')
+    parser.add_argument('--tasks_dir', default='logs/experiments', metavar='DIR',
+                        help='where run_experiments.sh --slurm keeps its NAME.task files: SLURM '
+                             'array tasks that failed before writing a run folder are listed '
+                             "from there ('' to skip; default: logs/experiments)")
     args = parser.parse_args(argv)
     try:
-        results, described = collect(args.runs, args.baseline)
+        results, described = collect(args.runs, args.baseline, tasks_dir=args.tasks_dir)
     except RunReadError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2

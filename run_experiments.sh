@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# run_experiments.sh - run a list of train_swin.py experiments on N GPUs, one per GPU at a time.
+# run_experiments.sh - run a list of train_swin.py experiments on N GPUs, one per GPU at a time,
+# or submit them to SLURM as one job array.
 #
 #   ./run_experiments.sh EXPERIMENT_FILE [--gpus 0,1|cpu] [--dry-run] [--python PY]
-#                        [--log_dir logs/experiments]
+#                        [--log_dir logs/experiments] [--script train_clip.py]
+#   ./run_experiments.sh EXPERIMENT_FILE --slurm [--max_running N] [sbatch options]
 #
 # EXPERIMENT_FILE has one experiment per line, a name and then train_swin.py's flags exactly as
 # typed on a command line:
 #
 #   # comments and blank lines are ignored
+#   # script: train_clip.py      (optional, before the first experiment: the training script)
 #   A1 --dataset koniq-10k --model_size base --lr 5e-6 \
 #      --test_random_crop --no_spaq
 #
@@ -27,6 +30,12 @@
 # lists, else the CPU (one experiment at a time). --python: $PYTHON if set, else .venv/bin/python
 # next to this script if it exists, else python. train_swin.py and collect_results.py: the copy in
 # the current directory if there is one, else the one next to this script.
+#
+# --slurm writes one batch script (LOG_DIR/slurm/FILE.sbatch) whose array task k runs the k-th
+# unfinished experiment with the same command, log and .done marker, and submits it with
+# `sbatch --array=0-(n-1)[%N] [sbatch options]`. The task stops and requeues itself on SIGUSR1
+# (sent 300 s before the time limit) and its next attempt resumes the run's last.pkl; see the
+# README (On a SLURM cluster) and slurm_task.py.
 set -uo pipefail
 
 if (( BASH_VERSINFO[0] < 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] < 3) )); then
@@ -43,10 +52,12 @@ KILL_GRACE_S=30
 usage() {
     cat <<'EOF'
 usage: ./run_experiments.sh EXPERIMENT_FILE [--gpus 0,1|cpu] [--dry-run] [--python PY]
-                            [--log_dir DIR]
+                            [--log_dir DIR] [--script FILE]
+       ./run_experiments.sh EXPERIMENT_FILE --slurm [--max_running N] [--dry-run] [sbatch options]
 
 Runs the experiments of EXPERIMENT_FILE (one per line: NAME --flag value ...) with
-train_swin.py, one per GPU at a time; the next starts when a GPU frees.
+train_swin.py (or the file's '# script: FILE' line), one per GPU at a time; the next starts
+when a GPU frees. With --slurm they go to SLURM as one job array instead.
 
   --gpus LIST     comma-separated GPU ids, one running experiment per entry (0,0 runs two
                   on GPU 0); 'cpu' runs one at a time on the CPU. Default: $CUDA_VISIBLE_DEVICES
@@ -55,6 +66,13 @@ train_swin.py, one per GPU at a time; the next starts when a GPU frees.
   --python PY     interpreter for train_swin.py. Default: $PYTHON, else .venv/bin/python next
                   to this script, else python.
   --log_dir DIR   where NAME.log and NAME.done go (default: logs/experiments).
+  --script FILE   the training script of every line (wins over '# script:'; default
+                  train_swin.py).
+  --slurm         submit one SLURM job array, a task per unfinished experiment, each running
+                  the same command; every later option not listed here goes to sbatch
+                  (e.g. -p gpu --gpus-per-task 2 --nodes 2 --time 12:00:00). A task requeues
+                  itself before its time limit and resumes its run's last.pkl.
+  --max_running N with --slurm: at most N tasks at once (--array=...%N).
 
 A re-launch skips experiments whose DIR/NAME.done exists; delete it to run one again.
 Exit status: 0 all done or skipped, 1 any failed, 2 bad usage, 130/143 interrupted.
@@ -100,25 +118,49 @@ need_value() {
     [[ $# -ge 2 && $2 != --* ]] || die "$1 needs a value (see --help)"
 }
 
+SCRIPT_FLAG=""
+SLURM=0
+SBATCH_OPTS=()   # everything after --slurm that is not one of our options goes to sbatch
+MAX_RUNNING=""
+
 while [[ $# -gt 0 ]]; do
     case $1 in
         -h|--help) usage; exit 0 ;;
         --dry-run|--dry_run) DRY_RUN=1; shift ;;
-        --gpus) need_value "$@"; GPU_SPEC=$2; GPU_SPEC_SET=1; shift 2 ;;
-        --gpus=*) GPU_SPEC=${1#*=}; GPU_SPEC_SET=1; shift ;;
         --python) need_value "$@"; PY=$2; shift 2 ;;
         --python=*) PY=${1#*=}; shift ;;
         --log_dir|--log-dir) need_value "$@"; LOG_DIR=$2; shift 2 ;;
         --log_dir=*|--log-dir=*) LOG_DIR=${1#*=}; shift ;;
-        -*) die "unknown option '$1' (see --help)" ;;
+        --script) need_value "$@"; SCRIPT_FLAG=$2; shift 2 ;;
+        --script=*) SCRIPT_FLAG=${1#*=}; shift ;;
+        --slurm) SLURM=1; shift ;;
+        --max_running|--max-running) need_value "$@"; MAX_RUNNING=$2; shift 2 ;;
+        --max_running=*|--max-running=*) MAX_RUNNING=${1#*=}; shift ;;
         *)
-            [[ -z $EXP_FILE ]] || die "one experiment file at a time (got '$EXP_FILE' and '$1')"
-            EXP_FILE=$1; shift ;;
+            if (( SLURM )); then
+                SBATCH_OPTS+=("$1"); shift
+                continue
+            fi
+            case $1 in
+                --gpus) need_value "$@"; GPU_SPEC=$2; GPU_SPEC_SET=1; shift 2 ;;
+                --gpus=*) GPU_SPEC=${1#*=}; GPU_SPEC_SET=1; shift ;;
+                -*) die "unknown option '$1' (see --help; sbatch options go after --slurm)" ;;
+                *)
+                    [[ -z $EXP_FILE ]] || die "one experiment file at a time (got '$EXP_FILE' and '$1')"
+                    EXP_FILE=$1; shift ;;
+            esac ;;
     esac
 done
 [[ -n $EXP_FILE ]] || { usage >&2; exit 2; }
 [[ -n $LOG_DIR ]] || die "--log_dir is empty"
 LOG_DIR=${LOG_DIR%/}
+if [[ -n $MAX_RUNNING ]]; then
+    (( SLURM )) || die "--max_running is for --slurm (the local queue runs one experiment per GPU)"
+    [[ $MAX_RUNNING =~ ^[1-9][0-9]*$ ]] || die "--max_running '$MAX_RUNNING' is not a positive number"
+fi
+if (( SLURM && GPU_SPEC_SET )); then
+    die "--gpus picks GPUs of this machine; with --slurm ask SLURM for them (--gpus-per-task N after --slurm)"
+fi
 
 # ---------------------------------------------------------------- experiment file
 
@@ -162,6 +204,8 @@ split_words() {
 # Experiments, in file order. The flags of all of them live in one flat array, EXP_ARGS; experiment
 # i owns EXP_COUNT[i] words from EXP_START[i] (bash has no arrays of arrays).
 EXP_NAMES=()
+PLAN_SCRIPT=""       # from a '# script: FILE' line of the experiment file
+PLAN_SCRIPT_LINE=""
 EXP_LINES=()
 EXP_START=()
 EXP_COUNT=()
@@ -209,6 +253,18 @@ parse_experiment_file() {
         line=${line%$'\r'}
         if (( ! continued )); then
             trimmed=${line#"${line%%[![:space:]]*}"}
+            if [[ $trimmed =~ ^#[[:space:]]*script:[[:space:]]*(.*)$ ]]; then
+                directive=${BASH_REMATCH[1]%"${BASH_REMATCH[1]##*[![:space:]]}"}
+                (( ${#EXP_NAMES[@]} == 0 )) ||
+                    die "$EXP_FILE:$line_no: '# script:' must come before the first experiment"
+                [[ -z $PLAN_SCRIPT ]] ||
+                    die "$EXP_FILE:$line_no: a second '# script:' line (the first is on line $PLAN_SCRIPT_LINE)"
+                [[ $directive =~ ^[^[:space:]]+$ ]] ||
+                    die "$EXP_FILE:$line_no: '# script:' takes one file name, e.g. '# script: train_clip.py'"
+                PLAN_SCRIPT=$directive
+                PLAN_SCRIPT_LINE=$line_no
+                continue
+            fi
             # A comment line ends there even when it ends in a backslash, as in the shell.
             [[ -z $trimmed || $trimmed == '#'* ]] && continue
             start=$line_no
@@ -252,7 +308,10 @@ gpu_list() {  # $1 comma-separated ids, $2 where they came from
     done
 }
 
-if (( GPU_SPEC_SET )); then
+if (( SLURM )); then
+    SLOT_GPU=("")   # SLURM hands out the GPUs
+    GPU_SOURCE="SLURM"
+elif (( GPU_SPEC_SET )); then
     if [[ $GPU_SPEC == cpu ]]; then
         SLOT_GPU=("")
         GPU_SOURCE="--gpus cpu"
@@ -309,7 +368,18 @@ find_script() {
 }
 SEARCHED=$PWD
 [[ $SCRIPT_DIR == "$PWD" ]] || SEARCHED+=" or $SCRIPT_DIR"
-TRAINER=$(find_script train_swin.py)
+# The training script: --script, else the file's '# script:' line, else train_swin.py.
+if [[ -n $SCRIPT_FLAG ]]; then
+    TRAINER_NAME=$SCRIPT_FLAG
+    TRAINER_SOURCE="--script"
+elif [[ -n $PLAN_SCRIPT ]]; then
+    TRAINER_NAME=$PLAN_SCRIPT
+    TRAINER_SOURCE="'# script:' on $EXP_FILE:$PLAN_SCRIPT_LINE"
+else
+    TRAINER_NAME=train_swin.py
+    TRAINER_SOURCE="the default"
+fi
+TRAINER=$(find_script "$TRAINER_NAME")
 COLLECT=$(find_script collect_results.py)
 
 problem() {  # fatal in a real run, a warning in a dry run
@@ -317,8 +387,12 @@ problem() {  # fatal in a real run, a warning in a dry run
 }
 command -v -- "$PY" >/dev/null 2>&1 || problem "python '$PY' not found (use --python PATH or PYTHON=...)"
 if [[ -z $TRAINER ]]; then
-    problem "train_swin.py not found in $SEARCHED"
-    TRAINER=train_swin.py
+    if [[ $TRAINER_NAME == /* ]]; then
+        problem "training script $TRAINER_NAME ($TRAINER_SOURCE) not found"
+    else
+        problem "training script $TRAINER_NAME ($TRAINER_SOURCE) not found in $SEARCHED"
+    fi
+    TRAINER=$TRAINER_NAME
 fi
 
 # ---------------------------------------------------------------- plan
@@ -360,6 +434,276 @@ for i in "${!EXP_NAMES[@]}"; do
     fi
 done
 
+# ---------------------------------------------------------------- SLURM (--slurm)
+
+# The body of every batch script, after the generated part that sets PROG, PLAN, WORKDIR, PY,
+# SCRIPT, TASK_PY, LOG_DIR, GPUS, NODES, KILL_GRACE_S and, per array task, NAME, LINE, OUTPUT_DIR
+# and FLAGS. It runs the same command line as the local queue, with the same log, .done marker and
+# log lines; what it adds is the bookkeeping a cluster needs (slurm_task.py) and the stop before
+# the time limit: SIGUSR1 (--signal=B:USR1@...) stops the trainer and requeues the task, whose
+# next attempt continues the run folder's last.pkl with --resume.
+read -r -d '' BATCH_BODY <<'EOF'
+# Set at once: a signal before the trainer starts must not kill this script unrecorded.
+STOP=""
+trap 'STOP=USR1' USR1
+trap 'STOP=TERM' TERM
+cd "$WORKDIR" || exit 1
+TASK=${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID:-0}}_${SLURM_ARRAY_TASK_ID:-0}
+LOG=$LOG_DIR/$NAME.log
+HOST=$(hostname -s 2>/dev/null || hostname)
+mkdir -p -- "$LOG_DIR"
+
+if [[ -e $LOG_DIR/$NAME.done ]]; then
+    echo "$PROG: $NAME finished before ($LOG_DIR/$NAME.done); nothing to do"
+    exit 0
+fi
+
+quote_words() {
+    local out="" w q
+    for w in "$@"; do printf -v q '%q' "$w"; out+="${out:+ }$q"; done
+    printf '%s' "$out"
+}
+end_log() {  # the closing line, on a line of its own after a progress bar
+    [[ -n $(tail -c 1 -- "$LOG" 2>/dev/null) ]] && echo >>"$LOG"
+    printf '===== %s: %s =====\n' "$PROG" "$1" >>"$LOG"
+}
+
+RESUME=$("$PY" "$TASK_PY" start "$LOG_DIR/$NAME.task" "$TASK" "$NAME" "$OUTPUT_DIR" "$HOST")
+cmd=("$SCRIPT" --name "$NAME" ${FLAGS[@]+"${FLAGS[@]}"})
+[[ -n $RESUME ]] && cmd+=(--resume "$RESUME")
+if (( NODES > 1 )); then
+    # One torchrun per node; they meet at the first node (c10d rendezvous), GPUS processes each.
+    HEAD=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-}" | head -n 1)
+    PORT=$((29500 + ${SLURM_JOB_ID:-0} % 10000))
+    cmd=(srun --nodes="$NODES" --ntasks-per-node=1 --kill-on-bad-exit=1
+         "$PY" -m torch.distributed.run --nnodes="$NODES" --nproc_per_node="$GPUS"
+         --rdzv_backend=c10d --rdzv_endpoint="$HEAD:$PORT" --rdzv_id="$TASK" "${cmd[@]}")
+elif (( GPUS > 1 )); then
+    cmd=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$GPUS" "${cmd[@]}")
+else
+    cmd=("$PY" "${cmd[@]}")
+fi
+DEVICE="SLURM task $TASK on $HOST"
+(( GPUS > 0 )) && DEVICE+=", $((GPUS * NODES)) GPU(s)"
+printf '===== %s: %s, %s, started %(%Y-%m-%d %H:%M:%S)T =====\n%s\n' \
+    "$PROG" "$NAME" "$DEVICE" -1 "$(quote_words "${cmd[@]}")" >>"$LOG"
+[[ -n $RESUME ]] && echo "$PROG: resuming $RESUME (its last.pkl)" >>"$LOG"
+
+T0=$SECONDS
+RC=0
+if [[ -z $STOP ]]; then
+    set -m   # the trainer gets its own process group, so a stop reaches its workers too
+    (
+        trap - USR1 TERM
+        PYTHONUNBUFFERED=1 exec "${cmd[@]}" </dev/null >>"$LOG" 2>&1
+    ) &
+    PID=$!
+    set +m
+    wait "$PID"
+    RC=$?
+fi
+if [[ -n $STOP && -n ${PID:-} ]]; then
+    # SIGUSR1: the time limit is near; SIGTERM: cancelled, pre-empted or out of time. Either way
+    # stop the trainer now: what it has finished is in last.pkl, written atomically each epoch.
+    kill -TERM -- "-$PID" 2>/dev/null
+    for ((k = 0; k < KILL_GRACE_S * 10; k++)); do
+        kill -0 -- "-$PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL -- "-$PID" 2>/dev/null
+    wait "$PID" 2>/dev/null
+fi
+SECONDS_USED=$((SECONDS - T0))
+
+if [[ $STOP == USR1 ]]; then
+    end_log "$NAME stopped before the time limit after ${SECONDS_USED}s; requeued, it resumes from last.pkl"
+    "$PY" "$TASK_PY" finish "$LOG_DIR/$NAME.task" "$NAME" "$OUTPUT_DIR" requeued 0 "$LOG"
+    if ! scontrol requeue "$TASK"; then
+        "$PY" "$TASK_PY" finish "$LOG_DIR/$NAME.task" "$NAME" "$OUTPUT_DIR" stopped 0 "$LOG"
+        echo "$PROG: scontrol requeue $TASK failed; resubmit the plan to resume $NAME" >&2
+        exit 1
+    fi
+    exit 0
+elif [[ $STOP == TERM ]]; then
+    end_log "$NAME stopped by SIGTERM after ${SECONDS_USED}s (cancelled, pre-empted or out of time)"
+    "$PY" "$TASK_PY" finish "$LOG_DIR/$NAME.task" "$NAME" "$OUTPUT_DIR" stopped 143 "$LOG"
+    exit 143
+elif (( RC == 0 )); then
+    TMP=$(mktemp "$LOG_DIR/.$NAME.done.XXXXXX") || exit 1
+    {
+        echo "name: $NAME"
+        echo "experiment_file: $PLAN:$LINE"
+        printf 'finished: %(%Y-%m-%d %H:%M:%S)T\n' -1
+        echo "seconds: $SECONDS_USED"
+        echo "device: $DEVICE"
+        echo "flags: $(quote_words ${FLAGS[@]+"${FLAGS[@]}"})"
+    } >"$TMP"
+    chmod "$(printf '%o' $(( 0666 & ~0$(umask) )))" "$TMP" 2>/dev/null
+    mv -f -- "$TMP" "$LOG_DIR/$NAME.done"
+    end_log "$NAME exit code 0 after ${SECONDS_USED}s"
+    "$PY" "$TASK_PY" finish "$LOG_DIR/$NAME.task" "$NAME" "$OUTPUT_DIR" done 0 "$LOG"
+    exit 0
+else
+    end_log "$NAME exit code $RC after ${SECONDS_USED}s"
+    REASON=$("$PY" "$TASK_PY" finish "$LOG_DIR/$NAME.task" "$NAME" "$OUTPUT_DIR" failed "$RC" "$LOG")
+    echo "$PROG: $NAME FAILED (exit $RC): $REASON; log $LOG" >&2
+    exit "$RC"
+fi
+EOF
+
+# Seconds before the time limit at which SLURM sends SIGUSR1 to the batch script (unless the
+# sbatch options set --signal): enough to stop the trainer and requeue, not to finish an epoch.
+SIGNAL_BEFORE_S=300
+
+json_field() {  # $1 file, $2 key: a string value of slurm_task.py's indented JSON, or ""
+    sed -n "s/^  \"$2\": \"\\(.*\\)\",\\{0,1\\}\$/\\1/p" "$1" 2>/dev/null | head -n 1
+}
+
+slurm_submit() {
+    local gpus=0 nodes=1 k o v signal_set=0 output_dir stem script_file task_py id out i name state job
+    for ((k = 0; k < ${#SBATCH_OPTS[@]}; k++)); do
+        o=${SBATCH_OPTS[k]}
+        v=""
+        case $o in
+            --array|--array=*|-a|-a?*)
+                die "$o: $PROG builds the job array itself (one task per experiment);" \
+                    "cap the tasks that run at once with --max_running N" ;;
+            --signal|--signal=*) signal_set=1 ;;
+            --gpus-per-task=*) v=${o#*=} ;;
+            --gpus-per-task) v=${SBATCH_OPTS[k + 1]:-} ;;
+            --nodes=*) nodes=${o#*=} ;;
+            --nodes|-N) nodes=${SBATCH_OPTS[k + 1]:-} ;;
+            -N?*) nodes=${o#-N} ;;
+        esac
+        if [[ -n $v ]]; then
+            gpus=${v##*:}   # --gpus-per-task=a100:2 -> 2
+            [[ $gpus =~ ^[0-9]+$ ]] || die "--gpus-per-task '$v' is not a GPU count"
+        fi
+    done
+    [[ $nodes =~ ^[1-9][0-9]*$ ]] ||
+        die "--nodes '$nodes': each experiment needs a fixed number of nodes (e.g. --nodes 2)"
+    if (( nodes > 1 && gpus == 0 )); then
+        die "--nodes $nodes: a multi-node experiment runs torchrun on each node; give --gpus-per-task N"
+    fi
+    [[ $LOG_DIR != *[[:space:]]* ]] || die "--log_dir '$LOG_DIR': no spaces with --slurm (#SBATCH lines)"
+    TASK_PY=$(find_script slurm_task.py)
+    [[ -n $TASK_PY ]] || problem "slurm_task.py not found in $SEARCHED"
+    [[ -z $TASK_PY || $TASK_PY == /* ]] || TASK_PY=$PWD/$TASK_PY
+
+    # Experiments still in the queue from an earlier submission are not submitted twice.
+    local submit=() queued_lines=()
+    for i in ${PENDING[@]+"${PENDING[@]}"}; do
+        name=${EXP_NAMES[i]}
+        state=$(json_field "$LOG_DIR/$name.task" state)
+        job=$(json_field "$LOG_DIR/$name.task" job)
+        if [[ $state =~ ^(submitted|running|requeued)$ && -n $job ]] &&
+           [[ -n $(squeue -h -j "$job" -o %T 2>/dev/null) ]]; then
+            queued_lines+=("skip $name (in the SLURM queue as $job, $state)")
+        else
+            [[ $state == failed ]] &&
+                queued_lines+=("  $name failed last time ($job): $(json_field "$LOG_DIR/$name.task" reason)")
+            [[ $state =~ ^(stopped|requeued|running)$ ]] &&
+                queued_lines+=("  $name was stopped last time ($job): this task resumes its run")
+            submit+=("$i")
+        fi
+    done
+
+    stem=$(basename -- "$EXP_FILE")
+    stem=${stem%.*}
+    stem=${stem//[^A-Za-z0-9_.+-]/_}
+    local script_text array hint
+    hint="$PY ${COLLECT:-collect_results.py}"
+    [[ $LOG_DIR == logs/experiments ]] || hint+=" --tasks_dir $LOG_DIR"
+    script_text=$(
+        echo '#!/bin/bash'
+        echo "# Generated by $PROG from $EXP_FILE; one array task per experiment, task id -> line below."
+        echo "# Submit with: sbatch --array=0-N[%M] [options] THIS_FILE (run_experiments.sh --slurm does)."
+        echo "#SBATCH --job-name=$stem"
+        echo "#SBATCH --output=$LOG_DIR/slurm/%A_%a.out"
+        echo "#SBATCH --open-mode=append"
+        echo "#SBATCH --requeue"
+        (( signal_set )) || echo "#SBATCH --signal=B:USR1@$SIGNAL_BEFORE_S"
+        echo "#SBATCH --ntasks-per-node=1"
+        echo "set -uo pipefail"
+        printf 'PROG=%q\nPLAN=%q\nWORKDIR=%q\nPY=%q\nSCRIPT=%q\nTASK_PY=%q\nLOG_DIR=%q\n' \
+            "$PROG" "$EXP_FILE" "$PWD" "$PY" "$TRAINER" "$TASK_PY" "$LOG_DIR"
+        echo "GPUS=$gpus   # per node (--gpus-per-task); more than 1: torchrun"
+        echo "NODES=$nodes  # more than 1: srun starts torchrun on each node"
+        echo "KILL_GRACE_S=$KILL_GRACE_S"
+        echo 'case ${SLURM_ARRAY_TASK_ID:-} in'
+        k=0
+        for i in ${submit[@]+"${submit[@]}"}; do
+            exp_flags "$i"
+            output_dir=$(dirname -- "$TRAINER")/checkpoints
+            for ((o = 0; o < ${#FLAGS[@]}; o++)); do
+                case ${FLAGS[o]} in
+                    --output_dir=*) output_dir=${FLAGS[o]#*=} ;;
+                    --output_dir) output_dir=${FLAGS[o + 1]:-} ;;
+                esac
+            done
+            printf '    %d) NAME=%s; LINE=%s; OUTPUT_DIR=%s\n       FLAGS=(%s) ;;\n' "$k" \
+                "${EXP_NAMES[i]}" "${EXP_LINES[i]}" "$(quote_words "$output_dir")" \
+                "$(quote_words ${FLAGS[@]+"${FLAGS[@]}"})"
+            k=$((k + 1))
+        done
+        echo '    *) echo "no experiment for array task ${SLURM_ARRAY_TASK_ID:-(none)}" >&2; exit 2 ;;'
+        echo 'esac'
+        printf '%s\n' "$BATCH_BODY"
+    )
+    array="0-$(( ${#submit[@]} - 1 ))${MAX_RUNNING:+%$MAX_RUNNING}"
+
+    echo "$PROG: $EXP_FILE: ${#EXP_NAMES[@]} experiments, ${#submit[@]} to submit, $N_SKIPPED finished"
+    echo "$PROG: python $PY, trainer $TRAINER ($TRAINER_SOURCE), logs in $LOG_DIR/"
+    (( ${#SKIP_LINES[@]} )) && printf '%s\n' "${SKIP_LINES[@]}"
+    (( ${#queued_lines[@]} )) && printf '%s\n' "${queued_lines[@]}"
+    if (( ${#submit[@]} == 0 )); then
+        echo "nothing to submit; the results table: $hint"
+        exit 0
+    fi
+    if (( DRY_RUN )); then
+        echo "dry run: nothing is submitted. The command, then the batch script:"
+        echo "  $(quote_words sbatch --array="$array" ${SBATCH_OPTS[@]+"${SBATCH_OPTS[@]}"} \
+            "$LOG_DIR/slurm/$stem.sbatch")"
+        k=0
+        for i in "${submit[@]}"; do
+            echo "  task $k: ${EXP_NAMES[i]} (line ${EXP_LINES[i]}, log $LOG_DIR/${EXP_NAMES[i]}.log)"
+            k=$((k + 1))
+        done
+        echo "----- $LOG_DIR/slurm/$stem.sbatch -----"
+        printf '%s\n' "$script_text"
+        exit 0
+    fi
+    command -v sbatch >/dev/null 2>&1 || die "sbatch not found: --slurm needs SLURM's commands on PATH"
+    mkdir -p -- "$LOG_DIR/slurm" || die "cannot create $LOG_DIR/slurm"
+    script_file=$LOG_DIR/slurm/$stem.sbatch
+    printf '%s\n' "$script_text" >"$script_file.tmp" && mv -f -- "$script_file.tmp" "$script_file" ||
+        die "cannot write $script_file"
+    out=$(sbatch --parsable --array="$array" ${SBATCH_OPTS[@]+"${SBATCH_OPTS[@]}"} "$script_file" 2>&1)
+    local rc=$?
+    if (( rc != 0 )); then
+        echo "$out" >&2
+        die "sbatch refused the job array (exit $rc); the batch script is $script_file"
+    fi
+    id=${out##*$'\n'}
+    id=${id%%;*}
+    [[ $id =~ ^[0-9]+$ ]] || die "sbatch printed '$out', not a job id"
+    k=0
+    for i in "${submit[@]}"; do
+        "$PY" "$TASK_PY" submitted "$LOG_DIR/${EXP_NAMES[i]}.task" "${id}_$k" "${EXP_NAMES[i]}" ||
+            echo "$PROG: warning: cannot write $LOG_DIR/${EXP_NAMES[i]}.task" >&2
+        echo "task ${id}_$k: ${EXP_NAMES[i]} (log $LOG_DIR/${EXP_NAMES[i]}.log)"
+        k=$((k + 1))
+    done
+    echo "submitted job array $id ($array) from $script_file"
+    echo "watch: squeue -j $id; when it is done: $hint  (and run this again to"
+    echo "submit what did not finish; finished experiments are skipped)"
+    exit 0
+}
+
+if (( SLURM )); then
+    slurm_submit
+fi
+
 if [[ -z ${SLOT_GPU[0]} ]]; then
     slots_text="CPU, one experiment at a time ($GPU_SOURCE)"
 else
@@ -367,7 +711,7 @@ else
 fi
 echo "$PROG: $EXP_FILE: ${#EXP_NAMES[@]} experiments, ${#PENDING[@]} to run, $N_SKIPPED finished"
 echo "$PROG: $slots_text"
-echo "$PROG: python $PY, trainer $TRAINER, logs in $LOG_DIR/"
+echo "$PROG: python $PY, trainer $TRAINER ($TRAINER_SOURCE), logs in $LOG_DIR/"
 (( ${#SKIP_LINES[@]} )) && printf '%s\n' "${SKIP_LINES[@]}"
 
 command_line() {  # $1 slot, $2 experiment index -> the exact command, pasteable into a shell
