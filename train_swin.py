@@ -39,6 +39,7 @@ SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
 METRIC_COLUMNS = ['round', 'epoch', 'lr_backbone', 'lr_head', 'train_loss', 'train_srcc',
                   'val_srcc', 'val_plcc', 'val_krcc', 'test_srcc', 'test_plcc', 'test_krcc',
                   'spaq_srcc', 'spaq_plcc', 'epoch_seconds', 'train_patches_per_s', 'is_best']
+LOSS_TYPES = ('l1', 'l2', 'srcc', 'rank', 'pairwise', 'hinge', 'fidelity')
 # Flags that describe the machine, not the experiment: a resumed run may change them.
 MACHINE_FLAGS = ('device', 'num_workers', 'cache_dir', 'data_root', 'no_amp', 'compile', 'eval_batch_size')
 
@@ -111,8 +112,10 @@ def build_parser():
     g.add_argument('--warmup_epochs', type=int, default=0, metavar='N', help='linear warm-up epochs')
 
     g = p.add_argument_group('Loss')
-    g.add_argument('--loss_type', default='l1', choices=('l1', 'l2', 'srcc', 'rank', 'pairwise'),
-                   help='l1/l2 on MOS; srcc = 1 - batch correlation; rank = pairwise hinge; pairwise = fidelity')
+    g.add_argument('--loss_type', default='l1', choices=LOSS_TYPES,
+                   help='l1/l2 on MOS; srcc = 1 - batch Pearson correlation; rank and pairwise = the user\'s '
+                        'pairwise rank and fidelity losses; hinge = margin ranking loss; fidelity = Thurstone '
+                        'fidelity loss (formulas: README, Losses)')
     g.add_argument('--ranking_loss_alpha', type=float, default=0.0, metavar='A',
                    help='weight of the margin ranking loss added to the main loss (0 = off)')
     g.add_argument('--ranking_loss_margin', type=float, default=0.1, metavar='M', help='margin of the ranking losses')
@@ -171,7 +174,7 @@ def check_args(args, warn):
             errors.append(f'--{flag} must be in [0, 1), got {getattr(args, flag)}')
     if args.lr <= 0 or args.lr_ratio <= 0:
         errors.append('--lr and --lr_ratio must be positive')
-    if args.loss_type in ('srcc', 'rank', 'pairwise') and args.batch_size < 2:
+    if args.loss_type not in ('l1', 'l2') and args.batch_size < 2:
         errors.append(f'--loss_type {args.loss_type} compares images within a batch: --batch_size must be >= 2')
     if args.ranking_loss_alpha < 0:
         errors.append('--ranking_loss_alpha must be >= 0')
@@ -192,7 +195,11 @@ def check_args(args, warn):
 # --------------------------------------------------------------------------- losses
 
 def quality_loss(pred, mos, loss_type, margin=0.1):
-    """The main training loss between (B,) predictions and (B,) MOS."""
+    """The main training loss between (B,) predictions and (B,) MOS.
+
+    `rank` and `pairwise` are the user's formulas (same name, same meaning, so old ablations
+    re-run here compute what they computed); `hinge` and `fidelity` are this project's variants.
+    """
     if loss_type == 'l1':
         return F.l1_loss(pred, mos)
     if loss_type == 'l2':
@@ -200,8 +207,12 @@ def quality_loss(pred, mos, loss_type, margin=0.1):
     if loss_type == 'srcc':
         return 1.0 - batch_correlation(pred, mos)
     if loss_type == 'rank':
-        return margin_ranking_loss(pred, mos, margin)
+        return rank_loss(pred, mos)
     if loss_type == 'pairwise':
+        return pairwise_fidelity_loss(pred, mos)
+    if loss_type == 'hinge':
+        return margin_ranking_loss(pred, mos, margin)
+    if loss_type == 'fidelity':
         return fidelity_loss(pred, mos)
     raise ValueError(f'unknown loss_type {loss_type!r}')
 
@@ -213,11 +224,55 @@ def batch_correlation(pred, mos, eps=1e-8):
     return (p * m).sum() / (p.norm() * m.norm() + eps)
 
 
+def _pair_differences(pred, mos):
+    """(dp, dy) of the ordered pairs i != j whose targets differ (|y_i - y_j| > 1e-6).
+
+    The user's pairwise losses average over exactly these pairs; a pair and its mirror give the
+    same term in both losses below, so ordered or unordered pairs give the same mean.
+    """
+    dp = pred[:, None] - pred[None, :]
+    dy = mos[:, None] - mos[None, :]
+    mask = dy.abs() > 1e-6  # also drops the diagonal
+    return dp[mask], dy[mask]
+
+
+def rank_loss(pred, mos):
+    """The user's `--loss_type rank`: mean of max(0, |dp| - e * dy) over pairs with different MOS.
+
+    dp = p_i - p_j, dy = y_i - y_j, e = sign(dp) (1 where dp = 0). A pair ordered like its MOS
+    costs max(0, |dp| - |dy|): the predicted gap may not exceed the MOS gap; a pair ordered
+    against it costs |dp| + |dy|. Unlike a margin hinge it is in MOS units. 0 when all MOS are equal.
+    """
+    dp, dy = _pair_differences(pred, mos)
+    if dp.numel() == 0:
+        return pred.sum() * 0.0
+    e = torch.where(dp >= 0, 1.0, -1.0).to(dp.dtype)
+    return F.relu(dp.abs() - e * dy).mean()
+
+
+def pairwise_fidelity_loss(pred, mos, sigma=0.1, eps=1e-8):
+    """The user's `--loss_type pairwise`: fidelity loss with logistic pair probabilities.
+
+    p_gt = sigmoid(dy), p_pred = sigmoid(1.702 dp / (sqrt(2) sigma)) (1.702 x makes the logistic
+    a close approximation of the normal CDF, i.e. Thurstone with per-image std sigma = 0.1);
+    loss = 1 - sqrt(p_gt p_pred + eps) - sqrt((1 - p_gt)(1 - p_pred) + eps), averaged over
+    the pairs of `_pair_differences`. 0 pairs (all MOS equal) give 0.
+    """
+    dp, dy = _pair_differences(pred, mos)
+    if dp.numel() == 0:
+        return pred.sum() * 0.0
+    p_gt = torch.sigmoid(dy)
+    p_pred = torch.sigmoid(1.702 * dp / (math.sqrt(2) * sigma))
+    loss = 1 - torch.sqrt(p_gt * p_pred + eps) - torch.sqrt((1 - p_gt) * (1 - p_pred) + eps)
+    return loss.mean()
+
+
 def margin_ranking_loss(pred, mos, margin=0.1):
     """Mean hinge max(0, margin - (p_i - p_j) * sign(y_i - y_j)) over pairs with y_i != y_j.
 
-    The user's ranking loss: it penalises every pair the model orders against
-    the MOS (or separates by less than `margin`). 0 when all MOS are equal.
+    The user's ranking loss added by `--ranking_loss_alpha` (their solver's
+    pairwise_ranking_loss), and `--loss_type hinge` on its own: it penalises every pair the
+    model orders against the MOS (or separates by less than `margin`). 0 when all MOS are equal.
     """
     sign = torch.sign(mos[:, None] - mos[None, :])
     hinge = F.relu(margin - (pred[:, None] - pred[None, :]) * sign)
@@ -228,10 +283,11 @@ def margin_ranking_loss(pred, mos, margin=0.1):
 
 
 def fidelity_loss(pred, mos, eps=1e-12):
-    """Pairwise fidelity loss (Tsai et al. 2007; used by UNIQUE/LIQE for IQA).
+    """`--loss_type fidelity`: pairwise fidelity loss of Tsai et al. 2007 (UNIQUE/LIQE for IQA).
 
-    P(i better than j) = Phi((p_i - p_j) / sqrt(2)) under a Thurstone model with unit
-    variance; the target is 1, 0.5 or 0 from the MOS order. Averaged over pairs i < j.
+    This project's variant, not the user's `pairwise`: P(i better than j) = Phi((p_i - p_j) /
+    sqrt(2)) under a Thurstone model with unit variance; the target is 1, 0.5 or 0 from the
+    MOS order. Averaged over pairs i < j.
     """
     i, j = torch.triu_indices(len(pred), len(pred), offset=1, device=pred.device)
     prob = 0.5 * (1 + torch.erf((pred[i] - pred[j]) / 2))  # Phi(d / sqrt 2) = (1 + erf(d / 2)) / 2

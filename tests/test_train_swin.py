@@ -137,32 +137,104 @@ def test_l1_and_l2_losses():
     assert train_swin.quality_loss(PRED, MOS, 'l2').item() == pytest.approx(5 / 3)
 
 
-def test_margin_ranking_loss_by_hand():
+def test_hinge_is_the_margin_ranking_loss_by_hand():
     # Only the pair (2.0 vs 4.0) is ordered against its MOS (3 > 2): hinge 0.1 + 2 = 2.1,
     # counted once for (i, j) and once for (j, i), over the 6 ordered pairs.
     assert train_swin.margin_ranking_loss(PRED, MOS, 0.1).item() == pytest.approx(4.2 / 6)
-    assert train_swin.quality_loss(PRED, MOS, 'rank', 0.1).item() == pytest.approx(0.7)
+    assert train_swin.quality_loss(PRED, MOS, 'hinge', 0.1).item() == pytest.approx(0.7)
     assert train_swin.margin_ranking_loss(PRED, torch.ones(3)).item() == 0.0
+
+
+def random_batch(seed, n=16, ties=True):
+    """Random float64 predictions and MOS; some MOS repeated (ties) and some predictions equal."""
+    g = torch.Generator().manual_seed(seed)
+    pred = torch.randn(n, generator=g, dtype=torch.float64)
+    mos = torch.rand(n, generator=g, dtype=torch.float64) * 4 + 1
+    if ties:
+        mos[1], mos[5] = mos[0], mos[2]   # tied MOS: pairs that every pairwise loss leaves out
+        pred[3] = pred[4]                  # tied prediction: e = 1 where p_i = p_j
+    return pred, mos
+
+
+def users_pairs(pred, mos):
+    """(dp, dy) of every ordered pair i != j with |y_i - y_j| > 1e-6, in plain Python."""
+    p, y = pred.tolist(), mos.tolist()
+    return [(p[i] - p[j], y[i] - y[j]) for i in range(len(p)) for j in range(len(p))
+            if i != j and abs(y[i] - y[j]) > 1e-6]
+
+
+def test_rank_is_the_users_formula_on_random_inputs():
+    for seed in range(5):
+        pred, mos = random_batch(seed)
+        terms = [max(0.0, abs(dp) - (1.0 if dp >= 0 else -1.0) * dy) for dp, dy in users_pairs(pred, mos)]
+        expected = sum(terms) / len(terms)
+        assert train_swin.quality_loss(pred, mos, 'rank').item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_rank_by_hand_and_in_mos_units():
+    # pairs (a pair and its mirror give the same term), pred 1,2,4 with MOS 1,3,2:
+    # (0,1) dp=-1 dy=-2: 1 - (-1)(-2) = -1 -> 0 (right order, gap within the MOS gap);
+    # (0,2) dp=-3 dy=-1: 3 - 1 = 2 (right order, but 2 further apart than the MOS);
+    # (1,2) dp=-2 dy=+1: 2 + 1 = 3 (wrong order). Mean over the 3 pairs = 5/3.
+    assert train_swin.quality_loss(PRED, MOS, 'rank').item() == pytest.approx(5 / 3)
+    # equal predictions: e = 1, so the term is max(0, -dy): 0 one way, |dy| the other
+    assert train_swin.rank_loss(torch.zeros(2), torch.tensor([1.0, 3.0])).item() == pytest.approx(1.0)
+    assert train_swin.rank_loss(PRED, torch.ones(3)).item() == 0.0
+
+
+def test_pairwise_is_the_users_fidelity_formula_on_random_inputs():
+    sig = lambda x: 1 / (1 + math.exp(-x))
+    for seed in range(5):
+        pred, mos = random_batch(seed)
+        terms = []
+        for dp, dy in users_pairs(pred, mos):
+            p_gt, p_pred = sig(dy), sig(1.702 * dp / (math.sqrt(2) * 0.1))
+            terms.append(1 - math.sqrt(p_gt * p_pred + 1e-8) - math.sqrt((1 - p_gt) * (1 - p_pred) + 1e-8))
+        expected = sum(terms) / len(terms)
+        assert train_swin.quality_loss(pred, mos, 'pairwise').item() == pytest.approx(expected, abs=1e-6)
+    assert train_swin.quality_loss(PRED, torch.ones(3), 'pairwise').item() == 0.0
 
 
 def test_srcc_loss_is_one_minus_batch_correlation():
     expected = 1 - 1 / (math.sqrt(42) / 3 * math.sqrt(2))
     assert train_swin.quality_loss(PRED, MOS, 'srcc').item() == pytest.approx(expected, rel=1e-5)
+    # the user's formula: 1 - sum (v - v_mean)(p - p_mean) / sqrt(sum (v - v_mean)^2 sum (p - p_mean)^2)
+    for seed in range(5):
+        pred, mos = random_batch(seed)
+        p, v = np.array(pred.tolist()), np.array(mos.tolist())
+        pc, vc = p - p.mean(), v - v.mean()
+        expected = 1 - (pc * vc).sum() / math.sqrt((pc ** 2).sum() * (vc ** 2).sum())
+        assert train_swin.quality_loss(pred, mos, 'srcc').item() == pytest.approx(expected, abs=1e-6)
 
 
-def test_fidelity_loss_by_hand():
+def test_fidelity_is_the_thurstone_variant_by_hand():
     phi = statistics.NormalDist().cdf
     total = 0.0
     for i, j in ((0, 1), (0, 2), (1, 2)):
         prob = phi((PRED[i] - PRED[j]).item() / math.sqrt(2))
         target = 1.0 if MOS[i] > MOS[j] else 0.0
         total += 1 - math.sqrt(target * prob) - math.sqrt((1 - target) * (1 - prob))
-    assert train_swin.quality_loss(PRED, MOS, 'pairwise').item() == pytest.approx(total / 3, abs=1e-4)
+    assert train_swin.quality_loss(PRED, MOS, 'fidelity').item() == pytest.approx(total / 3, abs=1e-4)
 
 
 def test_ranking_alpha_adds_the_margin_loss():
     args = train_swin.build_parser().parse_args(['--ranking_loss_alpha', '0.3'])
     assert train_swin.total_loss(PRED, MOS, args).item() == pytest.approx(1.0 + 0.3 * 0.7)
+
+
+def test_ranking_alpha_term_is_the_users_pairwise_ranking_loss_on_random_inputs():
+    # The user's solver: relu(-(p_i - p_j) * sign(y_i - y_j) + margin), averaged over the ordered
+    # pairs with sign(y_i - y_j) != 0, added to L1 with weight alpha.
+    args = train_swin.build_parser().parse_args(['--ranking_loss_alpha', '0.5', '--ranking_loss_margin', '0.2'])
+    for seed in range(5):
+        pred, mos = random_batch(seed)
+        p, y = pred.tolist(), mos.tolist()
+        sign = lambda x: (x > 0) - (x < 0)
+        terms = [max(0.0, -(p[i] - p[j]) * sign(y[i] - y[j]) + 0.2)
+                 for i in range(len(p)) for j in range(len(p)) if sign(y[i] - y[j]) != 0]
+        l1 = sum(abs(a - b) for a, b in zip(p, y)) / len(p)
+        expected = l1 + 0.5 * sum(terms) / len(terms)
+        assert train_swin.total_loss(pred, mos, args).item() == pytest.approx(expected, abs=1e-6)
 
 
 # --------------------------------------------------------------------------- schedule
