@@ -80,7 +80,8 @@ def build_parser():
     g.add_argument('--no_multiscale', action='store_true', help='feed only stage 4 to the hyper-network')
     g.add_argument('--drop_path_rate', type=float, default=0.2, metavar='P', help='stochastic depth of the backbone')
     g.add_argument('--dropout_rate', type=float, default=0.3, metavar='P',
-                   help='dropout on the hyper features and in the target net')
+                   help='dropout on the hyper features and in the target net (Swin sizes; resnet50 is the '
+                        'original HyperIQA and has none)')
     g.add_argument('--no_pretrained', action='store_true', help='random initialisation (no ImageNet weights)')
     g.add_argument('--pretrained_path', default=None, metavar='FILE',
                    help='ImageNet weights from a local file instead of the hub (offline clusters)')
