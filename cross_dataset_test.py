@@ -111,8 +111,11 @@ def build_parser():
     g = p.add_argument_group('Evaluation (defaults: what the checkpoint was trained with)')
     g.add_argument('--test_patch_num', type=int, default=None, metavar='N',
                    help='crops per image, scores averaged (default: the checkpoint\'s, else 20)')
-    g.add_argument('--test_random_crop', action='store_true',
-                   help='random crop positions drawn from --seed instead of the fixed evaluation crops')
+    g.add_argument('--test_crop', default=None, choices=data_loader.EVAL_CROPS,
+                   help='crop positions: fixed (spread out, the same every time), random (drawn from --seed), '
+                        'center (the user\'s CenterCrop); default: the checkpoint\'s protocol, fixed for '
+                        'bare state_dicts')
+    g.add_argument('--test_random_crop', action='store_true', help='same as --test_crop random (the user\'s spelling)')
     g.add_argument('--resize', type=int, nargs=2, default=None, metavar=('H', 'W'),
                    help='resize every image to H x W before cropping (default: the checkpoint\'s, else 512 384)')
     g.add_argument('--batch_size', type=int, default=None, metavar='N',
@@ -234,10 +237,15 @@ def eval_settings(ckpt, args):
     else:
         # train_swin.py seeds round r with seed + r - 1 (split and crops)
         seed = int(config.get('seed', 0)) + int(ckpt.get('round') or 1) - 1 if config else 0
+    if args.test_random_crop and args.test_crop not in (None, 'random'):
+        raise UsageError(f'--test_random_crop (= --test_crop random) contradicts --test_crop {args.test_crop}')
+    test_crop = ('random' if args.test_random_crop else args.test_crop) or config.get('test_crop') or (
+        'random' if config.get('test_random_crop') else 'fixed')  # runs from before --test_crop
     settings = dict(
         patch_size=int(config.get('patch_size', 224)),
         test_patch_num=_flag_or(args.test_patch_num, config.get('test_patch_num', 20)),
-        test_random_crop=bool(args.test_random_crop),
+        test_crop=test_crop,
+        test_random_crop=test_crop == 'random',
         resize=list(args.resize or config.get('resize') or [512, 384]),
         batch_size=_flag_or(args.batch_size, config.get('eval_batch_size', 64)),
         seed=seed,
@@ -263,7 +271,7 @@ def score_images(model, images_u8, settings, device, amp, desc=None):
     """One score per image with the crops of training-time evaluation (evaluation.predict_scores)."""
     return evaluation.predict_scores(
         model, images_u8, patch_size=settings['patch_size'], patch_num=settings['test_patch_num'],
-        batch_size=settings['batch_size'], random_crop=settings['test_random_crop'],
+        batch_size=settings['batch_size'], crop=settings['test_crop'],
         seed=settings['seed'], device=device, amp=amp, desc=desc)
 
 
@@ -326,7 +334,9 @@ def evaluate_dataset(model, label, name, root, settings, args, device, amp, cach
     mos = direction * dataset.mos[index[kept]]
     pred = score_images(model, images, settings, device, amp, desc=f'{label} ({len(kept)} images)')
     del images
-    result = {'dataset': dataset.name, 'images': int(len(kept)), **iqa_metrics.correlations(pred, mos)}
+    result = {'dataset': dataset.name, 'images': int(len(kept)), **iqa_metrics.correlations(pred, mos),
+              # the protocol with every number: scores of different crop protocols are not comparable
+              'test_crop': settings['test_crop'], 'test_patch_num': settings['test_patch_num']}
     if args.n_boot > 0:
         for metric in ('srcc', 'plcc'):
             result[f'{metric}_ci'] = list(iqa_metrics.bootstrap_ci(pred, mos, metric, n_boot=args.n_boot,
@@ -393,8 +403,10 @@ def run_cross_dataset(args, device, amp):
     print(f'Checkpoint {args.checkpoint}: {describe_arch(arch)} ({source}), '
           f'{models_swin.count_parameters(model) / 1e6:.2f} M params'
           + (f', trained on {settings["trained_on"]}' if settings['trained_on'] else ''))
-    print(f'Evaluation: {settings["test_patch_num"]} {"random" if settings["test_random_crop"] else "fixed"} '
-          f'{settings["patch_size"]}px crops of images resized to {settings["resize"][0]}x{settings["resize"][1]}, '
+    crops = ('the centre' if settings['test_crop'] == 'center' else
+             f'{settings["test_patch_num"]} {settings["test_crop"]}')
+    print(f'Evaluation: {crops} {settings["patch_size"]}px crop(s) (--test_crop {settings["test_crop"]}) of images '
+          f'resized to {settings["resize"][0]}x{settings["resize"][1]}, '
           f'batch {settings["batch_size"]}, device {device}, bf16 autocast {"on" if amp else "off"}, '
           f'seed {settings["seed"]}', flush=True)
 
@@ -438,6 +450,7 @@ def run_cross_dataset(args, device, amp):
         'run_name': config.get('run_name'),
         'epoch': ckpt.get('epoch'),
         'test_patch_num': settings['test_patch_num'],
+        'test_crop': settings['test_crop'],
         'test_random_crop': settings['test_random_crop'],
         'patch_size': settings['patch_size'],
         'resize': settings['resize'],

@@ -38,7 +38,7 @@ from run_setup import SuggestingParser, Tee, gather_to_all, seed_everything, set
 SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
 METRIC_COLUMNS = ['round', 'epoch', 'lr_backbone', 'lr_head', 'train_loss', 'train_srcc',
                   'val_srcc', 'val_plcc', 'val_krcc', 'test_srcc', 'test_plcc', 'test_krcc',
-                  'spaq_srcc', 'spaq_plcc', 'epoch_seconds', 'train_patches_per_s', 'is_best']
+                  'spaq_srcc', 'spaq_plcc', 'epoch_seconds', 'train_patches_per_s', 'is_best', 'test_crop']
 LOSS_TYPES = ('l1', 'l2', 'srcc', 'rank', 'pairwise', 'hinge', 'fidelity')
 # Flags that describe the machine, not the experiment: a resumed run may change them.
 MACHINE_FLAGS = ('device', 'num_workers', 'cache_dir', 'data_root', 'no_amp', 'compile', 'eval_batch_size')
@@ -122,8 +122,13 @@ def build_parser():
     g.add_argument('--ranking_loss_margin', type=float, default=0.1, metavar='M', help='margin of the ranking losses')
 
     g = p.add_argument_group('Evaluation, selection and early stopping')
+    g.add_argument('--test_crop', default='fixed', choices=data_loader.EVAL_CROPS,
+                   help='crops of evaluated images: fixed = --test_patch_num spread-out positions, the same at '
+                        'every evaluation; random = new random positions every epoch (the user\'s paper '
+                        'protocol); center = the centre crop (the user\'s default, torchvision CenterCrop). '
+                        'Recorded in config.json, metrics.csv and summary.json')
     g.add_argument('--test_random_crop', action='store_true',
-                   help='new random test crops every epoch (the user\'s paper protocol); default: fixed crops')
+                   help='same as --test_crop random (the user\'s spelling)')
     g.add_argument('--select_on', default='val', choices=('val', 'test'),
                    help='split that picks the best epoch and drives early stopping '
                         '(test = the user\'s protocol; results are labelled as such)')
@@ -156,6 +161,12 @@ def check_args(args, warn):
     errors = []
     if args.no_lr_scheduler:
         args.lr_scheduler = 'none'
+    if args.test_random_crop:
+        if args.test_crop == 'center':
+            errors.append('--test_random_crop (= --test_crop random) contradicts --test_crop center')
+        args.test_crop = 'random'
+    # kept in step so that readers of config.json that know only the user's flag read it right
+    args.test_random_crop = args.test_crop == 'random'
     if args.attention_fusion and args.no_multiscale:
         warn('--attention_fusion needs the multi-scale features, which --no_multiscale turns off: '
              'attention fusion is OFF for this run (single-scale model).')
@@ -331,10 +342,20 @@ def learning_rates(epoch, args):
 
 # --------------------------------------------------------------------------- evaluation
 
+def describe_test_crop(crop, patch_num):
+    """The evaluation protocol in words, for the log."""
+    if crop == 'center':
+        return (f'centre crop (--test_crop center, the user\'s CenterCrop default; the {patch_num} identical '
+                'crops are scored once)')
+    if crop == 'random':
+        return f'{patch_num} random crops per image, new every epoch (--test_crop random)'
+    return f'{patch_num} fixed crops per image, the same every epoch (--test_crop fixed)'
+
+
 def evaluate_split(model, images_u8, mos, direction, args, device, amp, rank, world, seed, desc):
     """SRCC/PLCC/KRCC of one split (direction -1 flips a lower-is-better target)."""
     pred = predict_scores(model, images_u8, patch_size=args.patch_size, patch_num=args.test_patch_num,
-                          batch_size=args.eval_batch_size, random_crop=args.test_random_crop, seed=seed,
+                          batch_size=args.eval_batch_size, crop=args.test_crop, seed=seed,
                           device=device, amp=amp, rank=rank, world_size=world, pad_batches=args.compile,
                           desc=desc)
     return iqa_metrics.correlations(pred, direction * np.asarray(mos)), pred
@@ -475,6 +496,7 @@ def run_round(round_idx, args, state, ctx):
     log(f'Round {round_idx}/{args.train_test_num}: {dataset.name} from {dataset.root}, split: '
         f'{dataset.split_source}; train {len(splits["train"])}, val {len(splits.get("val", []))}, '
         f'test {len(splits["test"])} images; target {dataset.score_name}')
+    log(f'Evaluation: {describe_test_crop(args.test_crop, args.test_patch_num)}')
     # Stored so that cross-dataset tests know which way this model's scores point.
     ctx['config']['higher_is_better'] = bool(dataset.higher_is_better)
     if rank == 0:
@@ -544,7 +566,7 @@ def run_round(round_idx, args, state, ctx):
             return best, 'diverged'
         row = {'round': round_idx, 'epoch': epoch + 1, 'lr_backbone': f'{lr_backbone:.3e}',
                'lr_head': f'{lr_head:.3e}', 'train_loss': fmt(train_loss), 'train_srcc': fmt(train_srcc)}
-        eval_seed = round_seed * 1000 + epoch if args.test_random_crop else round_seed
+        eval_seed = round_seed * 1000 + epoch if args.test_crop == 'random' else round_seed
         results = {}
         for name, (imgs, split_mos) in eval_sets.items():
             results[name], _ = evaluate_split(model, imgs, split_mos, 1, args, device, amp, rank, world,
@@ -558,6 +580,7 @@ def run_round(round_idx, args, state, ctx):
                                                 rank, world, eval_seed, 'SPAQ eval')
             row['spaq_srcc'], row['spaq_plcc'] = fmt(results['spaq']['srcc']), fmt(results['spaq']['plcc'])
         row['epoch_seconds'] = f'{seconds:.1f}'
+        row['test_crop'] = args.test_crop
         row['train_patches_per_s'] = f'{patches_per_s:.1f}'
 
         score = results[select_on]['srcc']
@@ -607,7 +630,7 @@ def run_round(round_idx, args, state, ctx):
     if 'test' in eval_sets and best is not None and rank == 0:
         # Bootstrap intervals of the selected epoch, from its saved weights.
         best.update(best_intervals(raw_model, best, eval_sets['test'], args, device, amp,
-                                   round_seed * 1000 + best['epoch'] - 1 if args.test_random_crop else round_seed))
+                                   round_seed * 1000 + best['epoch'] - 1 if args.test_crop == 'random' else round_seed))
     return best, status
 
 
@@ -618,7 +641,7 @@ def best_intervals(model, best, test_set, args, device, amp, seed):
         return {}
     model.load_state_dict(checkpoints.load_checkpoint(path)['state_dict'])
     pred = predict_scores(model, test_set[0], patch_size=args.patch_size, patch_num=args.test_patch_num,
-                          batch_size=args.eval_batch_size, random_crop=args.test_random_crop, seed=seed,
+                          batch_size=args.eval_batch_size, crop=args.test_crop, seed=seed,
                           device=device, amp=amp)
     mos = test_set[1]
     return {'test_srcc_ci': list(iqa_metrics.bootstrap_ci(pred, mos, 'srcc')),
@@ -631,6 +654,8 @@ def write_summary(run_dir, args, state, best, select_on, status):
     test_plccs = [r['test_plcc'] for r in rounds if r]
     summary = {
         'run_name': state['run_name'], 'name': args.name, 'status': status, 'select_on': select_on,
+        # the evaluation protocol: numbers of different protocols are not comparable
+        'test_crop': args.test_crop, 'test_patch_num': args.test_patch_num,
         'best_epoch': best['epoch'] if best else None, 'best': best, 'rounds': state['rounds'],
         'median_test_srcc': float(np.median(test_srccs)) if test_srccs else None,
         'median_test_plcc': float(np.median(test_plccs)) if test_plccs else None,

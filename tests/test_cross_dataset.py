@@ -123,6 +123,30 @@ def test_project_and_bare_checkpoints_agree_and_json_matches_metrics(world, caps
     assert f'| {world["n_koniq"]} |' in row
 
 
+def test_test_crop_follows_the_checkpoint_and_is_recorded(world, capsys, tmp_path):
+    settings = lambda config, *flags: cdt.eval_settings({'config': config}, cdt.build_parser().parse_args(list(flags)))
+    assert settings({})['test_crop'] == 'fixed'                               # bare state_dict
+    assert settings({'test_random_crop': True})['test_crop'] == 'random'     # a run from before --test_crop
+    assert settings({'test_crop': 'center'})['test_crop'] == 'center'
+    assert settings({'test_crop': 'center'}, '--test_random_crop')['test_crop'] == 'random'
+    assert settings({'test_crop': 'random'}, '--test_crop', 'fixed')['test_crop'] == 'fixed'
+    with pytest.raises(cdt.UsageError, match='contradicts --test_crop center'):
+        settings({}, '--test_random_crop', '--test_crop', 'center')
+
+    rc, out, err = run(capsys, '--checkpoint', world['project'], '--datasets', f'spaq={world["spaq"]}',
+                       '--test_crop', 'center', '--output_dir', tmp_path, *FAST)
+    assert rc == 0, err
+    assert '(--test_crop center)' in out
+    saved = json.loads(next(tmp_path.glob('cross_dataset_results_*.json')).read_text())
+    assert saved['test_crop'] == 'center' and saved['test_random_crop'] is False
+    assert saved['results']['spaq']['test_crop'] == 'center'
+    model, _, _, _ = cdt.load_model(str(world['project']), cdt.build_parser().parse_args([]), torch.device('cpu'))
+    dataset = data_loader.load_dataset('spaq', world['spaq'])
+    images, _ = data_loader.load_images(dataset.paths, (232, 240), cache_dir=None)
+    pred = evaluation.predict_scores(model, images, patch_size=224, patch_num=2, crop='center')
+    assert saved['results']['spaq']['srcc'] == pytest.approx(iqa_metrics.srcc(pred, dataset.mos), abs=1e-12)
+
+
 def test_lower_is_better_dataset_is_flipped(world, capsys, tmp_path):
     rc, out, err = run(capsys, '--checkpoint', world['project'], '--datasets', f'csiq={world["csiq"]}',
                        '--split', 'all', '--output_dir', tmp_path, *FAST)

@@ -17,6 +17,7 @@ import torch
 import checkpoints
 import data_loader
 import evaluation
+import iqa_metrics
 import train_swin
 from dataset_fixtures import make_koniq
 
@@ -299,6 +300,47 @@ def test_select_on_test_reproduces_the_users_protocol(koniq_root, tmp_path, monk
     assert train_swin.main(tiny_args(koniq_root, tmp_path, '--select_on', 'test', '--epochs', '2')) == 0
     summary = json.load(open(os.path.join(only_run_dir(tmp_path), 'summary.json')))
     assert summary['best_epoch'] == 2 and summary['select_on'] == 'test'
+
+
+def test_test_crop_flag_resolves_the_users_spelling():
+    parser = train_swin.build_parser()
+    resolve = lambda *flags: train_swin.check_args(parser.parse_args(list(flags)), print)
+    assert resolve().test_crop == 'fixed' and resolve().test_random_crop is False
+    args = resolve('--test_random_crop')
+    assert args.test_crop == 'random' and args.test_random_crop is True
+    args = resolve('--test_crop', 'center')
+    assert args.test_crop == 'center' and args.test_random_crop is False
+    with pytest.raises(SystemExit, match='--test_random_crop .* contradicts --test_crop center'):
+        resolve('--test_random_crop', '--test_crop', 'center')
+
+
+def test_center_crop_protocol_is_recorded_and_scores_the_torchvision_centre_crop(koniq_root, tmp_path):
+    # 240x232 images: CenterCrop(224) starts at row 8, column 4
+    assert train_swin.main(tiny_args(koniq_root, tmp_path, '--test_crop', 'center', '--epochs', '1',
+                                     '--resize', '240', '232')) == 0
+    run_dir = only_run_dir(tmp_path)
+    summary = json.load(open(os.path.join(run_dir, 'summary.json')))
+    assert summary['test_crop'] == 'center' and summary['test_patch_num'] == 2
+    assert json.load(open(os.path.join(run_dir, 'config.json')))['test_crop'] == 'center'
+    assert [r['test_crop'] for r in read_metrics(run_dir)] == ['center']
+    log = open(tmp_path / 'logs' / (os.path.basename(run_dir) + '.log')).read()
+    assert 'Evaluation: centre crop (--test_crop center' in log
+    # by hand: the saved model on the centre crop of each test image, one image at a time
+    ckpt = checkpoints.load_checkpoint(summary['best_checkpoint'])
+    model = train_swin.models_swin.build_model('nano', pretrained=False)
+    model.load_state_dict(ckpt['state_dict'])
+    model.eval()
+    dataset = data_loader.load_dataset('koniq-10k', str(koniq_root), seed=3)
+    test = dataset.splits['test']
+    images, _ = data_loader.load_images([dataset.paths[i] for i in test], resize_hw=(240, 232), cache_dir=None,
+                                        num_workers=1, progress=False)
+    mean = torch.tensor(data_loader.IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(data_loader.IMAGENET_STD).view(3, 1, 1)
+    with torch.no_grad():
+        pred = [model(((img[:, 8:232, 4:228].float() / 255 - mean) / std)[None]).item() for img in images]
+    tool = evaluation.predict_scores(model, images, patch_size=224, patch_num=2, crop='center')
+    assert np.allclose(tool, pred, atol=1e-6, rtol=0)
+    assert summary['best']['test_srcc'] == pytest.approx(iqa_metrics.srcc(pred, dataset.mos[test]), abs=1e-6)
 
 
 def test_full_disk_while_saving_keeps_previous_best_and_training_goes_on(koniq_root, tmp_path, monkeypatch):
