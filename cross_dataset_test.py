@@ -91,8 +91,19 @@ def build_parser():
                         'their default folders next to this script, NAME=PATH for another folder or '
                         'annotation file, or a path to a .csv/.json list of images and scores '
                         f'(default: {" ".join(DEFAULT_DATASETS)})')
-    g.add_argument('--split', default='test', choices=('test', 'all'),
-                   help="images scored: the data set's test split (test-only sets: every image), or all")
+    g.add_argument('--split', default='auto', choices=('auto', 'test', 'all'),
+                   help='images scored. auto: every image of a data set the model was not trained on (the '
+                        'cross-dataset protocol), the held-out test split of the one it was trained on; test: '
+                        'every data set\'s test split; all: every image (default: auto)')
+    g.add_argument('--trained_on', default=None, metavar='NAME_OR_FILE',
+                   help='the data set the checkpoint was trained on (default: the --dataset in its config; '
+                        'unknown for bare state_dicts, e.g. --trained_on koniq for the user\'s old ones)')
+    g.add_argument('--score', default=None, metavar='COLUMN',
+                   help='score column of the training data set (default: the run\'s --score)')
+    g.add_argument('--csv_image_column', default=None, metavar='COL',
+                   help='image column of CSV lists (default: the run\'s for its own CSV, else "image")')
+    g.add_argument('--csv_score_column', default=None, metavar='COL',
+                   help='score column of CSV lists (default: the run\'s for its own CSV, else "score")')
     g.add_argument('--n_boot', type=int, default=1000, metavar='N',
                    help='bootstrap resamples of the 95%% intervals (0 = none)')
     g.add_argument('--output_dir', default='.', metavar='DIR', help='folder of the results JSON')
@@ -251,7 +262,9 @@ def eval_settings(ckpt, args):
         seed=seed,
         # which way the training target pointed; bare state_dicts come from KonIQ MOS (higher = better)
         higher_is_better=bool(config.get('higher_is_better', True)),
-        trained_on=config.get('dataset'),
+        trained_on=args.trained_on or config.get('dataset'),
+        # how the run read its training data set, so that its test split is read the same way
+        train_data=training_data_settings(config, args),
     )
     for flag in ('test_patch_num', 'batch_size'):
         if settings[flag] < 1:
@@ -260,6 +273,18 @@ def eval_settings(ckpt, args):
         raise UsageError(f'--resize {settings["resize"][0]} {settings["resize"][1]} is smaller than the '
                          f'{settings["patch_size"]}x{settings["patch_size"]} crops the model takes')
     return settings
+
+
+def training_data_settings(config, args):
+    """load_dataset keywords the run read its training data with (train_swin's --score and CSV
+    column flags), each overridden by the same flag here.
+
+    Without them a model trained on KonIQ 'MOS' would be tested against 'MOS_zscore', and a
+    CSV with its own column names would not load at all.
+    """
+    return dict(score=args.score if args.score is not None else config.get('score'),
+                csv_image_column=args.csv_image_column or config.get('csv_image_column') or 'image',
+                csv_score_column=args.csv_score_column or config.get('csv_score_column') or 'score')
 
 
 def _flag_or(value, stored):
@@ -315,16 +340,23 @@ def evaluate_dataset(model, label, name, root, settings, args, device, amp, cach
     (e.g. a model trained on KonIQ MOS tested on LIVE DMOS), so a good model has positive SRCC.
     """
     seed = settings['seed']
-    dataset = data_loader.load_dataset(name, root, seed=seed)
-    if args.split == 'test':
-        split = 'test'
+    training = is_training_set(name, root, settings['trained_on'])
+    if training:
+        read = settings['train_data']
+    else:  # another data set: its standard target; CSV column flags, when given, name its columns
+        read = dict(csv_image_column=args.csv_image_column or 'image',
+                    csv_score_column=args.csv_score_column or 'score')
+    dataset = data_loader.load_dataset(name, root, seed=seed, **read)
+    split, why = choose_split(args.split, training, settings['trained_on'])
+    if split == 'test':
         index = np.asarray(dataset.splits['test'])
     else:
-        split = 'all'
         index = np.arange(len(dataset))
-        if is_training_set(name, root, settings['trained_on']):
+        if training:
             print(f'warning: --split all on {label}, the data set the checkpoint was trained on: '
                   'its training images are scored too', file=sys.stderr, flush=True)
+    print(f'{label}: {len(index)} of {len(dataset)} images ({split}: {why}); target {dataset.score_name}',
+          flush=True)
     paths = [dataset.paths[i] for i in index]
     # No minimum size (train_swin.py refuses images smaller than a crop for training): every image
     # is resized before cropping, as the original cross-dataset script did, so any size can be scored.
@@ -342,10 +374,31 @@ def evaluate_dataset(model, label, name, root, settings, args, device, amp, cach
             result[f'{metric}_ci'] = list(iqa_metrics.bootstrap_ci(pred, mos, metric, n_boot=args.n_boot,
                                                                    seed=seed))
     result.update(
-        root=str(dataset.root), split=split, split_source=dataset.split_source,
+        root=str(dataset.root), split=split, split_reason=why, images_in_dataset=len(dataset),
+        training_set=training, split_source=dataset.split_source,
         skipped_images=int(len(paths) - len(kept)), score=dataset.score_name,
         higher_is_better=bool(dataset.higher_is_better), mos_flipped=direction < 0)
     return result
+
+
+def choose_split(flag, training, trained_on):
+    """('test' or 'all', the reason in words) for one data set under --split `flag`.
+
+    auto is the cross-dataset protocol of the user's paper, HyperIQA and pyiqa: a data set the
+    model never saw is scored whole (SPAQ's test.json, xlsx or per-epoch SPAQ: the same images),
+    the training data set only on its held-out test split. When the training set is unknown
+    (a bare state_dict without --trained_on) every set falls back to its test split, which
+    cannot include training images.
+    """
+    if flag == 'all':
+        return 'all', '--split all'
+    if flag == 'test':
+        return 'test', '--split test'
+    if training:
+        return 'test', 'the training data set: held-out test split'
+    if not trained_on:
+        return 'test', 'training set unknown (give --trained_on): test split'
+    return 'all', 'not the training data set: every image'
 
 
 def is_training_set(name, root, trained_on):
@@ -385,11 +438,11 @@ def fmt_ci(value, ci):
 
 
 def results_table(results):
-    """Markdown table, one row per scored data set."""
-    lines = ['| dataset | images | SRCC [95% CI] | PLCC [95% CI] | KRCC |', '|---|---:|---|---|---:|']
+    """Markdown table, one row per scored data set, each with the number of images it rests on."""
+    lines = ['| dataset | images | split | SRCC [95% CI] | PLCC [95% CI] | KRCC |', '|---|---:|---|---|---|---:|']
     for label, r in results.items():
         krcc = '-' if math.isnan(r['krcc']) else f'{r["krcc"]:.4f}'
-        lines.append(f'| {label} | {r["images"]} | {fmt_ci(r["srcc"], r.get("srcc_ci"))} | '
+        lines.append(f'| {label} | {r["images"]} | {r["split"]} | {fmt_ci(r["srcc"], r.get("srcc_ci"))} | '
                      f'{fmt_ci(r["plcc"], r.get("plcc_ci"))} | {krcc} |')
     return '\n'.join(lines)
 
@@ -438,7 +491,8 @@ def run_cross_dataset(args, device, amp):
     cross = {k: r for k, r in results.items() if k not in in_domain}
     cross_mean = None
     if settings['trained_on'] and cross:  # unknown for bare state_dicts: no in-domain set to leave out
-        cross_mean = {'datasets': list(cross), 'srcc': float(np.mean([r['srcc'] for r in cross.values()])),
+        cross_mean = {'datasets': list(cross), 'images': {k: r['images'] for k, r in cross.items()},
+                      'srcc': float(np.mean([r['srcc'] for r in cross.values()])),
                       'plcc': float(np.mean([r['plcc'] for r in cross.values()]))}
     config = ckpt.get('config') or {}
     out = {
@@ -447,6 +501,8 @@ def run_cross_dataset(args, device, amp):
         'model_size': arch['model_size'],
         'model': {**arch, 'source': source, 'params': models_swin.count_parameters(model)},
         'trained_on': settings['trained_on'],
+        'split': args.split,
+        'training_data_settings': settings['train_data'],
         'run_name': config.get('run_name'),
         'epoch': ckpt.get('epoch'),
         'test_patch_num': settings['test_patch_num'],
@@ -473,7 +529,8 @@ def run_cross_dataset(args, device, amp):
     print()
     print(results_table(results))
     if cross_mean is not None:
-        print(f'\nMean over the {len(cross)} cross-domain data sets ({", ".join(cross)}): '
+        counts = ', '.join(f'{k}: {r["images"]} images' for k, r in cross.items())
+        print(f'\nMean over the {len(cross)} cross-domain data sets ({counts}): '
               f'SRCC {cross_mean["srcc"]:.4f}, PLCC {cross_mean["plcc"]:.4f}')
     for label, r in results.items():
         if r['skipped_images']:
