@@ -86,8 +86,14 @@ def test_misspelt_flag_stops_at_once_with_a_suggestion(capsys):
     assert 'Nothing was run' in err
 
 
+SEEDS = os.path.join(ROOT, '..', 'shared', 'seeds')
+
+
+@pytest.mark.skipif(not os.path.isdir(SEEDS),
+                    reason=f"the user's notes are not here ({os.path.normpath(SEEDS)} does not exist: it is part "
+                           "of the project's workspace, not of a clone); their commands are parsed there")
 def test_every_seed_command_parses():
-    seeds = glob.glob(os.path.join(ROOT, '..', 'shared', 'seeds', '00[01]_*.md'))
+    seeds = glob.glob(os.path.join(SEEDS, '00[01]_*.md'))
     assert len(seeds) == 2
     parser = train_swin.build_parser()
     n = 0
