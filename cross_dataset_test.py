@@ -385,8 +385,8 @@ def choose_split(flag, training, trained_on):
     """('test' or 'all', the reason in words) for one data set under --split `flag`.
 
     auto is the cross-dataset protocol of the user's paper, HyperIQA and pyiqa: a data set the
-    model never saw is scored whole (SPAQ's test.json, xlsx or per-epoch SPAQ: the same images),
-    the training data set only on its held-out test split. When the training set is unknown
+    model never saw is scored whole (SPAQ: every image, as the per-epoch SPAQ column of
+    train_swin.py), the training data set only on its held-out test split. When the training set is unknown
     (a bare state_dict without --trained_on) every set falls back to its test split, which
     cannot include training images.
     """
