@@ -38,7 +38,7 @@ from run_setup import SuggestingParser, Tee, gather_to_all, seed_everything, set
 SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
 METRIC_COLUMNS = ['round', 'epoch', 'lr_backbone', 'lr_head', 'train_loss', 'train_srcc',
                   'val_srcc', 'val_plcc', 'val_krcc', 'test_srcc', 'test_plcc', 'test_krcc',
-                  'spaq_srcc', 'spaq_plcc', 'epoch_seconds', 'train_patches_per_s', 'is_best', 'test_crop']
+                  'spaq_srcc', 'spaq_plcc', 'epoch_seconds', 'train_patches_per_s', 'is_best']
 LOSS_TYPES = ('l1', 'l2', 'srcc', 'rank', 'pairwise', 'hinge', 'fidelity')
 # Flags that describe the machine, not the experiment: a resumed run may change them.
 MACHINE_FLAGS = ('device', 'num_workers', 'cache_dir', 'data_root', 'no_amp', 'compile', 'eval_batch_size')
@@ -126,7 +126,7 @@ def build_parser():
                    help='crops of evaluated images: fixed = --test_patch_num spread-out positions, the same at '
                         'every evaluation; random = new random positions every epoch (the user\'s paper '
                         'protocol); center = the centre crop (the user\'s default, torchvision CenterCrop). '
-                        'Recorded in config.json, metrics.csv and summary.json')
+                        'Recorded in config.json, summary.json and each checkpoint')
     g.add_argument('--test_random_crop', action='store_true',
                    help='same as --test_crop random (the user\'s spelling)')
     g.add_argument('--select_on', default='val', choices=('val', 'test'),
@@ -580,7 +580,7 @@ def run_round(round_idx, args, state, ctx):
                                                 rank, world, eval_seed, 'SPAQ eval')
             row['spaq_srcc'], row['spaq_plcc'] = fmt(results['spaq']['srcc']), fmt(results['spaq']['plcc'])
         row['epoch_seconds'] = f'{seconds:.1f}'
-        row['test_crop'] = args.test_crop
+        row['test_crop'] = args.test_crop  # in the checkpoint's metrics; metrics.csv stays numbers only
         row['train_patches_per_s'] = f'{patches_per_s:.1f}'
 
         score = results[select_on]['srcc']

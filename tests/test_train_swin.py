@@ -328,11 +328,11 @@ def test_center_crop_protocol_is_recorded_and_scores_the_torchvision_centre_crop
     summary = json.load(open(os.path.join(run_dir, 'summary.json')))
     assert summary['test_crop'] == 'center' and summary['test_patch_num'] == 2
     assert json.load(open(os.path.join(run_dir, 'config.json')))['test_crop'] == 'center'
-    assert [r['test_crop'] for r in read_metrics(run_dir)] == ['center']
     log = open(tmp_path / 'logs' / (os.path.basename(run_dir) + '.log')).read()
     assert 'Evaluation: centre crop (--test_crop center' in log
     # by hand: the saved model on the centre crop of each test image, one image at a time
     ckpt = checkpoints.load_checkpoint(summary['best_checkpoint'])
+    assert ckpt['config']['test_crop'] == 'center' and ckpt['metrics']['test_crop'] == 'center'
     model = train_swin.models_swin.build_model('nano', pretrained=False)
     model.load_state_dict(ckpt['state_dict'])
     model.eval()
