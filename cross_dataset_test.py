@@ -91,9 +91,20 @@ def build_parser():
                         'their default folders next to this script, NAME=PATH for another folder or '
                         'annotation file, or a path to a .csv/.json list of images and scores '
                         f'(default: {" ".join(DEFAULT_DATASETS)})')
-    g.add_argument('--split', default='test', choices=('test', 'val', 'all'),
-                   help="images scored: the data set's test split (test-only sets: every image), its "
-                        "validation split (the checkpoint's --val_ratio and seed), or all")
+    g.add_argument('--split', default='auto', choices=('auto', 'test', 'val', 'all'),
+                   help='images scored. auto: every image of a data set the model was not trained on (the '
+                        'cross-dataset protocol), the held-out test split of the one it was trained on; test: '
+                        'every data set\'s test split; val: the validation split the run selected on (the '
+                        'checkpoint\'s --val_ratio and seed); all: every image (default: auto)')
+    g.add_argument('--trained_on', default=None, metavar='NAME_OR_FILE',
+                   help='the data set the checkpoint was trained on (default: the --dataset in its config; '
+                        'unknown for bare state_dicts, e.g. --trained_on koniq for the user\'s old ones)')
+    g.add_argument('--score', default=None, metavar='COLUMN',
+                   help='score column of the training data set (default: the run\'s --score)')
+    g.add_argument('--csv_image_column', default=None, metavar='COL',
+                   help='image column of CSV lists (default: the run\'s for its own CSV, else "image")')
+    g.add_argument('--csv_score_column', default=None, metavar='COL',
+                   help='score column of CSV lists (default: the run\'s for its own CSV, else "score")')
     g.add_argument('--n_boot', type=int, default=1000, metavar='N',
                    help='bootstrap resamples of the 95%% intervals (0 = none)')
     g.add_argument('--output_dir', default='.', metavar='DIR', help='folder of the results JSON')
@@ -112,8 +123,11 @@ def build_parser():
     g = p.add_argument_group('Evaluation (defaults: what the checkpoint was trained with)')
     g.add_argument('--test_patch_num', type=int, default=None, metavar='N',
                    help='crops per image, scores averaged (default: the checkpoint\'s, else 20)')
-    g.add_argument('--test_random_crop', action='store_true',
-                   help='random crop positions drawn from --seed instead of the fixed evaluation crops')
+    g.add_argument('--test_crop', default=None, choices=data_loader.EVAL_CROPS,
+                   help='crop positions: fixed (spread out, the same every time), random (drawn from --seed), '
+                        'center (the user\'s CenterCrop); default: the checkpoint\'s protocol, fixed for '
+                        'bare state_dicts')
+    g.add_argument('--test_random_crop', action='store_true', help='same as --test_crop random (the user\'s spelling)')
     g.add_argument('--resize', type=int, nargs=2, default=None, metavar=('H', 'W'),
                    help='resize every image to H x W before cropping (default: the checkpoint\'s, else 512 384)')
     g.add_argument('--batch_size', type=int, default=None, metavar='N',
@@ -235,16 +249,23 @@ def eval_settings(ckpt, args):
     else:
         # train_swin.py seeds round r with seed + r - 1 (split and crops)
         seed = int(config.get('seed', 0)) + int(ckpt.get('round') or 1) - 1 if config else 0
+    if args.test_random_crop and args.test_crop not in (None, 'random'):
+        raise UsageError(f'--test_random_crop (= --test_crop random) contradicts --test_crop {args.test_crop}')
+    test_crop = ('random' if args.test_random_crop else args.test_crop) or config.get('test_crop') or (
+        'random' if config.get('test_random_crop') else 'fixed')  # runs from before --test_crop
     settings = dict(
         patch_size=int(config.get('patch_size', 224)),
         test_patch_num=_flag_or(args.test_patch_num, config.get('test_patch_num', 20)),
-        test_random_crop=bool(args.test_random_crop),
+        test_crop=test_crop,
+        test_random_crop=test_crop == 'random',
         resize=list(args.resize or config.get('resize') or [512, 384]),
         batch_size=_flag_or(args.batch_size, config.get('eval_batch_size', 64)),
         seed=seed,
         # which way the training target pointed; bare state_dicts come from KonIQ MOS (higher = better)
         higher_is_better=bool(config.get('higher_is_better', True)),
-        trained_on=config.get('dataset'),
+        trained_on=args.trained_on or config.get('dataset'),
+        # how the run read its training data set, so that its test split is read the same way
+        train_data=training_data_settings(config, args),
         # the run's validation share; a run from before validation splits had none
         val_ratio=float(config.get('val_ratio', 0.0)) if config else data_loader.DEFAULT_VAL_RATIO,
     )
@@ -257,6 +278,18 @@ def eval_settings(ckpt, args):
     return settings
 
 
+def training_data_settings(config, args):
+    """load_dataset keywords the run read its training data with (train_swin's --score and CSV
+    column flags), each overridden by the same flag here.
+
+    Without them a model trained on KonIQ 'MOS' would be tested against 'MOS_zscore', and a
+    CSV with its own column names would not load at all.
+    """
+    return dict(score=args.score if args.score is not None else config.get('score'),
+                csv_image_column=args.csv_image_column or config.get('csv_image_column') or 'image',
+                csv_score_column=args.csv_score_column or config.get('csv_score_column') or 'score')
+
+
 def _flag_or(value, stored):
     """A flag's value when given (0 included, so that it is checked), else the stored one."""
     return int(value if value is not None else stored)
@@ -266,7 +299,7 @@ def score_images(model, images_u8, settings, device, amp, desc=None):
     """One score per image with the crops of training-time evaluation (evaluation.predict_scores)."""
     return evaluation.predict_scores(
         model, images_u8, patch_size=settings['patch_size'], patch_num=settings['test_patch_num'],
-        batch_size=settings['batch_size'], random_crop=settings['test_random_crop'],
+        batch_size=settings['batch_size'], crop=settings['test_crop'],
         seed=settings['seed'], device=device, amp=amp, desc=desc)
 
 
@@ -310,18 +343,25 @@ def evaluate_dataset(model, label, name, root, settings, args, device, amp, cach
     (e.g. a model trained on KonIQ MOS tested on LIVE DMOS), so a good model has positive SRCC.
     """
     seed = settings['seed']
-    dataset = data_loader.load_dataset(name, root, seed=seed, val_ratio=settings['val_ratio'])
-    if args.split in ('test', 'val'):
-        split = args.split
+    training = is_training_set(name, root, settings['trained_on'])
+    if training:
+        read = settings['train_data']
+    else:  # another data set: its standard target; CSV column flags, when given, name its columns
+        read = dict(csv_image_column=args.csv_image_column or 'image',
+                    csv_score_column=args.csv_score_column or 'score')
+    dataset = data_loader.load_dataset(name, root, seed=seed, val_ratio=settings['val_ratio'], **read)
+    split, why = choose_split(args.split, training, settings['trained_on'])
+    if split in ('test', 'val'):
         if split not in dataset.splits:
             raise data_loader.DataError(f'{label}: no validation split ({dataset.split_source})')
         index = np.asarray(dataset.splits[split])
     else:
-        split = 'all'
         index = np.arange(len(dataset))
-        if is_training_set(name, root, settings['trained_on']):
+        if training:
             print(f'warning: --split all on {label}, the data set the checkpoint was trained on: '
                   'its training images are scored too', file=sys.stderr, flush=True)
+    print(f'{label}: {len(index)} of {len(dataset)} images ({split}: {why}); target {dataset.score_name}',
+          flush=True)
     paths = [dataset.paths[i] for i in index]
     # No minimum size (train_swin.py refuses images smaller than a crop for training): every image
     # is resized before cropping, as the original cross-dataset script did, so any size can be scored.
@@ -331,16 +371,39 @@ def evaluate_dataset(model, label, name, root, settings, args, device, amp, cach
     mos = direction * dataset.mos[index[kept]]
     pred = score_images(model, images, settings, device, amp, desc=f'{label} ({len(kept)} images)')
     del images
-    result = {'dataset': dataset.name, 'images': int(len(kept)), **iqa_metrics.correlations(pred, mos)}
+    result = {'dataset': dataset.name, 'images': int(len(kept)), **iqa_metrics.correlations(pred, mos),
+              # the protocol with every number: scores of different crop protocols are not comparable
+              'test_crop': settings['test_crop'], 'test_patch_num': settings['test_patch_num']}
     if args.n_boot > 0:
         for metric in ('srcc', 'plcc'):
             result[f'{metric}_ci'] = list(iqa_metrics.bootstrap_ci(pred, mos, metric, n_boot=args.n_boot,
                                                                    seed=seed))
     result.update(
-        root=str(dataset.root), split=split, split_source=dataset.split_source,
+        root=str(dataset.root), split=split, split_reason=why, images_in_dataset=len(dataset),
+        training_set=training, split_source=dataset.split_source,
         skipped_images=int(len(paths) - len(kept)), score=dataset.score_name,
         higher_is_better=bool(dataset.higher_is_better), mos_flipped=direction < 0)
     return result
+
+
+def choose_split(flag, training, trained_on):
+    """('test', 'val' or 'all', the reason in words) for one data set under --split `flag`.
+
+    auto is the cross-dataset protocol of the user's paper, HyperIQA and pyiqa: a data set the
+    model never saw is scored whole (SPAQ: every image, as the per-epoch SPAQ column of
+    train_swin.py), the training data set only on its held-out test split. When the training set is unknown
+    (a bare state_dict without --trained_on) every set falls back to its test split, which
+    cannot include training images.
+    """
+    if flag == 'all':
+        return 'all', '--split all'
+    if flag in ('test', 'val'):
+        return flag, f'--split {flag}'
+    if training:
+        return 'test', 'the training data set: held-out test split'
+    if not trained_on:
+        return 'test', 'training set unknown (give --trained_on): test split'
+    return 'all', 'not the training data set: every image'
 
 
 def is_training_set(name, root, trained_on):
@@ -380,11 +443,11 @@ def fmt_ci(value, ci):
 
 
 def results_table(results):
-    """Markdown table, one row per scored data set."""
-    lines = ['| dataset | images | SRCC [95% CI] | PLCC [95% CI] | KRCC |', '|---|---:|---|---|---:|']
+    """Markdown table, one row per scored data set, each with the number of images it rests on."""
+    lines = ['| dataset | images | split | SRCC [95% CI] | PLCC [95% CI] | KRCC |', '|---|---:|---|---|---|---:|']
     for label, r in results.items():
         krcc = '-' if math.isnan(r['krcc']) else f'{r["krcc"]:.4f}'
-        lines.append(f'| {label} | {r["images"]} | {fmt_ci(r["srcc"], r.get("srcc_ci"))} | '
+        lines.append(f'| {label} | {r["images"]} | {r["split"]} | {fmt_ci(r["srcc"], r.get("srcc_ci"))} | '
                      f'{fmt_ci(r["plcc"], r.get("plcc_ci"))} | {krcc} |')
     return '\n'.join(lines)
 
@@ -398,8 +461,10 @@ def run_cross_dataset(args, device, amp):
     print(f'Checkpoint {args.checkpoint}: {describe_arch(arch)} ({source}), '
           f'{models_swin.count_parameters(model) / 1e6:.2f} M params'
           + (f', trained on {settings["trained_on"]}' if settings['trained_on'] else ''))
-    print(f'Evaluation: {settings["test_patch_num"]} {"random" if settings["test_random_crop"] else "fixed"} '
-          f'{settings["patch_size"]}px crops of images resized to {settings["resize"][0]}x{settings["resize"][1]}, '
+    crops = ('the centre' if settings['test_crop'] == 'center' else
+             f'{settings["test_patch_num"]} {settings["test_crop"]}')
+    print(f'Evaluation: {crops} {settings["patch_size"]}px crop(s) (--test_crop {settings["test_crop"]}) of images '
+          f'resized to {settings["resize"][0]}x{settings["resize"][1]}, '
           f'batch {settings["batch_size"]}, device {device}, bf16 autocast {"on" if amp else "off"}, '
           f'seed {settings["seed"]}', flush=True)
 
@@ -431,7 +496,8 @@ def run_cross_dataset(args, device, amp):
     cross = {k: r for k, r in results.items() if k not in in_domain}
     cross_mean = None
     if settings['trained_on'] and cross:  # unknown for bare state_dicts: no in-domain set to leave out
-        cross_mean = {'datasets': list(cross), 'srcc': float(np.mean([r['srcc'] for r in cross.values()])),
+        cross_mean = {'datasets': list(cross), 'images': {k: r['images'] for k, r in cross.items()},
+                      'srcc': float(np.mean([r['srcc'] for r in cross.values()])),
                       'plcc': float(np.mean([r['plcc'] for r in cross.values()]))}
     config = ckpt.get('config') or {}
     out = {
@@ -440,9 +506,12 @@ def run_cross_dataset(args, device, amp):
         'model_size': arch['model_size'],
         'model': {**arch, 'source': source, 'params': models_swin.count_parameters(model)},
         'trained_on': settings['trained_on'],
+        'split': args.split,
+        'training_data_settings': settings['train_data'],
         'run_name': config.get('run_name'),
         'epoch': ckpt.get('epoch'),
         'test_patch_num': settings['test_patch_num'],
+        'test_crop': settings['test_crop'],
         'test_random_crop': settings['test_random_crop'],
         'patch_size': settings['patch_size'],
         'resize': settings['resize'],
@@ -465,7 +534,8 @@ def run_cross_dataset(args, device, amp):
     print()
     print(results_table(results))
     if cross_mean is not None:
-        print(f'\nMean over the {len(cross)} cross-domain data sets ({", ".join(cross)}): '
+        counts = ', '.join(f'{k}: {r["images"]} images' for k, r in cross.items())
+        print(f'\nMean over the {len(cross)} cross-domain data sets ({counts}): '
               f'SRCC {cross_mean["srcc"]:.4f}, PLCC {cross_mean["plcc"]:.4f}')
     for label, r in results.items():
         if r['skipped_images']:

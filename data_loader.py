@@ -1519,20 +1519,41 @@ class TrainPatchSampler:
             yield patches, self.mos[index_dev[sl]], index_dev[sl]
 
 
+EVAL_CROPS = ('fixed', 'center', 'random')
+
+
+def eval_crops_per_image(crop: str, patch_num: int) -> int:
+    """Crops actually cut per image: `patch_num`, except 1 for 'center'.
+
+    The user's CenterCrop protocol scores `--test_patch_num` identical centre crops; their mean is
+    the score of one, so one is scored (the same number, patch_num times less work).
+    """
+    return 1 if crop == 'center' else patch_num
+
+
 def eval_patch_batches(images_u8: torch.Tensor, *, patch_size: int = 224, patch_num: int = 25,
                        batch_size: int = 64, random_crop: bool = False, seed: int = 0,
                        device: str | torch.device = 'cpu',
-                       image_ids: Sequence[int] | np.ndarray | None = None
+                       image_ids: Sequence[int] | np.ndarray | None = None,
+                       crop: str | None = None
                        ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (patches float32 (B, 3, p, p) normalized, image index int64 (B,)) on `device`:
     `patch_num` crops of every image, image after image; average the predictions per index.
 
-    random_crop=False: the crop positions of image i depend only on i (and the sizes), so
-    every evaluation of a model sees the same patches. random_crop=True (the user's paper
-    protocol): positions drawn from `seed` (pass seed + epoch for fresh crops each epoch).
+    crop (None = 'random' if random_crop else 'fixed'):
+      'fixed': pseudo-random positions that depend only on the image's index (and the sizes),
+          so every evaluation of a model sees the same, spread-out patches;
+      'random' (the user's --test_random_crop, their paper protocol): positions drawn from
+          `seed` (pass seed + epoch for fresh crops each epoch);
+      'center' (the user's default, torchvision CenterCrop): the centre crop, top =
+          round((H - p) / 2), left = round((W - p) / 2); cut once per image (see
+          eval_crops_per_image).
     No flip and no colour jitter. `image_ids` (e.g. one process's share under DDP) limits
     the images evaluated; their indices and crops are those of a run over all images.
     """
+    crop = crop or ('random' if random_crop else 'fixed')
+    if crop not in EVAL_CROPS:
+        raise DataError(f'eval_patch_batches: crop must be one of {", ".join(EVAL_CROPS)}, got {crop!r}')
     _check_images(images_u8, patch_size, 'eval_patch_batches')
     if patch_num < 1 or batch_size < 1:
         raise DataError(f'eval_patch_batches: patch_num and batch_size must be >= 1, '
@@ -1540,11 +1561,17 @@ def eval_patch_batches(images_u8: torch.Tensor, *, patch_size: int = 224, patch_
     device = torch.device(device)
     n, _, h, w = images_u8.shape
     p = patch_size
-    # Row i of a sequential stream is the same whatever n is, so positions are per image.
-    rng = np.random.default_rng(seed if random_crop else 20_240_601)
-    u = rng.random((n, patch_num, 2))
-    top = np.floor(u[..., 0] * (h - p + 1)).astype(np.int64).ravel()
-    left = np.floor(u[..., 1] * (w - p + 1)).astype(np.int64).ravel()
+    patch_num = eval_crops_per_image(crop, patch_num)
+    if crop == 'center':
+        # torchvision's center_crop: int(round((size - crop) / 2.0)), Python's round included
+        top = np.full(n * patch_num, int(round((h - p) / 2.0)), dtype=np.int64)
+        left = np.full(n * patch_num, int(round((w - p) / 2.0)), dtype=np.int64)
+    else:
+        # Row i of a sequential stream is the same whatever n is, so positions are per image.
+        rng = np.random.default_rng(seed if crop == 'random' else 20_240_601)
+        u = rng.random((n, patch_num, 2))
+        top = np.floor(u[..., 0] * (h - p + 1)).astype(np.int64).ravel()
+        left = np.floor(u[..., 1] * (w - p + 1)).astype(np.int64).ravel()
     ids = np.arange(n, dtype=np.int64) if image_ids is None else np.asarray(image_ids, dtype=np.int64).ravel()
     if ids.size and (ids.min() < 0 or ids.max() >= n):
         raise DataError(f'eval_patch_batches: image_ids must be in 0..{n - 1}, got {ids.min()}..{ids.max()}')

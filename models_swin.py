@@ -262,12 +262,15 @@ class HyperIQA(nn.Module):
         channels = STAGE_CHANNELS[model_size]
         if model_size == 'resnet50':
             self.res = ResNetBackbone(pretrained, pretrained_path)
-            # The original HyperIQA target net has no dropout; keep it so for the baseline row.
+            # The original HyperIQA has no dropout at all, neither on the hyper features nor in the
+            # target net: the paper's baseline row (resnet50 --no_multiscale) must train like it.
             self.target_dropout = 0.0
+            hyper_dropout = 0.0
             hidden = (1024, 512)
         else:
             self.swin = SwinBackbone(model_size, pretrained, pretrained_path, drop_path_rate)
             self.target_dropout = dropout_rate
+            hyper_dropout = dropout_rate
             hidden = (512, 256)
         if use_attention:
             self.multiscale_attention = MultiScaleAttention(channels[3])
@@ -276,7 +279,7 @@ class HyperIQA(nn.Module):
             nn.Conv2d(in_channels, hidden[0], 1), nn.ReLU(inplace=True),
             nn.Conv2d(hidden[0], hidden[1], 1), nn.ReLU(inplace=True),
             nn.Conv2d(hidden[1], HYPER_CHANNELS, 1), nn.ReLU(inplace=True))
-        self.dropout = nn.Dropout(dropout_rate)
+        self.dropout = nn.Dropout(hyper_dropout)
 
         # Weight generators: a 3x3 conv whose (C, 7, 7) output, read row-major,
         # is one image's (out, in) weight matrix; biases come from the pooled feature.

@@ -39,6 +39,7 @@ SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
 METRIC_COLUMNS = ['round', 'epoch', 'lr_backbone', 'lr_head', 'train_loss', 'train_srcc',
                   'val_srcc', 'val_plcc', 'val_krcc', 'test_srcc', 'test_plcc', 'test_krcc',
                   'spaq_srcc', 'spaq_plcc', 'epoch_seconds', 'train_patches_per_s', 'is_best']
+LOSS_TYPES = ('l1', 'l2', 'srcc', 'rank', 'pairwise', 'hinge', 'fidelity')
 # Flags that describe the machine, not the experiment: a resumed run may change them.
 MACHINE_FLAGS = ('device', 'num_workers', 'cache_dir', 'data_root', 'no_amp', 'compile', 'eval_batch_size')
 
@@ -79,7 +80,8 @@ def build_parser():
     g.add_argument('--no_multiscale', action='store_true', help='feed only stage 4 to the hyper-network')
     g.add_argument('--drop_path_rate', type=float, default=0.2, metavar='P', help='stochastic depth of the backbone')
     g.add_argument('--dropout_rate', type=float, default=0.3, metavar='P',
-                   help='dropout on the hyper features and in the target net')
+                   help='dropout on the hyper features and in the target net (Swin sizes; resnet50 is the '
+                        'original HyperIQA and has none)')
     g.add_argument('--no_pretrained', action='store_true', help='random initialisation (no ImageNet weights)')
     g.add_argument('--pretrained_path', default=None, metavar='FILE',
                    help='ImageNet weights from a local file instead of the hub (offline clusters)')
@@ -111,15 +113,22 @@ def build_parser():
     g.add_argument('--warmup_epochs', type=int, default=0, metavar='N', help='linear warm-up epochs')
 
     g = p.add_argument_group('Loss')
-    g.add_argument('--loss_type', default='l1', choices=('l1', 'l2', 'srcc', 'rank', 'pairwise'),
-                   help='l1/l2 on MOS; srcc = 1 - batch correlation; rank = pairwise hinge; pairwise = fidelity')
+    g.add_argument('--loss_type', default='l1', choices=LOSS_TYPES,
+                   help='l1/l2 on MOS; srcc = 1 - batch Pearson correlation; rank and pairwise = the user\'s '
+                        'pairwise rank and fidelity losses; hinge = margin ranking loss; fidelity = Thurstone '
+                        'fidelity loss (formulas: README, Losses)')
     g.add_argument('--ranking_loss_alpha', type=float, default=0.0, metavar='A',
                    help='weight of the margin ranking loss added to the main loss (0 = off)')
     g.add_argument('--ranking_loss_margin', type=float, default=0.1, metavar='M', help='margin of the ranking losses')
 
     g = p.add_argument_group('Evaluation, selection and early stopping')
+    g.add_argument('--test_crop', default='fixed', choices=data_loader.EVAL_CROPS,
+                   help='crops of evaluated images: fixed = --test_patch_num spread-out positions, the same at '
+                        'every evaluation; random = new random positions every epoch (the user\'s paper '
+                        'protocol); center = the centre crop (the user\'s default, torchvision CenterCrop). '
+                        'Recorded in config.json, summary.json and each checkpoint')
     g.add_argument('--test_random_crop', action='store_true',
-                   help='new random test crops every epoch (the user\'s paper protocol); default: fixed crops')
+                   help='same as --test_crop random (the user\'s spelling)')
     g.add_argument('--select_on', default='val', choices=('val', 'test'),
                    help='split that picks the best epoch and drives early stopping '
                         '(test = the user\'s protocol; results are labelled as such)')
@@ -157,6 +166,12 @@ def check_args(args, warn):
     errors = []
     if args.no_lr_scheduler:
         args.lr_scheduler = 'none'
+    if args.test_random_crop:
+        if args.test_crop == 'center':
+            errors.append('--test_random_crop (= --test_crop random) contradicts --test_crop center')
+        args.test_crop = 'random'
+    # kept in step so that readers of config.json that know only the user's flag read it right
+    args.test_random_crop = args.test_crop == 'random'
     if args.attention_fusion and args.no_multiscale:
         warn('--attention_fusion needs the multi-scale features, which --no_multiscale turns off: '
              'attention fusion is OFF for this run (single-scale model).')
@@ -176,7 +191,7 @@ def check_args(args, warn):
             errors.append(f'--{flag} must be in [0, 1), got {getattr(args, flag)}')
     if args.lr <= 0 or args.lr_ratio <= 0:
         errors.append('--lr and --lr_ratio must be positive')
-    if args.loss_type in ('srcc', 'rank', 'pairwise') and args.batch_size < 2:
+    if args.loss_type not in ('l1', 'l2') and args.batch_size < 2:
         errors.append(f'--loss_type {args.loss_type} compares images within a batch: --batch_size must be >= 2')
     if args.ranking_loss_alpha < 0:
         errors.append('--ranking_loss_alpha must be >= 0')
@@ -199,7 +214,11 @@ def check_args(args, warn):
 # --------------------------------------------------------------------------- losses
 
 def quality_loss(pred, mos, loss_type, margin=0.1):
-    """The main training loss between (B,) predictions and (B,) MOS."""
+    """The main training loss between (B,) predictions and (B,) MOS.
+
+    `rank` and `pairwise` are the user's formulas (same name, same meaning, so old ablations
+    re-run here compute what they computed); `hinge` and `fidelity` are this project's variants.
+    """
     if loss_type == 'l1':
         return F.l1_loss(pred, mos)
     if loss_type == 'l2':
@@ -207,8 +226,12 @@ def quality_loss(pred, mos, loss_type, margin=0.1):
     if loss_type == 'srcc':
         return 1.0 - batch_correlation(pred, mos)
     if loss_type == 'rank':
-        return margin_ranking_loss(pred, mos, margin)
+        return rank_loss(pred, mos)
     if loss_type == 'pairwise':
+        return pairwise_fidelity_loss(pred, mos)
+    if loss_type == 'hinge':
+        return margin_ranking_loss(pred, mos, margin)
+    if loss_type == 'fidelity':
         return fidelity_loss(pred, mos)
     raise ValueError(f'unknown loss_type {loss_type!r}')
 
@@ -220,11 +243,55 @@ def batch_correlation(pred, mos, eps=1e-8):
     return (p * m).sum() / (p.norm() * m.norm() + eps)
 
 
+def _pair_differences(pred, mos):
+    """(dp, dy) of the ordered pairs i != j whose targets differ (|y_i - y_j| > 1e-6).
+
+    The user's pairwise losses average over exactly these pairs; a pair and its mirror give the
+    same term in both losses below, so ordered or unordered pairs give the same mean.
+    """
+    dp = pred[:, None] - pred[None, :]
+    dy = mos[:, None] - mos[None, :]
+    mask = dy.abs() > 1e-6  # also drops the diagonal
+    return dp[mask], dy[mask]
+
+
+def rank_loss(pred, mos):
+    """The user's `--loss_type rank`: mean of max(0, |dp| - e * dy) over pairs with different MOS.
+
+    dp = p_i - p_j, dy = y_i - y_j, e = sign(dp) (1 where dp = 0). A pair ordered like its MOS
+    costs max(0, |dp| - |dy|): the predicted gap may not exceed the MOS gap; a pair ordered
+    against it costs |dp| + |dy|. Unlike a margin hinge it is in MOS units. 0 when all MOS are equal.
+    """
+    dp, dy = _pair_differences(pred, mos)
+    if dp.numel() == 0:
+        return pred.sum() * 0.0
+    e = torch.where(dp >= 0, 1.0, -1.0).to(dp.dtype)
+    return F.relu(dp.abs() - e * dy).mean()
+
+
+def pairwise_fidelity_loss(pred, mos, sigma=0.1, eps=1e-8):
+    """The user's `--loss_type pairwise`: fidelity loss with logistic pair probabilities.
+
+    p_gt = sigmoid(dy), p_pred = sigmoid(1.702 dp / (sqrt(2) sigma)) (1.702 x makes the logistic
+    a close approximation of the normal CDF, i.e. Thurstone with per-image std sigma = 0.1);
+    loss = 1 - sqrt(p_gt p_pred + eps) - sqrt((1 - p_gt)(1 - p_pred) + eps), averaged over
+    the pairs of `_pair_differences`. 0 pairs (all MOS equal) give 0.
+    """
+    dp, dy = _pair_differences(pred, mos)
+    if dp.numel() == 0:
+        return pred.sum() * 0.0
+    p_gt = torch.sigmoid(dy)
+    p_pred = torch.sigmoid(1.702 * dp / (math.sqrt(2) * sigma))
+    loss = 1 - torch.sqrt(p_gt * p_pred + eps) - torch.sqrt((1 - p_gt) * (1 - p_pred) + eps)
+    return loss.mean()
+
+
 def margin_ranking_loss(pred, mos, margin=0.1):
     """Mean hinge max(0, margin - (p_i - p_j) * sign(y_i - y_j)) over pairs with y_i != y_j.
 
-    The user's ranking loss: it penalises every pair the model orders against
-    the MOS (or separates by less than `margin`). 0 when all MOS are equal.
+    The user's ranking loss added by `--ranking_loss_alpha` (their solver's
+    pairwise_ranking_loss), and `--loss_type hinge` on its own: it penalises every pair the
+    model orders against the MOS (or separates by less than `margin`). 0 when all MOS are equal.
     """
     sign = torch.sign(mos[:, None] - mos[None, :])
     hinge = F.relu(margin - (pred[:, None] - pred[None, :]) * sign)
@@ -235,10 +302,11 @@ def margin_ranking_loss(pred, mos, margin=0.1):
 
 
 def fidelity_loss(pred, mos, eps=1e-12):
-    """Pairwise fidelity loss (Tsai et al. 2007; used by UNIQUE/LIQE for IQA).
+    """`--loss_type fidelity`: pairwise fidelity loss of Tsai et al. 2007 (UNIQUE/LIQE for IQA).
 
-    P(i better than j) = Phi((p_i - p_j) / sqrt(2)) under a Thurstone model with unit
-    variance; the target is 1, 0.5 or 0 from the MOS order. Averaged over pairs i < j.
+    This project's variant, not the user's `pairwise`: P(i better than j) = Phi((p_i - p_j) /
+    sqrt(2)) under a Thurstone model with unit variance; the target is 1, 0.5 or 0 from the
+    MOS order. Averaged over pairs i < j.
     """
     i, j = torch.triu_indices(len(pred), len(pred), offset=1, device=pred.device)
     prob = 0.5 * (1 + torch.erf((pred[i] - pred[j]) / 2))  # Phi(d / sqrt 2) = (1 + erf(d / 2)) / 2
@@ -281,10 +349,20 @@ def learning_rates(epoch, args):
 
 # --------------------------------------------------------------------------- evaluation
 
+def describe_test_crop(crop, patch_num):
+    """The evaluation protocol in words, for the log."""
+    if crop == 'center':
+        return (f'centre crop (--test_crop center, the user\'s CenterCrop default; the {patch_num} identical '
+                'crops are scored once)')
+    if crop == 'random':
+        return f'{patch_num} random crops per image, new every epoch (--test_crop random)'
+    return f'{patch_num} fixed crops per image, the same every epoch (--test_crop fixed)'
+
+
 def evaluate_split(model, images_u8, mos, direction, args, device, amp, rank, world, seed, desc):
     """SRCC/PLCC/KRCC of one split (direction -1 flips a lower-is-better target)."""
     pred = predict_scores(model, images_u8, patch_size=args.patch_size, patch_num=args.test_patch_num,
-                          batch_size=args.eval_batch_size, random_crop=args.test_random_crop, seed=seed,
+                          batch_size=args.eval_batch_size, crop=args.test_crop, seed=seed,
                           device=device, amp=amp, rank=rank, world_size=world, pad_batches=args.compile,
                           desc=desc)
     return iqa_metrics.correlations(pred, direction * np.asarray(mos)), pred
@@ -428,6 +506,7 @@ def run_round(round_idx, args, state, ctx):
     log(f'Round {round_idx}/{args.train_test_num}: {dataset.name} from {dataset.root}, split: '
         f'{dataset.split_source}; train {len(splits["train"])}, val {len(splits.get("val", []))}, '
         f'test {len(splits["test"])} images; target {dataset.score_name}')
+    log(f'Evaluation: {describe_test_crop(args.test_crop, args.test_patch_num)}')
     # Stored so that cross-dataset tests know which way this model's scores point.
     ctx['config']['higher_is_better'] = bool(dataset.higher_is_better)
     if rank == 0:
@@ -497,7 +576,7 @@ def run_round(round_idx, args, state, ctx):
             return best, 'diverged'
         row = {'round': round_idx, 'epoch': epoch + 1, 'lr_backbone': f'{lr_backbone:.3e}',
                'lr_head': f'{lr_head:.3e}', 'train_loss': fmt(train_loss), 'train_srcc': fmt(train_srcc)}
-        eval_seed = round_seed * 1000 + epoch if args.test_random_crop else round_seed
+        eval_seed = round_seed * 1000 + epoch if args.test_crop == 'random' else round_seed
         results = {}
         for name, (imgs, split_mos) in eval_sets.items():
             results[name], _ = evaluate_split(model, imgs, split_mos, 1, args, device, amp, rank, world,
@@ -511,6 +590,7 @@ def run_round(round_idx, args, state, ctx):
                                                 rank, world, eval_seed, 'SPAQ eval')
             row['spaq_srcc'], row['spaq_plcc'] = fmt(results['spaq']['srcc']), fmt(results['spaq']['plcc'])
         row['epoch_seconds'] = f'{seconds:.1f}'
+        row['test_crop'] = args.test_crop  # in the checkpoint's metrics; metrics.csv stays numbers only
         row['train_patches_per_s'] = f'{patches_per_s:.1f}'
 
         score = results[select_on]['srcc']
@@ -562,7 +642,7 @@ def run_round(round_idx, args, state, ctx):
     if 'test' in eval_sets and best is not None and rank == 0:
         # Bootstrap intervals of the selected epoch, from its saved weights.
         best.update(best_intervals(raw_model, best, eval_sets['test'], args, device, amp,
-                                   round_seed * 1000 + best['epoch'] - 1 if args.test_random_crop else round_seed))
+                                   round_seed * 1000 + best['epoch'] - 1 if args.test_crop == 'random' else round_seed))
     return best, status
 
 
@@ -573,7 +653,7 @@ def best_intervals(model, best, test_set, args, device, amp, seed):
         return {}
     model.load_state_dict(checkpoints.load_checkpoint(path)['state_dict'])
     pred = predict_scores(model, test_set[0], patch_size=args.patch_size, patch_num=args.test_patch_num,
-                          batch_size=args.eval_batch_size, random_crop=args.test_random_crop, seed=seed,
+                          batch_size=args.eval_batch_size, crop=args.test_crop, seed=seed,
                           device=device, amp=amp)
     mos = test_set[1]
     return {'test_srcc_ci': list(iqa_metrics.bootstrap_ci(pred, mos, 'srcc')),
@@ -586,6 +666,8 @@ def write_summary(run_dir, args, state, best, select_on, status):
     test_plccs = [r['test_plcc'] for r in rounds if r]
     summary = {
         'run_name': state['run_name'], 'name': args.name, 'status': status, 'select_on': select_on,
+        # the evaluation protocol: numbers of different protocols are not comparable
+        'test_crop': args.test_crop, 'test_patch_num': args.test_patch_num,
         'best_epoch': best['epoch'] if best else None, 'best': best, 'rounds': state['rounds'],
         'median_test_srcc': float(np.median(test_srccs)) if test_srccs else None,
         'median_test_plcc': float(np.median(test_plccs)) if test_plccs else None,

@@ -20,7 +20,8 @@ import data_loader
 import evaluation
 import iqa_metrics
 import models_swin
-from dataset_fixtures import make_csiq, make_json_list, make_koniq, write_image, write_png16
+from dataset_fixtures import (make_agiqa, make_csiq, make_json_list, make_kadid, make_koniq, make_spaq,
+                              write_csv, write_image, write_png16)
 
 FAST = ['--test_patch_num', '2', '--resize', '232', '240', '--batch_size', '8', '--cache_dir', 'none',
         '--n_boot', '200', '--device', 'cpu']
@@ -75,7 +76,12 @@ def test_project_and_bare_checkpoints_agree_and_json_matches_metrics(world, caps
                    .read_text())
     b = json.loads((tmp_path / 'b' / 'cross_dataset_results_nano_best_model_srcc_0.9249_plcc_0.9360.json')
                    .read_text())
-    assert a['results'] == b['results']
+    # the same numbers; only what is known of the training set differs (bare: nothing)
+    why = ('split', 'split_reason', 'training_set')
+    assert {k: {m: v for m, v in r.items() if m not in why} for k, r in a['results'].items()} == \
+        {k: {m: v for m, v in r.items() if m not in why} for k, r in b['results'].items()}
+    assert b['results']['koniq']['split_reason'] == 'training set unknown (give --trained_on): test split'
+    assert a['results']['spaq']['split'] == 'all' and b['results']['spaq']['split'] == 'test'
     assert a['checkpoint'] == str(world['project']) and b['checkpoint'] == str(world['bare'])
     assert a['model']['source'] == 'checkpoint config'
     assert b['model']['source'].startswith('inferred from the weights, overridden by --model_size nano')
@@ -121,6 +127,103 @@ def test_project_and_bare_checkpoints_agree_and_json_matches_metrics(world, caps
     row = next(line for line in out.splitlines() if line.startswith('| koniq |'))
     assert f'{koniq["srcc"]:.4f} [{koniq["srcc_ci"][0]:.4f}, {koniq["srcc_ci"][1]:.4f}]' in row
     assert f'| {world["n_koniq"]} |' in row
+
+
+def test_test_crop_follows_the_checkpoint_and_is_recorded(world, capsys, tmp_path):
+    settings = lambda config, *flags: cdt.eval_settings({'config': config}, cdt.build_parser().parse_args(list(flags)))
+    assert settings({})['test_crop'] == 'fixed'                               # bare state_dict
+    assert settings({'test_random_crop': True})['test_crop'] == 'random'     # a run from before --test_crop
+    assert settings({'test_crop': 'center'})['test_crop'] == 'center'
+    assert settings({'test_crop': 'center'}, '--test_random_crop')['test_crop'] == 'random'
+    assert settings({'test_crop': 'random'}, '--test_crop', 'fixed')['test_crop'] == 'fixed'
+    with pytest.raises(cdt.UsageError, match='contradicts --test_crop center'):
+        settings({}, '--test_random_crop', '--test_crop', 'center')
+
+    rc, out, err = run(capsys, '--checkpoint', world['project'], '--datasets', f'spaq={world["spaq"]}',
+                       '--test_crop', 'center', '--output_dir', tmp_path, *FAST)
+    assert rc == 0, err
+    assert '(--test_crop center)' in out
+    saved = json.loads(next(tmp_path.glob('cross_dataset_results_*.json')).read_text())
+    assert saved['test_crop'] == 'center' and saved['test_random_crop'] is False
+    assert saved['results']['spaq']['test_crop'] == 'center'
+    model, _, _, _ = cdt.load_model(str(world['project']), cdt.build_parser().parse_args([]), torch.device('cpu'))
+    dataset = data_loader.load_dataset('spaq', world['spaq'])
+    images, _ = data_loader.load_images(dataset.paths, (232, 240), cache_dir=None)
+    pred = evaluation.predict_scores(model, images, patch_size=224, patch_num=2, crop='center')
+    assert saved['results']['spaq']['srcc'] == pytest.approx(iqa_metrics.srcc(pred, dataset.mos), abs=1e-12)
+
+
+def checkpoint_with(world, path, **config):
+    """The world's weights saved as a train_swin checkpoint with `config` changed."""
+    ckpt = checkpoints.load_checkpoint(str(world['project']))
+    ckpt['config'] = {**ckpt['config'], **config}
+    os.makedirs(path.parent, exist_ok=True)
+    checkpoints.atomic_torch_save(ckpt, path)
+    return path
+
+
+def test_other_data_sets_are_scored_whole_and_the_training_set_on_its_test_split(world, capsys, tmp_path):
+    # the official annotation files: SPAQ's xlsx, KADID's dmos.csv, AGIQA-3K's data.csv
+    make_spaq(tmp_path / 'spaq', n=10)
+    make_kadid(tmp_path / 'kadid', refs=(1, 2, 65, 66, 70, 81), per_ref=2)   # 12 images, 6 of them I66-I81
+    make_agiqa(tmp_path / 'agiqa', prompts=5, per_prompt=2)                  # 10 images
+    datasets = ['--datasets', f'koniq={world["koniq"]}', f'spaq={tmp_path / "spaq"}',
+                f'kadid={tmp_path / "kadid"}', f'agiqa={tmp_path / "agiqa"}']
+    rc, out, err = run(capsys, '--checkpoint', world['project'], *datasets, '--output_dir', tmp_path / 'out',
+                       '--n_boot', '0', *FAST[:-4], '--device', 'cpu')
+    assert rc == 0, err
+    saved = json.loads(next((tmp_path / 'out').glob('cross_dataset_results_*.json')).read_text())
+    images = {k: r['images'] for k, r in saved['results'].items()}
+    assert images == {'koniq': world['n_koniq'], 'spaq': 10, 'kadid': 12, 'agiqa': 10}
+    assert {k: r['split'] for k, r in saved['results'].items()} == {
+        'koniq': 'test', 'spaq': 'all', 'kadid': 'all', 'agiqa': 'all'}
+    assert saved['results']['koniq']['images_in_dataset'] == 10 and saved['results']['koniq']['training_set']
+    assert saved['cross_domain_mean']['images'] == {'spaq': 10, 'kadid': 12, 'agiqa': 10}
+    # the count is printed with every number: per data set, in the table and with the mean
+    assert 'spaq: 10 of 10 images (all: not the training data set: every image)' in out
+    assert f'koniq: {world["n_koniq"]} of 10 images (test: the training data set: held-out test split)' in out
+    assert re.search(r'^\| kadid \| 12 \| all \| ', out, re.M)
+    assert '(spaq: 10 images, kadid: 12 images, agiqa: 10 images)' in out
+
+    # --split test is the old behaviour, for every data set
+    rc, out, err = run(capsys, '--checkpoint', world['project'], *datasets, '--split', 'test',
+                       '--output_dir', tmp_path / 'old', '--n_boot', '0', *FAST[:-4], '--device', 'cpu')
+    assert rc == 0, err
+    saved = json.loads(next((tmp_path / 'old').glob('cross_dataset_results_*.json')).read_text())
+    # KADID's dmos.csv test split is references I66-I81; SPAQ's xlsx and AGIQA's data.csv a random 20%
+    assert {k: r['images'] for k, r in saved['results'].items()} == {
+        'koniq': world['n_koniq'], 'spaq': 2, 'kadid': 6, 'agiqa': 2}
+
+
+def test_training_data_settings_come_from_the_checkpoint(world, capsys, tmp_path):
+    # a run trained on KonIQ's 1-5 'MOS' is tested against 'MOS', not the default MOS_zscore
+    mos_ckpt = checkpoint_with(world, tmp_path / 'mos' / 'best.pkl', score='MOS')
+    rc, out, err = run(capsys, '--checkpoint', mos_ckpt, '--datasets', f'koniq={world["koniq"]}',
+                       '--output_dir', tmp_path / 'mos', '--n_boot', '0', *FAST[:-4], '--device', 'cpu')
+    assert rc == 0, err
+    result = json.loads(next((tmp_path / 'mos').glob('cross_dataset_results_*.json')).read_text())
+    assert result['results']['koniq']['score'] == 'MOS' and result['results']['koniq']['images'] == 6
+    assert result['training_data_settings']['score'] == 'MOS'
+
+    # a CSV with its own column names (the run's --csv_image_column/--csv_score_column)
+    folder = tmp_path / 'mine'
+    rows = []
+    for i in range(8):
+        write_image(folder / f'p{i}.jpg', seed=40 + i, fmt='JPEG')
+        rows.append([f'p{i}.jpg', 10.0 + 3 * i, 'test' if i >= 5 else 'train'])
+    csv_file = write_csv(folder / 'scores.csv', ['file', 'quality', 'split'], rows)
+    csv_ckpt = checkpoint_with(world, tmp_path / 'csv' / 'best.pkl', dataset=str(csv_file),
+                               csv_image_column='file', csv_score_column='quality')
+    rc, out, err = run(capsys, '--checkpoint', csv_ckpt, '--datasets', f'mine={csv_file}',
+                       '--output_dir', tmp_path / 'csv', '--n_boot', '0', *FAST[:-4], '--device', 'cpu')
+    assert rc == 0, err
+    result = json.loads(next((tmp_path / 'csv').glob('cross_dataset_results_*.json')).read_text())['results']
+    assert result['mine']['images'] == 3 and result['mine']['split'] == 'test'   # its 3 held-out rows
+    assert result['mine']['score'] == 'quality'
+    # overridable: the flag wins over the stored column
+    rc, out, err = run(capsys, '--checkpoint', csv_ckpt, '--datasets', f'mine={csv_file}', '--csv_score_column',
+                       'nosuch', '--output_dir', tmp_path / 'csv2', '--n_boot', '0', *FAST[:-4], '--device', 'cpu')
+    assert rc == 2 and 'nosuch' in err
 
 
 def test_lower_is_better_dataset_is_flipped(world, capsys, tmp_path):

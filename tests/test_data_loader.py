@@ -737,6 +737,25 @@ def test_eval_crops_fixed_ordered_unflipped():
     assert torch.equal(cat(r1), cat(r1b)) and not torch.equal(cat(r1), cat(r2))
 
 
+def test_eval_center_crop_is_torchvision_centercrop_and_cut_once():
+    import torchvision.transforms.functional as TF
+    for h, w, p in ((40, 48, 16), (41, 50, 16), (43, 45, 16)):   # odd margins: round() as torchvision
+        images = position_images(n=3, h=h, w=w)
+        batches = list(dl.eval_patch_batches(images, patch_size=p, patch_num=20, batch_size=2, crop='center'))
+        index = torch.cat([x[1] for x in batches])
+        assert index.tolist() == [0, 1, 2]   # 20 identical crops have the mean of one: one is cut
+        patches = to_u8(torch.cat([x[0] for x in batches]))
+        expected = TF.center_crop(images, [p, p]).to(torch.int64)
+        assert torch.equal(patches, expected), (h, w)
+    # the other modes keep their names: crop='random' is random_crop=True, the default is 'fixed'
+    images = position_images()
+    cat = lambda **kw: torch.cat([x[0] for x in dl.eval_patch_batches(images, patch_size=16, patch_num=7, **kw)])
+    assert torch.equal(cat(crop='random', seed=4), cat(random_crop=True, seed=4))
+    assert torch.equal(cat(crop='fixed'), cat())
+    with pytest.raises(dl.DataError, match='crop must be one of fixed, center, random'):
+        cat(crop='middle')
+
+
 # ----------------------------------------------------------------------------------------
 # the demo data set
 # ----------------------------------------------------------------------------------------

@@ -134,6 +134,26 @@ def test_train_mode_dropout_changes_scores_eval_does_not(images):
     assert not torch.allclose(a, b)
 
 
+def test_resnet50_trains_without_dropout_like_the_original_hyperiqa(images):
+    # Original HyperIQA: score = target_net(lda vector, weights from conv1(stage-4 features)),
+    # no dropout anywhere. Computed here by hand in train mode (BatchNorm uses batch statistics,
+    # which is deterministic for a fixed batch) and compared with the model's own forward.
+    torch.manual_seed(0)
+    model = build_model('resnet50', use_multiscale=False, pretrained=False, dropout_rate=0.3).train()
+    x = images[:2]
+    with torch.no_grad():
+        torch.manual_seed(5)
+        scores = model(x)
+        feats = model.res.stage_features(x)
+        hyper = model.conv1(F.adaptive_avg_pool2d(feats[3], 7))
+        weights, biases = model.target_params(hyper)
+        q = models_swin._lda_vector(model.res, feats)
+        for i, (w, b) in enumerate(zip(weights, biases)):
+            q = torch.einsum('boi,bi->bo', w, q) + b
+            q = torch.sigmoid(q) if i < 4 else q
+    assert torch.allclose(scores, q[:, 0], atol=1e-6, rtol=0)
+
+
 def test_parameter_groups_split_backbone_from_heads():
     model = nano()
     backbone = {id(p) for p in model.backbone_parameters()}

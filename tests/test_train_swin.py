@@ -17,6 +17,7 @@ import torch
 import checkpoints
 import data_loader
 import evaluation
+import iqa_metrics
 import train_swin
 from dataset_fixtures import make_agiqa, make_koniq
 
@@ -85,8 +86,14 @@ def test_misspelt_flag_stops_at_once_with_a_suggestion(capsys):
     assert 'Nothing was run' in err
 
 
+SEEDS = os.path.join(ROOT, '..', 'shared', 'seeds')
+
+
+@pytest.mark.skipif(not os.path.isdir(SEEDS),
+                    reason=f"the user's notes are not here ({os.path.normpath(SEEDS)} does not exist: it is part "
+                           "of the project's workspace, not of a clone); their commands are parsed there")
 def test_every_seed_command_parses():
-    seeds = glob.glob(os.path.join(ROOT, '..', 'shared', 'seeds', '00[01]_*.md'))
+    seeds = glob.glob(os.path.join(SEEDS, '00[01]_*.md'))
     assert len(seeds) == 2
     parser = train_swin.build_parser()
     n = 0
@@ -137,32 +144,104 @@ def test_l1_and_l2_losses():
     assert train_swin.quality_loss(PRED, MOS, 'l2').item() == pytest.approx(5 / 3)
 
 
-def test_margin_ranking_loss_by_hand():
+def test_hinge_is_the_margin_ranking_loss_by_hand():
     # Only the pair (2.0 vs 4.0) is ordered against its MOS (3 > 2): hinge 0.1 + 2 = 2.1,
     # counted once for (i, j) and once for (j, i), over the 6 ordered pairs.
     assert train_swin.margin_ranking_loss(PRED, MOS, 0.1).item() == pytest.approx(4.2 / 6)
-    assert train_swin.quality_loss(PRED, MOS, 'rank', 0.1).item() == pytest.approx(0.7)
+    assert train_swin.quality_loss(PRED, MOS, 'hinge', 0.1).item() == pytest.approx(0.7)
     assert train_swin.margin_ranking_loss(PRED, torch.ones(3)).item() == 0.0
+
+
+def random_batch(seed, n=16, ties=True):
+    """Random float64 predictions and MOS; some MOS repeated (ties) and some predictions equal."""
+    g = torch.Generator().manual_seed(seed)
+    pred = torch.randn(n, generator=g, dtype=torch.float64)
+    mos = torch.rand(n, generator=g, dtype=torch.float64) * 4 + 1
+    if ties:
+        mos[1], mos[5] = mos[0], mos[2]   # tied MOS: pairs that every pairwise loss leaves out
+        pred[3] = pred[4]                  # tied prediction: e = 1 where p_i = p_j
+    return pred, mos
+
+
+def users_pairs(pred, mos):
+    """(dp, dy) of every ordered pair i != j with |y_i - y_j| > 1e-6, in plain Python."""
+    p, y = pred.tolist(), mos.tolist()
+    return [(p[i] - p[j], y[i] - y[j]) for i in range(len(p)) for j in range(len(p))
+            if i != j and abs(y[i] - y[j]) > 1e-6]
+
+
+def test_rank_is_the_users_formula_on_random_inputs():
+    for seed in range(5):
+        pred, mos = random_batch(seed)
+        terms = [max(0.0, abs(dp) - (1.0 if dp >= 0 else -1.0) * dy) for dp, dy in users_pairs(pred, mos)]
+        expected = sum(terms) / len(terms)
+        assert train_swin.quality_loss(pred, mos, 'rank').item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_rank_by_hand_and_in_mos_units():
+    # pairs (a pair and its mirror give the same term), pred 1,2,4 with MOS 1,3,2:
+    # (0,1) dp=-1 dy=-2: 1 - (-1)(-2) = -1 -> 0 (right order, gap within the MOS gap);
+    # (0,2) dp=-3 dy=-1: 3 - 1 = 2 (right order, but 2 further apart than the MOS);
+    # (1,2) dp=-2 dy=+1: 2 + 1 = 3 (wrong order). Mean over the 3 pairs = 5/3.
+    assert train_swin.quality_loss(PRED, MOS, 'rank').item() == pytest.approx(5 / 3)
+    # equal predictions: e = 1, so the term is max(0, -dy): 0 one way, |dy| the other
+    assert train_swin.rank_loss(torch.zeros(2), torch.tensor([1.0, 3.0])).item() == pytest.approx(1.0)
+    assert train_swin.rank_loss(PRED, torch.ones(3)).item() == 0.0
+
+
+def test_pairwise_is_the_users_fidelity_formula_on_random_inputs():
+    sig = lambda x: 1 / (1 + math.exp(-x))
+    for seed in range(5):
+        pred, mos = random_batch(seed)
+        terms = []
+        for dp, dy in users_pairs(pred, mos):
+            p_gt, p_pred = sig(dy), sig(1.702 * dp / (math.sqrt(2) * 0.1))
+            terms.append(1 - math.sqrt(p_gt * p_pred + 1e-8) - math.sqrt((1 - p_gt) * (1 - p_pred) + 1e-8))
+        expected = sum(terms) / len(terms)
+        assert train_swin.quality_loss(pred, mos, 'pairwise').item() == pytest.approx(expected, abs=1e-6)
+    assert train_swin.quality_loss(PRED, torch.ones(3), 'pairwise').item() == 0.0
 
 
 def test_srcc_loss_is_one_minus_batch_correlation():
     expected = 1 - 1 / (math.sqrt(42) / 3 * math.sqrt(2))
     assert train_swin.quality_loss(PRED, MOS, 'srcc').item() == pytest.approx(expected, rel=1e-5)
+    # the user's formula: 1 - sum (v - v_mean)(p - p_mean) / sqrt(sum (v - v_mean)^2 sum (p - p_mean)^2)
+    for seed in range(5):
+        pred, mos = random_batch(seed)
+        p, v = np.array(pred.tolist()), np.array(mos.tolist())
+        pc, vc = p - p.mean(), v - v.mean()
+        expected = 1 - (pc * vc).sum() / math.sqrt((pc ** 2).sum() * (vc ** 2).sum())
+        assert train_swin.quality_loss(pred, mos, 'srcc').item() == pytest.approx(expected, abs=1e-6)
 
 
-def test_fidelity_loss_by_hand():
+def test_fidelity_is_the_thurstone_variant_by_hand():
     phi = statistics.NormalDist().cdf
     total = 0.0
     for i, j in ((0, 1), (0, 2), (1, 2)):
         prob = phi((PRED[i] - PRED[j]).item() / math.sqrt(2))
         target = 1.0 if MOS[i] > MOS[j] else 0.0
         total += 1 - math.sqrt(target * prob) - math.sqrt((1 - target) * (1 - prob))
-    assert train_swin.quality_loss(PRED, MOS, 'pairwise').item() == pytest.approx(total / 3, abs=1e-4)
+    assert train_swin.quality_loss(PRED, MOS, 'fidelity').item() == pytest.approx(total / 3, abs=1e-4)
 
 
 def test_ranking_alpha_adds_the_margin_loss():
     args = train_swin.build_parser().parse_args(['--ranking_loss_alpha', '0.3'])
     assert train_swin.total_loss(PRED, MOS, args).item() == pytest.approx(1.0 + 0.3 * 0.7)
+
+
+def test_ranking_alpha_term_is_the_users_pairwise_ranking_loss_on_random_inputs():
+    # The user's solver: relu(-(p_i - p_j) * sign(y_i - y_j) + margin), averaged over the ordered
+    # pairs with sign(y_i - y_j) != 0, added to L1 with weight alpha.
+    args = train_swin.build_parser().parse_args(['--ranking_loss_alpha', '0.5', '--ranking_loss_margin', '0.2'])
+    for seed in range(5):
+        pred, mos = random_batch(seed)
+        p, y = pred.tolist(), mos.tolist()
+        sign = lambda x: (x > 0) - (x < 0)
+        terms = [max(0.0, -(p[i] - p[j]) * sign(y[i] - y[j]) + 0.2)
+                 for i in range(len(p)) for j in range(len(p)) if sign(y[i] - y[j]) != 0]
+        l1 = sum(abs(a - b) for a, b in zip(p, y)) / len(p)
+        expected = l1 + 0.5 * sum(terms) / len(terms)
+        assert train_swin.total_loss(pred, mos, args).item() == pytest.approx(expected, abs=1e-6)
 
 
 # --------------------------------------------------------------------------- schedule
@@ -256,6 +335,47 @@ def test_a_set_without_official_split_selects_on_its_own_val_split_every_round(t
     assert train_swin.main(args) == 0
     log = open(out / 'logs' / (os.path.basename(only_run_dir(out)) + '.log')).read()
     assert 'Best test SRCC 0.9000 PLCC 0.9100 (epoch 2, selected on test (no validation split: --val_ratio 0))' in log
+
+
+def test_test_crop_flag_resolves_the_users_spelling():
+    parser = train_swin.build_parser()
+    resolve = lambda *flags: train_swin.check_args(parser.parse_args(list(flags)), print)
+    assert resolve().test_crop == 'fixed' and resolve().test_random_crop is False
+    args = resolve('--test_random_crop')
+    assert args.test_crop == 'random' and args.test_random_crop is True
+    args = resolve('--test_crop', 'center')
+    assert args.test_crop == 'center' and args.test_random_crop is False
+    with pytest.raises(SystemExit, match='--test_random_crop .* contradicts --test_crop center'):
+        resolve('--test_random_crop', '--test_crop', 'center')
+
+
+def test_center_crop_protocol_is_recorded_and_scores_the_torchvision_centre_crop(koniq_root, tmp_path):
+    # 240x232 images: CenterCrop(224) starts at row 8, column 4
+    assert train_swin.main(tiny_args(koniq_root, tmp_path, '--test_crop', 'center', '--epochs', '1',
+                                     '--resize', '240', '232')) == 0
+    run_dir = only_run_dir(tmp_path)
+    summary = json.load(open(os.path.join(run_dir, 'summary.json')))
+    assert summary['test_crop'] == 'center' and summary['test_patch_num'] == 2
+    assert json.load(open(os.path.join(run_dir, 'config.json')))['test_crop'] == 'center'
+    log = open(tmp_path / 'logs' / (os.path.basename(run_dir) + '.log')).read()
+    assert 'Evaluation: centre crop (--test_crop center' in log
+    # by hand: the saved model on the centre crop of each test image, one image at a time
+    ckpt = checkpoints.load_checkpoint(summary['best_checkpoint'])
+    assert ckpt['config']['test_crop'] == 'center' and ckpt['metrics']['test_crop'] == 'center'
+    model = train_swin.models_swin.build_model('nano', pretrained=False)
+    model.load_state_dict(ckpt['state_dict'])
+    model.eval()
+    dataset = data_loader.load_dataset('koniq-10k', str(koniq_root), seed=3)
+    test = dataset.splits['test']
+    images, _ = data_loader.load_images([dataset.paths[i] for i in test], resize_hw=(240, 232), cache_dir=None,
+                                        num_workers=1, progress=False)
+    mean = torch.tensor(data_loader.IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(data_loader.IMAGENET_STD).view(3, 1, 1)
+    with torch.no_grad():
+        pred = [model(((img[:, 8:232, 4:228].float() / 255 - mean) / std)[None]).item() for img in images]
+    tool = evaluation.predict_scores(model, images, patch_size=224, patch_num=2, crop='center')
+    assert np.allclose(tool, pred, atol=1e-6, rtol=0)
+    assert summary['best']['test_srcc'] == pytest.approx(iqa_metrics.srcc(pred, dataset.mos[test]), abs=1e-6)
 
 
 def test_full_disk_while_saving_keeps_previous_best_and_training_goes_on(koniq_root, tmp_path, monkeypatch):
