@@ -198,7 +198,7 @@ def clip_pixels(images_u8, train=False, generator=None, scale=(0.8, 1.0)):
 # Built-in demo: AIGC-style images whose prompts describe them (or deliberately do not)
 # ----------------------------------------------------------------------------------------
 
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 DEMO_ROOT = SCRIPT_DIR / '.cache' / 'demo-clip'
 DEMO_SIZE = 64
 DEMO_COLORS = {'red': (220, 30, 30), 'green': (40, 180, 50), 'blue': (40, 70, 220), 'yellow': (235, 220, 40),
@@ -233,13 +233,18 @@ def _draw_demo(color, shape, background, rng):
 
 
 def _degrade(im, level, kind, rng):
-    """Quality level 0 (clean) .. 4 (worst): Gaussian noise or blur, AIGC-style artefacts."""
+    """Quality level 0 (clean) .. 4 (worst): haze, under-exposure or noise. The first two change
+    the colour statistics a random-initialised tower picks up within minutes on a CPU; all three
+    leave the colours and the shape recognisable, so the prompt still can be checked."""
     if level == 0:
         return im
-    if kind == 'blur':
-        return im.filter(ImageFilter.GaussianBlur(radius=0.6 * level))
     a = np.asarray(im, dtype=np.float32)
-    a = a + rng.normal(0, 12.0 * level, size=a.shape)
+    if kind == 'haze':
+        a = a * (1 - 0.15 * level) + 150.0 * 0.15 * level
+    elif kind == 'dark':
+        a = a * (1 - 0.17 * level)
+    else:
+        a = a + rng.normal(0, 10.0 * level, size=a.shape)
     return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
 
 
@@ -248,7 +253,7 @@ def ensure_clip_demo(root=None, seed=0):
 
     Each prompt 'a <color> <shape> on a <background> background' gets several images. An image
     matches 0-3 of the prompt's three attributes (the others are drawn with a different value),
-    and mos_align grows with the matches; mos_quality falls with the level of noise or blur
+    and mos_align grows with the matches; mos_quality falls with the level of haze, under-exposure or noise
     applied. Both scores get a little rater noise. No download: everything is drawn here.
     """
     root = Path(root) if root else DEMO_ROOT
@@ -275,7 +280,7 @@ def ensure_clip_demo(root=None, seed=0):
                     options = [x for x in backgrounds if x != background and x != c]
                     b = background if 2 in keep else rng.choice(options)
                     level = int(rng.integers(0, 5))
-                    im = _degrade(_draw_demo(c, s, b, rng), level, rng.choice(['noise', 'blur']), rng)
+                    im = _degrade(_draw_demo(c, s, b, rng), level, rng.choice(['haze', 'dark', 'noise']), rng)
                     name = f'images/{color}_{shape}_{background}_{k}.png'
                     buf = io.BytesIO()
                     im.save(buf, format='PNG')

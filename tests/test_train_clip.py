@@ -394,3 +394,27 @@ def test_resume_after_a_kill_ends_with_the_uninterrupted_metrics(tmp_path, monke
     for ra, rc in zip(a, c):
         assert {k: v for k, v in ra.items() if k not in TIMING} == {k: v for k, v in rc.items() if k not in TIMING}
     assert read_rows(whole / 'training_log.csv') == read_rows(killed / 'training_log.csv')
+
+
+def test_cross_dataset_test_scores_a_clip_checkpoint(tmp_path):
+    import cross_dataset_test
+    data = tmp_path / 'agiqa'
+    csv_path = make_prompt_csv(data)
+    run_dir = run(tmp_path, csv_path, '--epochs 1')
+    ckpt = str(run_dir / 'last.pkl')
+    assert clip_eval.is_clip_checkpoint(ckpt) and not clip_eval.is_clip_checkpoint(str(csv_path))
+    out = tmp_path / 'out'
+    assert cross_dataset_test.main(['--checkpoint', ckpt, '--datasets', f'agiqa={data}', '--split', 'all',
+                                    '--n_boot', '50', '--output_dir', str(out), '--cache_dir', 'none']) == 0
+    result = json.loads(next(out.glob('cross_dataset_results_clip_*.json')).read_text())['results']['agiqa']
+    assert result['images'] == 27 and not math.isnan(result['srcc_q']) and not math.isnan(result['srcc_c'])
+    # a CSV of image paths + prompts -> a CSV of quality and consistency
+    (tmp_path / 'to_score.csv').write_text('image,prompt\nagiqa/AGIQA-3K/p0_0.png,a red circle\n'
+                                           'agiqa/AGIQA-3K/nothere.png,a cat\n')
+    scores = tmp_path / 'scores.csv'
+    assert cross_dataset_test.main(['--checkpoint', ckpt, '--images', str(tmp_path / 'to_score.csv'),
+                                    '--output', str(scores), '--cache_dir', 'none']) == 0
+    rows = read_rows(scores)
+    assert rows[0]['quality'] != '' and rows[0]['consistency'] != '' and rows[0]['prompt'] == 'a red circle'
+    assert rows[1]['quality'] == '' and rows[1]['error']
+    assert 0 <= float(rows[0]['quality']) <= 5      # on the training labels' scale
