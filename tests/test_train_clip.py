@@ -418,3 +418,31 @@ def test_cross_dataset_test_scores_a_clip_checkpoint(tmp_path):
     assert rows[0]['quality'] != '' and rows[0]['consistency'] != '' and rows[0]['prompt'] == 'a red circle'
     assert rows[1]['quality'] == '' and rows[1]['error']
     assert 0 <= float(rows[0]['quality']) <= 5      # on the training labels' scale
+
+
+def plan_lines(path):
+    """(name, flags) of a run_experiments.sh plan file: comments dropped, backslash lines joined."""
+    text = open(path, encoding='utf-8').read().replace('\\\n', ' ')
+    out = []
+    for line in text.splitlines():
+        words = shlex.split(line, comments=True)
+        if words:
+            out.append((words[0], words[1:]))
+    return out
+
+
+def test_clip_plan_files_name_their_script_and_parse():
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments')
+    files = sorted(f for f in os.listdir(folder) if f.startswith('clip_'))
+    assert len(files) >= 5
+    parser = train_clip.build_parser()
+    for name in files:
+        path = os.path.join(folder, name)
+        assert open(path, encoding='utf-8').readline().strip() == '# script: train_clip.py', name
+        lines = plan_lines(path)
+        assert lines, name
+        for exp, flags in lines:
+            args = train_clip.check_args(parser.parse_args(['--name', exp] + flags), lambda m: None)
+            assert args.name == exp
+    configs = dict(plan_lines(os.path.join(folder, 'clip_configs.txt')))
+    assert configs['B'] == shlex.split(CARD_COMMANDS[1])    # the card's configuration B, verbatim
