@@ -198,15 +198,17 @@ def clip_pixels(images_u8, train=False, generator=None, scale=(0.8, 1.0)):
 # Built-in demo: AIGC-style images whose prompts describe them (or deliberately do not)
 # ----------------------------------------------------------------------------------------
 
-DEMO_VERSION = 2
+DEMO_VERSION = 4
 DEMO_ROOT = SCRIPT_DIR / '.cache' / 'demo-clip'
 DEMO_SIZE = 64
 DEMO_COLORS = {'red': (220, 30, 30), 'green': (40, 180, 50), 'blue': (40, 70, 220), 'yellow': (235, 220, 40),
                'orange': (245, 140, 20), 'purple': (140, 50, 170)}
 DEMO_SHAPES = ('circle', 'square', 'triangle', 'cross')
-DEMO_BACKGROUNDS = {'white': (235, 235, 235), 'black': (20, 20, 20), 'gray': (128, 128, 128),
-                    'pink': (250, 180, 200)}
+# no gray background: an under-exposed white one must not look like another background
+DEMO_BACKGROUNDS = {'white': (235, 235, 235), 'black': (20, 20, 20), 'pink': (250, 170, 200),
+                    'cyan': (140, 225, 230)}
 DEMO_IMAGES_PER_PROMPT = 6
+DEMO_DISTORTIONS = ('dark',)
 
 
 def _demo_prompt(color, shape, background):
@@ -280,7 +282,7 @@ def ensure_clip_demo(root=None, seed=0):
                     options = [x for x in backgrounds if x != background and x != c]
                     b = background if 2 in keep else rng.choice(options)
                     level = int(rng.integers(0, 5))
-                    im = _degrade(_draw_demo(c, s, b, rng), level, rng.choice(['haze', 'dark', 'noise']), rng)
+                    im = _degrade(_draw_demo(c, s, b, rng), level, rng.choice(DEMO_DISTORTIONS), rng)
                     name = f'images/{color}_{shape}_{background}_{k}.png'
                     buf = io.BytesIO()
                     im.save(buf, format='PNG')
