@@ -446,3 +446,19 @@ def test_clip_plan_files_name_their_script_and_parse():
             assert args.name == exp
     configs = dict(plan_lines(os.path.join(folder, 'clip_configs.txt')))
     assert configs['B'] == shlex.split(CARD_COMMANDS[1])    # the card's configuration B, verbatim
+
+
+def test_frozen_towers_direct_heads_and_a_zero_weight_in_one_run(tmp_path):
+    csv_path = make_prompt_csv(tmp_path / 'data', explanation=True)
+    run_dir = run(tmp_path, csv_path, '--epochs 1 --freeze_clip --no_residual_learning --use_two_branch '
+                                      '--use_refinement --refinement_layers 1 --refinement_heads 4 '
+                                      '--refinement_dim 32 --use_explanations --w_q 0 --w_exp 0.1')
+    row = read_rows(run_dir / 'metrics.csv')[0]
+    # --w_q 0 means zero: the loss is w_c * lc + w_exp * le only
+    expected = 0.5 * float(row['train_loss_c']) + 0.1 * float(row['train_loss_exp'])
+    assert float(row['train_loss']) == pytest.approx(expected, abs=2e-6)
+    assert float(row['train_loss_q']) > 0 and row['c_base_alpha'] == ''
+    log = (tmp_path / 'logs' / f'{run_dir.name}.log').read_text()
+    assert 'CLIP frozen (both towers)' in log
+    model, ckpt = clip_eval.load_model(str(run_dir / 'last.pkl'))
+    assert ckpt['model_config']['use_refinement'] and hasattr(model, 'refinement') and hasattr(model, 'c_scale')
