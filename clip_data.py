@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import math
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,33 +200,36 @@ def clip_pixels(images_u8, train=False, generator=None, scale=(0.8, 1.0)):
 # Built-in demo: AIGC-style images whose prompts describe them (or deliberately do not)
 # ----------------------------------------------------------------------------------------
 
-DEMO_VERSION = 4
+DEMO_VERSION = 7
 DEMO_ROOT = SCRIPT_DIR / '.cache' / 'demo-clip'
 DEMO_SIZE = 64
 DEMO_COLORS = {'red': (220, 30, 30), 'green': (40, 180, 50), 'blue': (40, 70, 220), 'yellow': (235, 220, 40),
-               'orange': (245, 140, 20), 'purple': (140, 50, 170)}
-DEMO_SHAPES = ('circle', 'square', 'triangle', 'cross')
+               'orange': (245, 140, 20), 'purple': (140, 50, 170), 'brown': (125, 75, 30), 'gray': (128, 128, 128)}
+DEMO_SHAPES = ('circle', 'square', 'triangle', 'cross', 'diamond')
+DEMO_OBJECT_SIZES = {'small': (0.13, 0.19), 'large': (0.30, 0.40)}   # radius as a share of the side
 # no gray background: an under-exposed white one must not look like another background
 DEMO_BACKGROUNDS = {'white': (235, 235, 235), 'black': (20, 20, 20), 'pink': (250, 170, 200),
                     'cyan': (140, 225, 230)}
-DEMO_IMAGES_PER_PROMPT = 6
+DEMO_IMAGES_PER_PROMPT = 2
 DEMO_DISTORTIONS = ('dark',)
 
 
-def _demo_prompt(color, shape, background):
-    return f'a {color} {shape} on a {background} background'
+def _demo_prompt(size, color, shape, background):
+    return f'a {size} {color} {shape} on a {background} background'
 
 
-def _draw_demo(color, shape, background, rng):
+def _draw_demo(size, color, shape, background, rng):
     im = Image.new('RGB', (DEMO_SIZE, DEMO_SIZE), DEMO_BACKGROUNDS[background])
     d = ImageDraw.Draw(im)
-    r = rng.uniform(0.22, 0.36) * DEMO_SIZE
+    r = rng.uniform(*DEMO_OBJECT_SIZES[size]) * DEMO_SIZE
     cx, cy = rng.uniform(r, DEMO_SIZE - r, size=2)
     fill = DEMO_COLORS[color]
     if shape == 'circle':
         d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     elif shape == 'square':
         d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == 'diamond':
+        d.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
     elif shape == 'triangle':
         d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
     else:
@@ -251,12 +256,13 @@ def _degrade(im, level, kind, rng):
 
 
 def ensure_clip_demo(root=None, seed=0):
-    """Write the demo set once (about 600 small PNGs and data.csv); return its data.csv path.
+    """Write the demo set once (640 small PNGs and data.csv); return its data.csv path.
 
-    Each prompt 'a <color> <shape> on a <background> background' gets several images. An image
-    matches 0-3 of the prompt's three attributes (the others are drawn with a different value),
-    and mos_align grows with the matches; mos_quality falls with the level of haze, under-exposure or noise
-    applied. Both scores get a little rater noise. No download: everything is drawn here.
+    Each of the 320 prompts 'a <size> <color> <shape> on a <background> background' gets two
+    images. An image matches 0-4 of the prompt's four attributes (the others are drawn with a
+    different value), and mos_align grows with the matches; mos_quality falls with the level of
+    under-exposure. Both scores get a little rater noise. No download: everything is drawn here.
+    Many prompts, few images each: a model must learn the words, not memorise the prompts.
     """
     root = Path(root) if root else DEMO_ROOT
     info = root / 'demo_info.json'
@@ -266,31 +272,30 @@ def ensure_clip_demo(root=None, seed=0):
                 return root / 'data.csv'
         except (OSError, json.JSONDecodeError):
             pass
+        shutil.rmtree(root / 'images', ignore_errors=True)   # an older demo version's images
     (root / 'images').mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    colors, backgrounds = list(DEMO_COLORS), list(DEMO_BACKGROUNDS)
+    sizes, colors, backgrounds = list(DEMO_OBJECT_SIZES), list(DEMO_COLORS), list(DEMO_BACKGROUNDS)
     rows = []
-    for color in colors:
-        for shape in DEMO_SHAPES:
-            for background in backgrounds:
-                prompt = _demo_prompt(color, shape, background)
-                for k in range(DEMO_IMAGES_PER_PROMPT):
-                    matches = int(rng.integers(0, 4))
-                    keep = set(rng.choice(3, size=matches, replace=False).tolist())
-                    c = color if 0 in keep else rng.choice([x for x in colors if x != color])
-                    s = shape if 1 in keep else rng.choice([x for x in DEMO_SHAPES if x != shape])
-                    options = [x for x in backgrounds if x != background and x != c]
-                    b = background if 2 in keep else rng.choice(options)
-                    level = int(rng.integers(0, 5))
-                    im = _degrade(_draw_demo(c, s, b, rng), level, rng.choice(DEMO_DISTORTIONS), rng)
-                    name = f'images/{color}_{shape}_{background}_{k}.png'
-                    buf = io.BytesIO()
-                    im.save(buf, format='PNG')
-                    checkpoints.atomic_write_bytes(root / name, buf.getvalue())
-                    mos_q = float(np.clip(4.6 - 0.9 * level + rng.normal(0, 0.15), 0, 5))
-                    mos_c = float(np.clip(1.0 + 1.25 * matches + rng.normal(0, 0.15), 0, 5))
-                    rows.append([name, prompt, f'{mos_q:.3f}', f'{mos_c:.3f}',
-                                 f'{"matches" if matches == 3 else "differs from"} the prompt'])
+    for size, color, shape, background in itertools.product(sizes, colors, DEMO_SHAPES, backgrounds):
+        prompt = _demo_prompt(size, color, shape, background)
+        for k in range(DEMO_IMAGES_PER_PROMPT):
+            matches = int(rng.integers(0, 5))
+            keep = set(rng.choice(4, size=matches, replace=False).tolist())
+            z = size if 0 in keep else next(x for x in sizes if x != size)
+            c = color if 1 in keep else rng.choice([x for x in colors if x != color])
+            s = shape if 2 in keep else rng.choice([x for x in DEMO_SHAPES if x != shape])
+            b = background if 3 in keep else rng.choice([x for x in backgrounds if x != background])
+            level = int(rng.integers(0, 5))
+            im = _degrade(_draw_demo(z, c, s, b, rng), level, rng.choice(DEMO_DISTORTIONS), rng)
+            name = f'images/{size}_{color}_{shape}_{background}_{k}.png'
+            buf = io.BytesIO()
+            im.save(buf, format='PNG')
+            checkpoints.atomic_write_bytes(root / name, buf.getvalue())
+            mos_q = float(np.clip(4.6 - 0.9 * level + rng.normal(0, 0.15), 0, 5))
+            mos_c = float(np.clip(1.0 + 1.0 * matches + rng.normal(0, 0.15), 0, 5))
+            rows.append([name, prompt, f'{mos_q:.3f}', f'{mos_c:.3f}',
+                         f'{"matches" if matches == 4 else "differs from"} the prompt'])
     text = 'name,prompt,mos_quality,mos_align,explanation\n' + ''.join(
         ','.join(f'"{v}"' if ',' in v or ' ' in v else v for v in r) + '\n' for r in rows)
     checkpoints.atomic_write_text(root / 'data.csv', text)

@@ -462,3 +462,12 @@ def test_frozen_towers_direct_heads_and_a_zero_weight_in_one_run(tmp_path):
     assert 'CLIP frozen (both towers)' in log
     model, ckpt = clip_eval.load_model(str(run_dir / 'last.pkl'))
     assert ckpt['model_config']['use_refinement'] and hasattr(model, 'refinement') and hasattr(model, 'c_scale')
+
+
+def test_demo_set_is_generated_offline_with_prompts_and_both_scores(tmp_path):
+    csv_path = clip_data.ensure_clip_demo(tmp_path / 'demo')
+    ds = clip_data.read_prompt_csv(csv_path)
+    assert len(ds) == 640 and len(set(ds.prompts)) == 320
+    assert ds.prompts[0] == 'a small red circle on a white background'
+    assert ds.mos_q.min() < 1.5 and ds.mos_q.max() > 4 and ds.mos_c.min() < 1.5 and ds.mos_c.max() > 4
+    assert clip_data.ensure_clip_demo(tmp_path / 'demo') == csv_path   # written once
