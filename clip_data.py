@@ -200,7 +200,7 @@ def clip_pixels(images_u8, train=False, generator=None, scale=(0.8, 1.0)):
 # Built-in demo: AIGC-style images whose prompts describe them (or deliberately do not)
 # ----------------------------------------------------------------------------------------
 
-DEMO_VERSION = 7
+DEMO_VERSION = 8
 DEMO_ROOT = SCRIPT_DIR / '.cache' / 'demo-clip'
 DEMO_SIZE = 64
 DEMO_COLORS = {'red': (220, 30, 30), 'green': (40, 180, 50), 'blue': (40, 70, 220), 'yellow': (235, 220, 40),
@@ -249,7 +249,7 @@ def _degrade(im, level, kind, rng):
     if kind == 'haze':
         a = a * (1 - 0.15 * level) + 150.0 * 0.15 * level
     elif kind == 'dark':
-        a = a * (1 - 0.17 * level)
+        a = a * (1 - 0.11 * level)   # at most 0.56: colours stay recognisable
     else:
         a = a + rng.normal(0, 10.0 * level, size=a.shape)
     return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
@@ -265,14 +265,34 @@ def ensure_clip_demo(root=None, seed=0):
     Many prompts, few images each: a model must learn the words, not memorise the prompts.
     """
     root = Path(root) if root else DEMO_ROOT
-    info = root / 'demo_info.json'
-    if info.is_file():
-        try:
-            if json.loads(info.read_text()).get('version') == DEMO_VERSION:
-                return root / 'data.csv'
-        except (OSError, json.JSONDecodeError):
-            pass
-        shutil.rmtree(root / 'images', ignore_errors=True)   # an older demo version's images
+    if _demo_is_current(root):
+        return root / 'data.csv'
+    if root.exists() and any(root.iterdir()) and not (root / 'demo_info.json').exists():
+        raise DataError(f'{root} exists and is not a demo folder (no demo_info.json); give an empty or new folder')
+    # Written to a private folder and renamed into place: two runs starting at once never see
+    # half a data set, and an older demo version is replaced whole.
+    tmp = root.parent / f'.{root.name}.tmp{os.getpid()}'
+    shutil.rmtree(tmp, ignore_errors=True)
+    _write_demo(tmp, seed)
+    if _demo_is_current(root):          # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+        return root / 'data.csv'
+    shutil.rmtree(root, ignore_errors=True)
+    try:
+        os.rename(tmp, root)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root / 'data.csv'
+
+
+def _demo_is_current(root):
+    try:
+        return json.loads((root / 'demo_info.json').read_text()).get('version') == DEMO_VERSION
+    except (OSError, ValueError):
+        return False
+
+
+def _write_demo(root, seed):
     (root / 'images').mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     sizes, colors, backgrounds = list(DEMO_OBJECT_SIZES), list(DEMO_COLORS), list(DEMO_BACKGROUNDS)
@@ -299,5 +319,4 @@ def ensure_clip_demo(root=None, seed=0):
     text = 'name,prompt,mos_quality,mos_align,explanation\n' + ''.join(
         ','.join(f'"{v}"' if ',' in v or ' ' in v else v for v in r) + '\n' for r in rows)
     checkpoints.atomic_write_text(root / 'data.csv', text)
-    checkpoints.atomic_write_json(info, {'version': DEMO_VERSION, 'images': len(rows)})
-    return root / 'data.csv'
+    checkpoints.atomic_write_json(root / 'demo_info.json', {'version': DEMO_VERSION, 'images': len(rows)})

@@ -40,7 +40,7 @@ CLIP_ALIASES = {
 DEFAULT_CLIP_MODEL = 'ViT-L/14'   # the original's default (openai/clip-vit-large-patch14)
 NANO_CONFIG = dict(
     embed_dim=64,
-    vision_cfg=dict(image_size=64, layers=4, width=64, head_width=32, patch_size=16, mlp_ratio=2.0),
+    vision_cfg=dict(image_size=64, layers=4, width=64, head_width=32, patch_size=8, mlp_ratio=2.0),
     text_cfg=dict(context_length=32, vocab_size=49408, width=64, heads=2, layers=3, mlp_ratio=2.0),
 )
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
