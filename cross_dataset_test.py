@@ -35,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 import checkpoints
+import clip_eval
 import data_loader
 import evaluation
 import iqa_metrics
@@ -789,6 +790,8 @@ def main(argv=None):
         amp = device.type == 'cuda' and not args.no_amp
         if args.complexity:
             return run_complexity(args, device, amp)
+        if clip_eval.is_clip_checkpoint(args.checkpoint):  # train_clip.py: quality + consistency
+            return clip_eval.run_checkpoint(args, device, amp, None if args.images else parse_dataset_specs(args.datasets))
         if args.images:
             return run_images(args, device, amp)
         return run_cross_dataset(args, device, amp)

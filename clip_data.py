@@ -1,0 +1,322 @@
+"""Data of the CLIP system: prompt/score CSVs, the prompt-disjoint split, CLIP pixels, the demo set.
+
+    data.csv (name, prompt, mos_quality, mos_align[, explanation])   read_prompt_csv()
+    images   -> uint8 (N, 3, S, S) through data_loader.load_images   (decoded once, cached on disk)
+    uint8    -> normalised CLIP pixels, augmented for training       clip_pixels()
+
+Why a split by prompt: AGIQA-3K has about ten images per prompt. The original program split
+the images at random, so nearly every test prompt had been seen in training and the
+consistency score mostly measured memorised prompts. Here no prompt is on two sides.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+
+import checkpoints
+import data_loader
+from data_loader import DataError
+
+SCRIPT_DIR = Path(__file__).resolve().parent
+DEFAULT_CSV = data_loader.DEFAULT_ROOTS['agiqa-3k'] / 'data.csv'
+IMAGE_COLUMNS = ('name', 'image')     # AGIQA-3K calls it name; generic CSVs often image
+CLIP_MEAN = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
+CLIP_STD = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
+
+
+@dataclass
+class PromptDataset:
+    """Images with their prompts and two scores, in CSV order."""
+    csv_path: Path
+    paths: list[str]
+    prompts: list[str]
+    mos_q: np.ndarray
+    mos_c: np.ndarray
+    explanations: list[str] | None
+    lines: list[int]          # CSV line of each row, for messages
+
+    def __len__(self):
+        return len(self.paths)
+
+
+def default_image_dir(csv_path):
+    """The AGIQA-3K/ folder next to the CSV if there is one, else the CSV's own folder."""
+    folder = Path(csv_path).parent
+    return folder / 'AGIQA-3K' if (folder / 'AGIQA-3K').is_dir() else folder
+
+
+def read_prompt_csv(csv_path, image_base_dir=None, *, quality_column='mos_quality', align_column='mos_align',
+                    explanation_column=None, image_column=None, check_images=True) -> PromptDataset:
+    """Rows of an AGIQA-3K-style CSV. Other columns are ignored.
+
+    Every problem raises DataError naming the file, the line and the column: a missing column,
+    a non-numeric score, an empty prompt or explanation, an image file that does not exist.
+    """
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise DataError(f'{csv_path}: no such CSV file (--data_csv_path); expected columns name, prompt, '
+                        f'{quality_column}, {align_column}')
+    with open(csv_path, newline='', encoding='utf-8-sig') as f:
+        header = [h.strip() for h in (next(csv.reader(f), None) or [])]
+    if image_column is None:
+        image_column = next((c for c in IMAGE_COLUMNS if c in header), 'name')
+    required = [image_column, 'prompt', quality_column, align_column] + ([explanation_column] if explanation_column else [])
+    header, rows = data_loader._read_csv(csv_path, required)
+    base = Path(image_base_dir) if image_base_dir else default_image_dir(csv_path)
+    paths, prompts, mos_q, mos_c, explanations, lines, missing = [], [], [], [], [], [], []
+    for line, r in rows:
+        where = f'{csv_path} line {line}'
+        if not r[image_column]:
+            raise DataError(f'{where}, column {image_column!r}: empty image name')
+        if not r['prompt']:
+            raise DataError(f'{where}, column \'prompt\': empty prompt (image {r[image_column]}); '
+                            'every image needs the prompt it was generated from')
+        mos_q.append(data_loader._number(r[quality_column], f'{where}, column {quality_column!r}'))
+        mos_c.append(data_loader._number(r[align_column], f'{where}, column {align_column!r}'))
+        if explanation_column:
+            if not r[explanation_column]:
+                raise DataError(f'{where}, column {explanation_column!r}: empty explanation '
+                                '(--use_explanations needs one for every row)')
+            explanations.append(r[explanation_column])
+        path = Path(r[image_column])
+        path = path if path.is_absolute() else base / path
+        if check_images and not path.is_file():
+            missing.append(f'  line {line}: {path}')
+        paths.append(str(path))
+        prompts.append(r['prompt'])
+        lines.append(line)
+    if missing:
+        raise DataError(f'{csv_path}: {len(missing)} of {len(rows)} images not found under {base} '
+                        f'(--image_base_dir):\n' + '\n'.join(missing[:20]) +
+                        (f'\n  ... and {len(missing) - 20} more' if len(missing) > 20 else ''))
+    dup = len(paths) - len(set(paths))
+    if dup:
+        first = next(p for i, p in enumerate(paths) if p in paths[:i])
+        raise DataError(f'{csv_path}: image {first} is listed more than once')
+    return PromptDataset(csv_path, paths, prompts, np.array(mos_q), np.array(mos_c),
+                         explanations if explanation_column else None, lines)
+
+
+def label_scale(values):
+    """The original's automatic label scale: 5 when the column's maximum exceeds 1.5, else 1."""
+    return 5.0 if float(np.max(values)) > 1.5 else 1.0
+
+
+def prompt_split(prompts, seed, val_ratio=0.1, test_ratio=0.2):
+    """{'train', 'val', 'test'} -> image indices, whole prompts on one side, seeded.
+
+    Prompts are shuffled (after sorting, so the split depends only on the seed and the set of
+    prompts) and cut by count of prompts; each side gets at least one prompt when possible."""
+    units = np.unique(np.asarray(prompts, dtype=object).astype(str))
+    if len(units) < 3:
+        raise DataError(f'a train/val/test split by prompt needs at least 3 different prompts, found {len(units)}')
+    order = np.random.default_rng(seed).permutation(len(units))
+    n_test = max(1, int(round(test_ratio * len(units))))
+    n_val = max(1, int(round(val_ratio * len(units)))) if val_ratio > 0 else 0
+    if n_test + n_val >= len(units):
+        raise DataError(f'{len(units)} prompts are too few for val {val_ratio} / test {test_ratio}')
+    side = {}
+    for rank, u in enumerate(units[order]):
+        side[u] = 'test' if rank < n_test else 'val' if rank < n_test + n_val else 'train'
+    sides = np.array([side[str(p)] for p in prompts])
+    return {k: np.flatnonzero(sides == k) for k in ('train', 'val', 'test') if (sides == k).any()}
+
+
+def read_split_file(path, dataset: PromptDataset):
+    """A published split: JSON {"train": [image names], "val": [...], "test": [...]} (names as in the
+    CSV's image column, or file names) or a CSV with columns name,split."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f'--split_file {path}: no such file')
+    if path.suffix.lower() == '.json':
+        try:
+            spec = json.loads(path.read_text(encoding='utf-8'))
+        except json.JSONDecodeError as err:
+            raise DataError(f'--split_file {path}: not valid JSON ({err})') from None
+        if not isinstance(spec, dict):
+            raise DataError(f'--split_file {path}: expected an object {{"train": [...], "test": [...]}}')
+        assign = {str(name): side for side, names in spec.items() for name in names}
+    else:
+        _, rows = data_loader._read_csv(path, ['name', 'split'])
+        assign = {r['name']: r['split'].lower() for _, r in rows}
+    by_name = {}
+    for i, p in enumerate(dataset.paths):
+        by_name[os.path.basename(p)] = i
+    splits = {'train': [], 'val': [], 'test': []}
+    for name, side in assign.items():
+        if side not in splits:
+            raise DataError(f'--split_file {path}: unknown split {side!r} for {name} (expected train, val, test)')
+        i = by_name.get(os.path.basename(name))
+        if i is None:
+            raise DataError(f'--split_file {path}: image {name} is not in {dataset.csv_path}')
+        splits[side].append(i)
+    return {k: np.array(sorted(v), dtype=np.int64) for k, v in splits.items() if v}
+
+
+def shared_prompts(splits, prompts):
+    """Prompts found on more than one side of a split (empty for our own prompt split)."""
+    sets = {k: {prompts[i] for i in v} for k, v in splits.items()}
+    names = list(sets)
+    return sorted({p for a in names for b in names if a < b for p in sets[a] & sets[b]})
+
+
+def clip_pixels(images_u8, train=False, generator=None, scale=(0.8, 1.0)):
+    """uint8 (B, 3, S, S) -> CLIP-normalised float (B, 3, S, S).
+
+    Training: a random crop covering `scale` of the area with aspect ratio 3/4-4/3, resized
+    back to S x S, and a random horizontal flip, like the original's RandomResizedCrop(224,
+    scale=(0.8, 1.0)) + RandomHorizontalFlip, cut from the cached S x S image in one batched
+    roi_align call instead of per image with PIL."""
+    x = images_u8.float().div_(255)
+    if train:
+        from torchvision.ops import roi_align
+        b, _, h, w = x.shape
+        g = generator
+        area = torch.empty(b).uniform_(*scale, generator=g)
+        ratio = torch.exp(torch.empty(b).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g))
+        cw = torch.sqrt(area * ratio).clamp(max=1.0) * w
+        ch = torch.sqrt(area / ratio).clamp(max=1.0) * h
+        x0 = torch.rand(b, generator=g) * (w - cw)
+        y0 = torch.rand(b, generator=g) * (h - ch)
+        boxes = torch.stack([torch.arange(b, dtype=torch.float32), x0, y0, x0 + cw, y0 + ch], dim=1)
+        x = roi_align(x, boxes.to(x.device), output_size=(h, w), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+        flip = (torch.rand(b, generator=g) < 0.5).to(x.device)
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+    return (x - CLIP_MEAN.to(x.device)) / CLIP_STD.to(x.device)
+
+
+# ----------------------------------------------------------------------------------------
+# Built-in demo: AIGC-style images whose prompts describe them (or deliberately do not)
+# ----------------------------------------------------------------------------------------
+
+DEMO_VERSION = 8
+DEMO_ROOT = SCRIPT_DIR / '.cache' / 'demo-clip'
+DEMO_SIZE = 64
+DEMO_COLORS = {'red': (220, 30, 30), 'green': (40, 180, 50), 'blue': (40, 70, 220), 'yellow': (235, 220, 40),
+               'orange': (245, 140, 20), 'purple': (140, 50, 170), 'brown': (125, 75, 30), 'gray': (128, 128, 128)}
+DEMO_SHAPES = ('circle', 'square', 'triangle', 'cross', 'diamond')
+DEMO_OBJECT_SIZES = {'small': (0.13, 0.19), 'large': (0.30, 0.40)}   # radius as a share of the side
+# no gray background: an under-exposed white one must not look like another background
+DEMO_BACKGROUNDS = {'white': (235, 235, 235), 'black': (20, 20, 20), 'pink': (250, 170, 200),
+                    'cyan': (140, 225, 230)}
+DEMO_IMAGES_PER_PROMPT = 2
+DEMO_DISTORTIONS = ('dark',)
+
+
+def _demo_prompt(size, color, shape, background):
+    return f'a {size} {color} {shape} on a {background} background'
+
+
+def _draw_demo(size, color, shape, background, rng):
+    im = Image.new('RGB', (DEMO_SIZE, DEMO_SIZE), DEMO_BACKGROUNDS[background])
+    d = ImageDraw.Draw(im)
+    r = rng.uniform(*DEMO_OBJECT_SIZES[size]) * DEMO_SIZE
+    cx, cy = rng.uniform(r, DEMO_SIZE - r, size=2)
+    fill = DEMO_COLORS[color]
+    if shape == 'circle':
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == 'square':
+        d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == 'diamond':
+        d.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+    elif shape == 'triangle':
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    else:
+        t = r / 3
+        d.rectangle([cx - r, cy - t, cx + r, cy + t], fill=fill)
+        d.rectangle([cx - t, cy - r, cx + t, cy + r], fill=fill)
+    return im
+
+
+def _degrade(im, level, kind, rng):
+    """Quality level 0 (clean) .. 4 (worst): haze, under-exposure or noise. The first two change
+    the colour statistics a random-initialised tower picks up within minutes on a CPU; all three
+    leave the colours and the shape recognisable, so the prompt still can be checked."""
+    if level == 0:
+        return im
+    a = np.asarray(im, dtype=np.float32)
+    if kind == 'haze':
+        a = a * (1 - 0.15 * level) + 150.0 * 0.15 * level
+    elif kind == 'dark':
+        a = a * (1 - 0.11 * level)   # at most 0.56: colours stay recognisable
+    else:
+        a = a + rng.normal(0, 10.0 * level, size=a.shape)
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+
+
+def ensure_clip_demo(root=None, seed=0):
+    """Write the demo set once (640 small PNGs and data.csv); return its data.csv path.
+
+    Each of the 320 prompts 'a <size> <color> <shape> on a <background> background' gets two
+    images. An image matches 0-4 of the prompt's four attributes (the others are drawn with a
+    different value), and mos_align grows with the matches; mos_quality falls with the level of
+    under-exposure. Both scores get a little rater noise. No download: everything is drawn here.
+    Many prompts, few images each: a model must learn the words, not memorise the prompts.
+    """
+    root = Path(root) if root else DEMO_ROOT
+    if _demo_is_current(root):
+        return root / 'data.csv'
+    if root.exists() and any(root.iterdir()) and not (root / 'demo_info.json').exists():
+        raise DataError(f'{root} exists and is not a demo folder (no demo_info.json); give an empty or new folder')
+    # Written to a private folder and renamed into place: two runs starting at once never see
+    # half a data set, and an older demo version is replaced whole.
+    tmp = root.parent / f'.{root.name}.tmp{os.getpid()}'
+    shutil.rmtree(tmp, ignore_errors=True)
+    _write_demo(tmp, seed)
+    if _demo_is_current(root):          # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+        return root / 'data.csv'
+    shutil.rmtree(root, ignore_errors=True)
+    try:
+        os.rename(tmp, root)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root / 'data.csv'
+
+
+def _demo_is_current(root):
+    try:
+        return json.loads((root / 'demo_info.json').read_text()).get('version') == DEMO_VERSION
+    except (OSError, ValueError):
+        return False
+
+
+def _write_demo(root, seed):
+    (root / 'images').mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    sizes, colors, backgrounds = list(DEMO_OBJECT_SIZES), list(DEMO_COLORS), list(DEMO_BACKGROUNDS)
+    rows = []
+    for size, color, shape, background in itertools.product(sizes, colors, DEMO_SHAPES, backgrounds):
+        prompt = _demo_prompt(size, color, shape, background)
+        for k in range(DEMO_IMAGES_PER_PROMPT):
+            matches = int(rng.integers(0, 5))
+            keep = set(rng.choice(4, size=matches, replace=False).tolist())
+            z = size if 0 in keep else next(x for x in sizes if x != size)
+            c = color if 1 in keep else rng.choice([x for x in colors if x != color])
+            s = shape if 2 in keep else rng.choice([x for x in DEMO_SHAPES if x != shape])
+            b = background if 3 in keep else rng.choice([x for x in backgrounds if x != background])
+            level = int(rng.integers(0, 5))
+            im = _degrade(_draw_demo(z, c, s, b, rng), level, rng.choice(DEMO_DISTORTIONS), rng)
+            name = f'images/{size}_{color}_{shape}_{background}_{k}.png'
+            buf = io.BytesIO()
+            im.save(buf, format='PNG')
+            checkpoints.atomic_write_bytes(root / name, buf.getvalue())
+            mos_q = float(np.clip(4.6 - 0.9 * level + rng.normal(0, 0.15), 0, 5))
+            mos_c = float(np.clip(1.0 + 1.0 * matches + rng.normal(0, 0.15), 0, 5))
+            rows.append([name, prompt, f'{mos_q:.3f}', f'{mos_c:.3f}',
+                         f'{"matches" if matches == 4 else "differs from"} the prompt'])
+    text = 'name,prompt,mos_quality,mos_align,explanation\n' + ''.join(
+        ','.join(f'"{v}"' if ',' in v or ' ' in v else v for v in r) + '\n' for r in rows)
+    checkpoints.atomic_write_text(root / 'data.csv', text)
+    checkpoints.atomic_write_json(root / 'demo_info.json', {'version': DEMO_VERSION, 'images': len(rows)})

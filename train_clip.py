@@ -1,0 +1,702 @@
+"""Train a CLIP model that scores an AI-generated image's quality and its consistency with its prompt.
+
+    python train_clip.py --partial_freeze --freeze_layers 18 --data_csv_path agiqa-test/data.csv
+    python train_clip.py --data_csv_path demo --clip_model nano --no_pretrained   # built-in demo
+
+The user's baseline.py, rebuilt on this toolkit's base: every flag of their card with its
+default, a train / val / test split by prompt, selection on val, test reported. Reading order:
+build_parser (every flag) -> main (set-up, data, rounds) -> run_round (epochs: train,
+evaluate, select, save) -> train_one_epoch / clip_eval.predict. Each run writes one folder
+checkpoints/<data>-clip_<time>/ (config.json, metrics.csv, training_log.csv, summary.json,
+best_model_srccq_X_srccc_Y.pkl, last.pkl) and logs/<run>.log, whose last line is
+"Best test SRCC_Q ... SRCC_C ...".
+"""
+import argparse
+import csv
+import datetime
+import glob
+import io
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import checkpoints
+import clip_data
+import clip_eval
+import data_loader
+import iqa_metrics
+import models_clip
+from run_setup import SuggestingParser, Tee, seed_everything
+
+SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
+HEAD_METRICS = ('srcc_q', 'plcc_q', 'krcc_q', 'srcc_c', 'plcc_c', 'krcc_c')
+METRIC_COLUMNS = (['round', 'epoch', 'lr_backbone', 'lr_head', 'train_loss', 'train_loss_q', 'train_loss_c',
+                   'train_loss_exp'] + [f'val_{m}' for m in HEAD_METRICS] + [f'test_{m}' for m in HEAD_METRICS]
+                  + ['c_base_alpha', 'c_base_beta', 'epoch_seconds', 'train_images_per_s', 'is_best'])
+# the original program's training_log.csv (its s_q ... p_c were on its only held-out split: ours is val)
+LOG_CSV_COLUMNS = ['epoch', 'train_loss', 'lq', 'lc', 'le', 's_q', 'p_q', 's_c', 'p_c', 'best_s_c', 'lr']
+MACHINE_FLAGS = ('device', 'num_workers', 'cache_dir', 'no_amp', 'eval_batch_size', 'pin_memory', 'no_pin_memory')
+BEST_PATTERN = 'best_model_srccq_*_srccc_*.pkl'
+
+
+# --------------------------------------------------------------------------- flags
+
+def build_parser():
+    p = SuggestingParser(
+        prog='train_clip.py', allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description='Train a CLIP model for the quality and the text-image consistency of AI-generated '
+                    'images (the user\'s baseline.py; flags as on their card).')
+
+    g = p.add_argument_group('Data')
+    g.add_argument('--data_csv_path', default=str(clip_data.DEFAULT_CSV), metavar='CSV',
+                   help='AGIQA-3K data.csv (name, prompt, mos_quality, mos_align[, explanation]) or any CSV '
+                        'with those columns; "demo" = the built-in demo set (no download)')
+    g.add_argument('--image_base_dir', default=None, metavar='DIR',
+                   help='folder of the images; None = AGIQA-3K/ next to the CSV, else the CSV\'s folder')
+    g.add_argument('--quality_column', default='mos_quality', metavar='COL', help='quality score column')
+    g.add_argument('--align_column', default='mos_align', metavar='COL', help='consistency score column')
+    g.add_argument('--use_explanations', action='store_true',
+                   help='add the explanation-distillation loss (needs the explanation column)')
+    g.add_argument('--explanation_column', default='explanation', metavar='COL', help='explanation text column')
+    g.add_argument('--label_scale_q', type=float, default=None, metavar='S',
+                   help='quality labels are divided by S; None = auto (5 if the column\'s max > 1.5, else 1)')
+    g.add_argument('--label_scale_c', type=float, default=None, metavar='S',
+                   help='consistency labels are divided by S; None = auto (as for quality)')
+    g.add_argument('--val_ratio', type=float, default=0.1, metavar='R', help='share of prompts for validation')
+    g.add_argument('--test_ratio', type=float, default=0.2, metavar='R', help='share of prompts for test')
+    g.add_argument('--split_file', default=None, metavar='FILE',
+                   help='published split: JSON {"train": [names], "val": [...], "test": [...]} or CSV name,split')
+    g.add_argument('--train_test_num', type=int, default=1, metavar='N',
+                   help='rounds, each with a new prompt split (seed + round - 1); the median is reported')
+    g.add_argument('--cache_dir', default=os.path.join(SCRIPT_DIR, '.cache', 'images'), metavar='DIR',
+                   help='decoded-image cache ("none" disables it)')
+    g.add_argument('--num_workers', type=int, default=4, metavar='N', help='threads decoding images for the cache')
+    g.add_argument('--pin_memory', action='store_true', default=None,
+                   help='pinned host memory for batches sent to the GPU (default: on with CUDA)')
+    g.add_argument('--no_pin_memory', action='store_true', help='no pinned memory')
+
+    g = p.add_argument_group('Model')
+    g.add_argument('--clip_model', default=os.environ.get('CLIP_MODEL_NAME', models_clip.DEFAULT_CLIP_MODEL),
+                   metavar='NAME', help='nano (tiny, tests/demo), ViT-B/32, ViT-B/16, ViT-L/14 (also the Hugging '
+                                        'Face names); default: $CLIP_MODEL_NAME, else ViT-L/14')
+    g.add_argument('--no_pretrained', action='store_true', help='random initialisation (no OpenAI CLIP weights)')
+    g.add_argument('--pretrained_path', default=None, metavar='FILE',
+                   help='open_clip weights from a local file instead of the hub (offline clusters)')
+    g.add_argument('--no_residual_learning', action='store_true',
+                   help='direct heads q = sigmoid(Linear(img)), c = sigmoid(MLP([img, txt, cos])) instead of '
+                        'CLIP base score + bounded residual')
+    g.add_argument('--residual_scale_q', type=float, default=0.2, metavar='S', help='quality residual scale s_q')
+    g.add_argument('--residual_scale_c', type=float, default=0.2, metavar='S', help='consistency residual scale s_c')
+    g.add_argument('--bound', default='clamp', choices=models_clip.BOUNDS,
+                   help='how residual-mode scores are kept in [0, 1]: clamp (the original; no gradient at the '
+                        'bounds) or smooth (identity inside [0.05, 0.95], smooth tails)')
+    g.add_argument('--dropout', type=float, default=0.1, metavar='P', help='dropout in the residual heads')
+    g.add_argument('--use_two_branch', action='store_true',
+                   help='(with --no_residual_learning) average the MLP score with sigmoid(k * cos + b)')
+    g.add_argument('--use_refinement', action='store_true',
+                   help='(with --no_residual_learning) add the Transformer refinement of the consistency')
+    g.add_argument('--refinement_layers', type=int, default=4, metavar='N', help='refinement Transformer layers')
+    g.add_argument('--refinement_heads', type=int, default=8, metavar='N', help='refinement attention heads')
+    g.add_argument('--refinement_dim', type=int, default=256, metavar='D', help='refinement hidden size')
+    g.add_argument('--no_strict_residual', action='store_true',
+                   help='(with --use_refinement) supervise only the refined score, end to end, instead of the '
+                        'coarse score and the refinement\'s residual separately')
+    g.add_argument('--freeze_clip', action='store_true', help='freeze both CLIP towers (heads only)')
+    g.add_argument('--partial_freeze', action='store_true',
+                   help='freeze the embeddings and the first --freeze_layers blocks of each tower')
+    g.add_argument('--freeze_layers', type=int, default=8, metavar='N',
+                   help='blocks frozen by --partial_freeze (ViT-B: 12 blocks, ViT-L: 24 vision / 12 text; a '
+                        'tower with fewer blocks keeps its last one trainable)')
+
+    g = p.add_argument_group('Training')
+    g.add_argument('--epochs', type=int, default=20, metavar='N', help='epochs per round')
+    g.add_argument('--batch_size', type=int, default=32, metavar='N', help='images per step')
+    g.add_argument('--eval_batch_size', type=int, default=64, metavar='N', help='images per evaluation forward')
+    g.add_argument('--lr', type=float, default=3e-5, metavar='LR', help='learning rate of the CLIP towers (AdamW)')
+    g.add_argument('--head_lr_ratio', type=float, default=1.0, metavar='R',
+                   help='heads learn at lr x R (1 = the original: one rate for all)')
+    g.add_argument('--weight_decay', type=float, default=1e-4, metavar='WD', help='AdamW weight decay')
+    g.add_argument('--scheduler', default='cosine', choices=('cosine', 'linear', 'constant', 'step'),
+                   help='per-step cosine/linear decay or constant, after a linear warm-up; step: lr x gamma '
+                        'every --step_lr_step_size epochs (no warm-up)')
+    g.add_argument('--warmup_ratio', type=float, default=0.05, metavar='R', help='warm-up share of all optimizer steps')
+    g.add_argument('--step_lr_step_size', type=int, default=1, metavar='N', help='StepLR period in epochs')
+    g.add_argument('--step_lr_gamma', type=float, default=0.1, metavar='G', help='StepLR decay factor')
+    g.add_argument('--max_grad_norm', type=float, default=1.0, metavar='X', help='gradient clipping (0 = off)')
+    g.add_argument('--grad_accum_steps', type=int, default=1, metavar='N', help='batches per optimizer step')
+    g.add_argument('--w_q', type=float, default=0.5, metavar='W', help='quality loss weight')
+    g.add_argument('--w_c', type=float, default=0.5, metavar='W', help='consistency loss weight')
+    g.add_argument('--w_exp', type=float, default=0.1, metavar='W', help='explanation loss weight (--use_explanations)')
+
+    g = p.add_argument_group('Selection and early stopping')
+    g.add_argument('--select_on', default='mean', choices=('quality', 'consistency', 'mean'),
+                   help='val SRCC that picks the best epoch: quality, consistency (the original), or their mean')
+    g.add_argument('--early_stopping_patience', type=int, default=0, metavar='N',
+                   help='epochs without improvement before stopping (0 = off)')
+    g.add_argument('--early_stopping_min_delta', type=float, default=1e-4, metavar='D',
+                   help='smallest gain of the selection SRCC that counts as an improvement')
+
+    g = p.add_argument_group('Output and resume')
+    g.add_argument('--output_dir', default=os.path.join(SCRIPT_DIR, 'checkpoints'), metavar='DIR',
+                   help='parent folder of the run folders')
+    g.add_argument('--log_dir', default=os.path.join(SCRIPT_DIR, 'logs'), metavar='DIR', help='folder of <run>.log')
+    g.add_argument('--log_csv', default='training_log.csv', metavar='NAME',
+                   help='the original\'s per-epoch CSV, written in the run folder')
+    g.add_argument('--name', default='', metavar='LABEL', help='experiment label stored in config.json')
+    g.add_argument('--resume_from', '--resume', dest='resume_from', default=None, metavar='RUN_DIR_OR_CKPT',
+                   help='continue a run from its folder (last.pkl) or its last.pkl: model, optimizer, '
+                        'schedule, RNG and logs exactly where they were')
+
+    g = p.add_argument_group('Misc')
+    g.add_argument('--seed', type=int, default=42, metavar='N', help='split, data order, augmentation, initialisation')
+    g.add_argument('--device', default='auto', metavar='DEV', help='auto, cpu, cuda, cuda:1, ...')
+    g.add_argument('--no_amp', action='store_true', help='no bf16 autocast on CUDA (on by default there)')
+    return p
+
+
+def check_args(args, warn):
+    """Explain contradictory or out-of-range flags before any work starts; return the args."""
+    errors = []
+    try:
+        args.clip_model = models_clip.canonical_name(args.clip_model)
+    except ValueError as err:
+        errors.append(f'--clip_model (or $CLIP_MODEL_NAME): {err}')
+    for flag in ('epochs', 'batch_size', 'eval_batch_size', 'grad_accum_steps', 'train_test_num',
+                 'step_lr_step_size', 'refinement_layers', 'refinement_heads', 'refinement_dim'):
+        if getattr(args, flag) < 1:
+            errors.append(f'--{flag} must be at least 1, got {getattr(args, flag)}')
+    for flag in ('w_q', 'w_c', 'w_exp', 'weight_decay', 'max_grad_norm', 'residual_scale_q', 'residual_scale_c',
+                 'freeze_layers', 'num_workers', 'early_stopping_patience', 'early_stopping_min_delta', 'step_lr_gamma'):
+        if getattr(args, flag) < 0:
+            errors.append(f'--{flag} must be >= 0, got {getattr(args, flag)}')
+    if args.lr <= 0 or args.head_lr_ratio <= 0:
+        errors.append('--lr and --head_lr_ratio must be positive')
+    if args.w_q == 0 and args.w_c == 0 and not (args.use_explanations and args.w_exp > 0):
+        errors.append('--w_q 0 and --w_c 0: nothing would be learned')
+    if not 0 <= args.dropout < 1:
+        errors.append(f'--dropout must be in [0, 1), got {args.dropout}')
+    if not 0 <= args.warmup_ratio < 1:
+        errors.append(f'--warmup_ratio must be in [0, 1), got {args.warmup_ratio}')
+    if not (0 <= args.val_ratio < 1 and 0 < args.test_ratio < 1 and args.val_ratio + args.test_ratio < 1):
+        errors.append(f'--val_ratio {args.val_ratio} / --test_ratio {args.test_ratio}: need 0 <= val, 0 < test, '
+                      'val + test < 1')
+    for flag in ('label_scale_q', 'label_scale_c'):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            errors.append(f'--{flag} must be positive, got {getattr(args, flag)}')
+    if args.refinement_heads >= 1 and args.refinement_dim % args.refinement_heads:
+        errors.append(f'--refinement_dim {args.refinement_dim} must be divisible by --refinement_heads '
+                      f'{args.refinement_heads}')
+    if args.pin_memory and args.no_pin_memory:
+        errors.append('--pin_memory and --no_pin_memory contradict each other')
+    if args.no_pretrained and args.pretrained_path:
+        errors.append('--no_pretrained and --pretrained_path contradict each other')
+    if args.pretrained_path and not os.path.isfile(args.pretrained_path):
+        errors.append(f'--pretrained_path {args.pretrained_path}: no such file')
+    if errors:
+        raise SystemExit('train_clip.py: error: ' + '\n  '.join([''] + errors).lstrip('\n') + '\nNothing was run.')
+    if args.freeze_clip and args.partial_freeze:
+        warn('--freeze_clip freezes both towers whole; --partial_freeze has no effect')
+    if not args.no_residual_learning:
+        for flag in ('use_two_branch', 'use_refinement'):
+            if getattr(args, flag):
+                warn(f'--{flag} belongs to the direct heads (--no_residual_learning); the residual heads '
+                     'used here ignore it, as the original did')
+    elif args.residual_scale_q != 0.2 or args.residual_scale_c != 0.2 or args.bound != 'clamp':
+        warn('--residual_scale_q/_c and --bound belong to the residual heads; --no_residual_learning ignores them')
+    if args.no_strict_residual and not (args.use_refinement and args.no_residual_learning):
+        warn('--no_strict_residual only changes the loss of --use_refinement with --no_residual_learning')
+    if args.w_exp != 0.1 and not args.use_explanations:
+        warn('--w_exp is used only with --use_explanations')
+    args.pin_memory = not args.no_pin_memory if args.pin_memory is None else args.pin_memory
+    return args
+
+
+# --------------------------------------------------------------------------- schedule and loss
+
+def lr_factor(step, epoch, total_steps, args):
+    """Multiplier of the starting learning rates before optimizer step `step` (0-based) in `epoch`.
+
+    cosine / linear / constant follow transformers' get_*_schedule_with_warmup (the original's
+    scheduler, stepped once per optimizer step): a linear warm-up over warmup_ratio of all steps
+    (factor 0 at step 0), then a half cosine or a straight line to 0, or flat. step is StepLR:
+    gamma ** (epoch // step_size), no warm-up."""
+    if args.scheduler == 'step':
+        return args.step_lr_gamma ** (epoch // args.step_lr_step_size)
+    warmup = int(args.warmup_ratio * total_steps)
+    if step < warmup:
+        return step / max(1, warmup)
+    if args.scheduler == 'constant':
+        return 1.0
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    if args.scheduler == 'linear':
+        return max(0.0, 1.0 - progress)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def consistency_loss(out, target, args):
+    """MSE of the consistency. Strict residual (--use_refinement, default): the coarse score learns
+    the target and the refinement learns only what is left, on a detached coarse score. The
+    original wrote this as MSE(c - coarse.detach(), target - coarse.detach()), which is the same
+    number and gradient as MSE(c, target), so its flag changed nothing; --no_strict_residual
+    here is that end-to-end MSE(c, target)."""
+    if out['residual'] is not None and not args.no_strict_residual:
+        refined = torch.clamp(out['c_coarse'].detach() + out['residual'], 0.0, 1.0)
+        return F.mse_loss(out['c_coarse'], target) + F.mse_loss(refined, target)
+    return F.mse_loss(out['c'], target)
+
+
+# --------------------------------------------------------------------------- one epoch
+
+def train_one_epoch(model, optimizer, data, epoch, round_seed, args, device, amp, state):
+    """One pass over the training images; returns mean (loss, lq, lc, le), seconds, images/s.
+
+    Order and augmentation come from generators seeded by (round seed, epoch), and dropout from
+    the global RNG that last.pkl stores, so a resumed run repeats an uninterrupted one."""
+    model.train()
+    n = len(data['train'])
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(round_seed * 1000 + epoch))
+    aug = torch.Generator().manual_seed(round_seed * 1000 + epoch + 500)
+    batches = [order[i:i + args.batch_size] for i in range(0, n, args.batch_size)]
+    totals = torch.zeros(4, device=device)
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    for b, batch in enumerate(batches):
+        idx = data['train'][batch.numpy()]
+        images = data['images'][idx]
+        if args.pin_memory and device.type == 'cuda':
+            images = images.pin_memory()
+        pixels = clip_data.clip_pixels(images.to(device, non_blocking=True), train=True, generator=aug)
+        pidx = torch.as_tensor(data['prompt_index'][idx], device=device)
+        q_t = torch.as_tensor(data['mos_q'][idx] / data['scale_q'], dtype=torch.float32, device=device)
+        c_t = torch.as_tensor(data['mos_c'][idx] / data['scale_c'], dtype=torch.float32, device=device)
+        with torch.autocast('cuda', dtype=torch.bfloat16, enabled=amp):
+            img = model.encode_image(pixels)
+            if data['text_cache'] is not None:          # text tower frozen: embeddings computed once per run
+                txt = data['text_cache'][pidx]
+            else:                                        # each prompt of the batch through the tower once
+                uniq, inverse = torch.unique(pidx, return_inverse=True)
+                txt = model.encode_text(data['prompt_ids'][uniq.cpu()].to(device))[inverse]
+            out = model.heads(img, txt)
+            lq = F.mse_loss(out['q'].float(), q_t)
+            lc = consistency_loss({k: (v.float() if torch.is_tensor(v) else v) for k, v in out.items()}, c_t, args)
+            le = torch.zeros((), device=device)
+            if args.use_explanations:
+                eidx = torch.as_tensor(data['explanation_index'][idx], device=device)
+                if data['explanation_cache'] is not None:
+                    target = data['explanation_cache'][eidx]
+                else:  # the teacher: the text tower's own embedding of the explanation, no gradient
+                    with torch.no_grad():
+                        uniq, inverse = torch.unique(eidx, return_inverse=True)
+                        target = model.encode_text(data['explanation_ids'][uniq.cpu()].to(device))[inverse]
+                le = model.explanation_loss(out['img'].float(), out['txt'].float(), target.float())
+            loss = args.w_q * lq + args.w_c * lc + (args.w_exp * le if args.use_explanations else 0.0)
+        (loss / args.grad_accum_steps).backward()
+        totals += torch.stack([loss.detach(), lq.detach(), lc.detach(), le.detach()]).float()
+        if (b + 1) % args.grad_accum_steps == 0 or b + 1 == len(batches):
+            if args.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g['params']],
+                                               args.max_grad_norm)
+            factor = lr_factor(state['step'], epoch, state['total_steps'], args)
+            for group in optimizer.param_groups:
+                group['lr'] = group['initial_lr'] * factor
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state['step'] += 1
+    means = (totals / max(1, len(batches))).tolist()
+    if not all(math.isfinite(v) for v in means):
+        raise FloatingPointError(f'non-finite training loss in epoch {epoch + 1} ({means[0]})')
+    seconds = time.perf_counter() - start
+    return means, seconds, n / seconds
+
+
+# --------------------------------------------------------------------------- outputs
+
+def fmt(x, spec='.4f'):
+    return '' if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def write_csv(path, columns, rows):
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator='\n', extrasaction='ignore')
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ('' if row.get(k) is None else row[k]) for k in columns})
+    checkpoints.atomic_write_text(path, buf.getvalue())
+
+
+def original_log_row(row, best_s_c):
+    """One training_log.csv row in the original's columns and number formats."""
+    def f6(key):
+        return f'{float(row[key]):.6f}' if row.get(key) not in (None, '') else ''
+    return {'epoch': row['epoch'], 'train_loss': f6('train_loss'), 'lq': f6('train_loss_q'), 'lc': f6('train_loss_c'),
+            'le': f6('train_loss_exp'), 's_q': f6('val_srcc_q'), 'p_q': f6('val_plcc_q'), 's_c': f6('val_srcc_c'),
+            'p_c': f6('val_plcc_c'), 'best_s_c': f'{best_s_c:.6f}', 'lr': f'{float(row["lr_backbone"]):.8f}'}
+
+
+def write_logs(run_dir, args, rows):
+    write_csv(os.path.join(run_dir, 'metrics.csv'), METRIC_COLUMNS, rows)
+    log_rows, best_s_c = [], -1.0   # the original's running best of s_c starts at -1
+    for row in rows:
+        if row['val_srcc_c'] not in ('', None):
+            best_s_c = max(best_s_c, float(row['val_srcc_c']))
+        log_rows.append(original_log_row(row, best_s_c))
+    write_csv(os.path.join(run_dir, args.log_csv), LOG_CSV_COLUMNS, log_rows)
+
+
+def best_checkpoint_name(srcc_q, srcc_c):
+    """'best_model_srccq_0.8123_srccc_0.7456.pkl': both test SRCCs of the selected epoch."""
+    return f'best_model_srccq_{srcc_q:.4f}_srccc_{srcc_c:.4f}.pkl'
+
+
+def save_checkpoint(checkpoint, path, log):
+    """Atomic save; a full disk is reported and training goes on with the previous file intact."""
+    try:
+        checkpoints.atomic_torch_save(checkpoints.check_weights_only_safe(checkpoint), path)
+    except OSError as err:
+        log(f'WARNING: could not save {path}: {err.strerror or err}; the previous file is intact, training continues')
+        return None
+    return path
+
+
+def selection_score(metrics, select_on):
+    if select_on == 'quality':
+        return metrics['srcc_q']
+    if select_on == 'consistency':
+        return metrics['srcc_c']
+    return 0.5 * (metrics['srcc_q'] + metrics['srcc_c'])
+
+
+# --------------------------------------------------------------------------- one round
+
+def build_model(args):
+    return models_clip.ClipQualityModel(
+        args.clip_model, pretrained=not args.no_pretrained, pretrained_path=args.pretrained_path,
+        residual=not args.no_residual_learning, residual_scale_q=args.residual_scale_q,
+        residual_scale_c=args.residual_scale_c, dropout=args.dropout, use_two_branch=args.use_two_branch,
+        use_refinement=args.use_refinement, refinement_layers=args.refinement_layers,
+        refinement_heads=args.refinement_heads, refinement_dim=args.refinement_dim, bound=args.bound)
+
+
+def run_round(round_idx, args, state, ctx):
+    """Train and evaluate one round; returns this round's best-epoch record and a status."""
+    log, device, amp, run_dir, data = ctx['log'], ctx['device'], ctx['amp'], ctx['run_dir'], ctx['data']
+    round_seed = args.seed + round_idx - 1
+    ds = data['dataset']
+    if args.split_file:
+        splits = clip_data.read_split_file(args.split_file, ds)
+        shared = clip_data.shared_prompts(splits, ds.prompts)
+        if shared:
+            log(f'WARNING: {len(shared)} prompts of --split_file sit on more than one side (e.g. {shared[0]!r}); '
+                'consistency results then partly measure memorised prompts')
+        source = f'--split_file {args.split_file}'
+    else:
+        splits = clip_data.prompt_split(ds.prompts, round_seed, args.val_ratio, args.test_ratio)
+        source = f'random by prompt (seed {round_seed})'
+    if 'train' not in splits or 'test' not in splits:
+        raise data_loader.DataError(f'split {source} has no train or no test images')
+    select_split = 'val' if 'val' in splits else 'test'
+    if select_split == 'test':
+        log('note: no validation split; the best epoch is selected on the TEST split (labelled as such)')
+    n_prompts = {k: len({ds.prompts[i] for i in v}) for k, v in splits.items()}
+    log(f'Round {round_idx}/{args.train_test_num}: split {source}: ' + ', '.join(
+        f'{k} {len(v)} images / {n_prompts[k]} prompts' for k, v in splits.items()))
+    data['train'] = splits['train']
+
+    model = ctx.pop('model', None)   # the first round's model is built before the data (see main)
+    if model is None:
+        seed_everything(round_seed)
+        model = build_model(args)
+    freeze_text = model.freeze(args.freeze_clip, args.partial_freeze, args.freeze_layers, warn=lambda m: log(f'WARNING: {m}'))
+    model = model.to(device)
+    log(f'  {freeze_text}; parameters: {models_clip.count_parameters(model):,} total, '
+        f'{models_clip.count_parameters(model, trainable_only=True):,} trainable')
+    state['params'] = models_clip.count_parameters(model)
+    state['trainable_params'] = models_clip.count_parameters(model, trainable_only=True)
+    groups = [{'params': model.backbone_parameters(), 'lr': args.lr, 'initial_lr': args.lr},
+              {'params': model.head_parameters(), 'lr': args.lr * args.head_lr_ratio,
+               'initial_lr': args.lr * args.head_lr_ratio}]
+    optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay, fused=device.type == 'cuda')
+    text_frozen = not any(p.requires_grad for n, p in model.clip.named_parameters() if not n.startswith('visual.'))
+    data['text_cache'] = data['explanation_cache'] = None
+    if text_frozen:
+        data['text_cache'] = clip_eval.encode_texts(model, data['prompt_ids'], device, amp=amp)
+        if args.use_explanations:
+            data['explanation_cache'] = clip_eval.encode_texts(model, data['explanation_ids'], device, amp=amp)
+
+    batches = math.ceil(len(splits['train']) / args.batch_size)
+    state['total_steps'] = max(1, math.ceil(batches / args.grad_accum_steps) * args.epochs)
+    state['step'] = 0
+    first_epoch, best, bad_epochs = 0, None, 0
+    resume = state.pop('resume_checkpoint', None)
+    if resume is not None and resume['round'] == round_idx:
+        model.load_state_dict(resume['state_dict'])
+        optimizer.load_state_dict(resume['optimizer'])
+        first_epoch, best, bad_epochs = resume['epoch'], resume['best'], resume['bad_epochs']
+        state['step'] = resume['step']
+        checkpoints.restore_rng_state(resume['rng_state'])
+        log(f'Resumed round {round_idx} after epoch {first_epoch}')
+
+    ckpt_dir = run_dir if args.train_test_num == 1 else os.path.join(run_dir, f'round{round_idx}')
+    os.makedirs(ckpt_dir, exist_ok=True)
+    eval_sets = {k: splits[k] for k in ('val', 'test') if k in splits}
+    log('Epoch\tLoss (q, c, exp)\t\t\tval SRCC q / c\t\ttest SRCC q / c')
+    status = 'finished'
+    for epoch in range(first_epoch, args.epochs):
+        try:
+            (loss, lq, lc, le), seconds, images_per_s = train_one_epoch(
+                model, optimizer, data, epoch, round_seed, args, device, amp, state)
+        except FloatingPointError as err:
+            log(f'STOPPED: {err}. The model diverged (try a lower --lr or --max_grad_norm); the checkpoints '
+                f'in {run_dir} are intact.')
+            return best, 'diverged'
+        lrs = [g['lr'] for g in optimizer.param_groups]
+        row = {'round': round_idx, 'epoch': epoch + 1, 'lr_backbone': f'{lrs[0]:.3e}', 'lr_head': f'{lrs[1]:.3e}',
+               'train_loss': fmt(loss, '.6f'), 'train_loss_q': fmt(lq, '.6f'), 'train_loss_c': fmt(lc, '.6f'),
+               'train_loss_exp': fmt(le, '.6f'), 'epoch_seconds': f'{seconds:.1f}',
+               'train_images_per_s': f'{images_per_s:.1f}'}
+        if not args.no_residual_learning:
+            row['c_base_alpha'] = fmt(model.c_base_scale.item())
+            row['c_base_beta'] = fmt(model.c_base_bias.item())
+        results = {}
+        for name, idx in eval_sets.items():
+            q, c, _ = clip_eval.predict(model, data['images'][idx], data['prompt_ids'], data['prompt_index'][idx],
+                                        batch_size=args.eval_batch_size, device=device, amp=amp)
+            results[name] = clip_eval.head_metrics(q, c, ds.mos_q[idx], ds.mos_c[idx])
+            for m in HEAD_METRICS:
+                row[f'{name}_{m}'] = fmt(results[name][m])
+        score = selection_score(results[select_split], args.select_on)
+        previous = -math.inf if best is None or best['select_srcc'] is None else best['select_srcc']
+        improved = best is None or (not math.isnan(score) and score > previous + args.early_stopping_min_delta)
+        if improved:
+            bad_epochs = 0
+            best = {'epoch': epoch + 1, 'select_srcc': None if math.isnan(score) else score,
+                    **{f'val_{m}': results.get('val', {}).get(m) for m in HEAD_METRICS},
+                    **{f'test_{m}': results['test'][m] for m in HEAD_METRICS}}
+        else:
+            bad_epochs += 1
+        row['is_best'] = int(improved)
+        state['rows'].append(row)
+        val = results.get('val', results['test'])
+        log(f'{epoch + 1}\t{loss:.4f} ({lq:.4f}, {lc:.4f}, {le:.4f})\t{val["srcc_q"]:.4f} / {val["srcc_c"]:.4f}\t\t'
+            f'{results["test"]["srcc_q"]:.4f} / {results["test"]["srcc_c"]:.4f}\t({seconds:.0f} s, '
+            f'{images_per_s:.0f} img/s, lr {lrs[0]:.2e}/{lrs[1]:.2e})' + ('  * best' if improved else ''))
+
+        checkpoint = {'format': clip_eval.CLIP_CHECKPOINT_FORMAT, 'state_dict': model.state_dict(),
+                      'model_config': model.model_config(), 'config': ctx['config'],
+                      'label_scales': [data['scale_q'], data['scale_c']], 'epoch': epoch + 1, 'round': round_idx,
+                      'metrics': row, 'code_version': ctx['config']['code_version']}
+        if improved:
+            path = save_checkpoint(checkpoint, os.path.join(ckpt_dir, best_checkpoint_name(
+                best['test_srcc_q'], best['test_srcc_c'])), log)
+            if path is not None:
+                for old in glob.glob(os.path.join(ckpt_dir, BEST_PATTERN)):
+                    if os.path.abspath(old) != os.path.abspath(path):
+                        os.remove(old)
+                best['checkpoint'] = path
+                log(f'  new best (val {args.select_on} SRCC {score:.4f}) saved: {path}')
+        checkpoint.update(optimizer=optimizer.state_dict(), rng_state=checkpoints.capture_rng_state(), best=best,
+                          bad_epochs=bad_epochs, step=state['step'], rows=state['rows'], rounds=state['rounds'],
+                          train_seconds=time.time() - state['start_time'] + state['seconds_before'])
+        save_checkpoint(checkpoint, os.path.join(ckpt_dir, checkpoints.LAST_NAME), log)
+        write_logs(run_dir, args, state['rows'])
+        write_summary(run_dir, args, state, best, select_split, 'running')
+        if args.early_stopping_patience and bad_epochs >= args.early_stopping_patience:
+            log(f'Early stopping: no val {args.select_on} SRCC gain > {args.early_stopping_min_delta} for '
+                f'{bad_epochs} epochs.')
+            status = 'stopped_early'
+            break
+    best['select_split'] = select_split
+    if best.get('checkpoint') and os.path.exists(best['checkpoint']):
+        # bootstrap 95% intervals of the selected epoch's test SRCCs, from its saved weights
+        model.load_state_dict(torch.load(best['checkpoint'], map_location='cpu', weights_only=True)['state_dict'])
+        idx = splits['test']
+        q, c, _ = clip_eval.predict(model, data['images'][idx], data['prompt_ids'], data['prompt_index'][idx],
+                                    batch_size=args.eval_batch_size, device=device, amp=amp)
+        best['test_srcc_q_ci'] = list(iqa_metrics.bootstrap_ci(q, ds.mos_q[idx], 'srcc'))
+        best['test_srcc_c_ci'] = list(iqa_metrics.bootstrap_ci(c, ds.mos_c[idx], 'srcc'))
+    return best, status
+
+
+def write_summary(run_dir, args, state, best, select_split, status):
+    rounds = list(state['rounds']) + ([best] if status == 'running' and best else [])
+    med = {}
+    for m in ('srcc_q', 'plcc_q', 'srcc_c', 'plcc_c'):
+        values = [r[f'test_{m}'] for r in rounds if r and r.get(f'test_{m}') is not None]
+        med[f'median_test_{m}'] = float(np.median(values)) if values else None
+    summary = {'run_name': state['run_name'], 'name': args.name, 'system': 'clip', 'status': status,
+               'select_on': args.select_on, 'select_split': select_split,
+               'best_epoch': best['epoch'] if best else None, 'best': best, 'rounds': state['rounds'], **med,
+               'label_scales': {'quality': state['scale_q'], 'consistency': state['scale_c']},
+               'train_seconds': round(time.time() - state['start_time'] + state['seconds_before'], 1),
+               'params': state.get('params'), 'trainable_params': state.get('trainable_params'),
+               'best_checkpoint': best.get('checkpoint') if best else None}
+    checkpoints.atomic_write_json(os.path.join(run_dir, 'summary.json'), summary)
+
+
+# --------------------------------------------------------------------------- main
+
+def resolve_resume(path):
+    """RUN_DIR/last.pkl (or the newest round*/last.pkl), or the file given."""
+    ckpt_path = path
+    if os.path.isdir(path):
+        candidates = glob.glob(os.path.join(path, 'last.pkl')) + glob.glob(os.path.join(path, 'round*', 'last.pkl'))
+        ckpt_path = max(candidates, key=os.path.getmtime) if candidates else os.path.join(path, 'last.pkl')
+    if not os.path.exists(ckpt_path):
+        raise SystemExit(f'--resume_from {path}: {ckpt_path} does not exist (a run folder holds last.pkl '
+                         'after its first epoch)')
+    ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get('format') != clip_eval.CLIP_CHECKPOINT_FORMAT or 'optimizer' not in ckpt:
+        raise SystemExit(f'--resume_from {ckpt_path}: not a train_clip.py last.pkl with training state '
+                         '(resume from the run folder or its last.pkl)')
+    return ckpt_path, ckpt
+
+
+def load_data(args, log):
+    """The CSV, every image decoded once (cache), prompts and explanations tokenised once."""
+    csv_path = args.data_csv_path
+    if csv_path == 'demo':
+        csv_path = str(clip_data.ensure_clip_demo())
+    ds = clip_data.read_prompt_csv(csv_path, args.image_base_dir, quality_column=args.quality_column,
+                                   align_column=args.align_column,
+                                   explanation_column=args.explanation_column if args.use_explanations else None)
+    size = models_clip.NANO_CONFIG['vision_cfg']['image_size'] if args.clip_model == 'nano' else 224
+    images, kept = data_loader.load_images(ds.paths, resize_hw=(size, size), cache_dir=args.cache_dir,
+                                           num_workers=args.num_workers)
+    tokenizer = models_clip.build_tokenizer(args.clip_model)
+    prompts, prompt_index = np.unique(np.array(ds.prompts, dtype=object).astype(str), return_inverse=True)
+    data = {'dataset': ds, 'images': images, 'prompt_ids': tokenizer(list(prompts)), 'prompt_index': prompt_index,
+            'mos_q': ds.mos_q, 'mos_c': ds.mos_c,
+            'scale_q': args.label_scale_q or clip_data.label_scale(ds.mos_q),
+            'scale_c': args.label_scale_c or clip_data.label_scale(ds.mos_c)}
+    if args.use_explanations:
+        texts, data['explanation_index'] = np.unique(np.array(ds.explanations, dtype=object).astype(str),
+                                                     return_inverse=True)
+        data['explanation_ids'] = tokenizer(list(texts))
+    log(f'Data: {len(ds)} images, {len(prompts)} prompts from {ds.csv_path}; images {size}x{size}; '
+        f'label scales quality {data["scale_q"]:g}, consistency {data["scale_c"]:g}')
+    return data
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    resume = None
+    ignored = []
+    if args.resume_from:
+        resume_path, resume = resolve_resume(args.resume_from)
+        stored = dict(resume['config'])
+        given = {k: v for k, v in vars(args).items() if k in MACHINE_FLAGS and v != parser.get_default(k)}
+        ignored = sorted(k for k, v in vars(args).items() if k not in MACHINE_FLAGS and k != 'resume_from'
+                         and v != parser.get_default(k) and stored.get(k) != v)
+        for key in vars(args):
+            if key in stored:
+                setattr(args, key, stored[key])
+        for key, value in given.items():
+            setattr(args, key, value)
+        args.resume_from = resume_path
+    warnings = []
+    args = check_args(args, warnings.append)
+
+    device_name = args.device if args.device != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
+    device = torch.device(device_name)
+    amp = device.type == 'cuda' and not args.no_amp   # bf16 autocast: no GradScaler needed (that is fp16's)
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if args.cache_dir in ('none', ''):
+        args.cache_dir = None
+
+    if resume is not None:
+        run_dir = os.path.dirname(os.path.abspath(resume_path))
+        if os.path.basename(run_dir).startswith('round') and args.train_test_num > 1:
+            run_dir = os.path.dirname(run_dir)
+        run_name = os.path.basename(run_dir)
+    else:
+        label = 'demo' if args.data_csv_path == 'demo' else (
+            os.path.basename(os.path.dirname(os.path.abspath(args.data_csv_path))) or 'data')
+        run_name = f'{label}-clip_{datetime.datetime.now():%Y%m%d_%H%M%S}'
+        run_dir = os.path.join(args.output_dir, run_name)
+        suffix, base_dir, base_name = 1, run_dir, run_name
+        while True:
+            try:
+                os.makedirs(run_dir)
+                break
+            except FileExistsError:   # two runs started in the same second
+                suffix += 1
+                run_dir, run_name = f'{base_dir}_{suffix}', f'{base_name}_{suffix}'
+    os.makedirs(args.log_dir, exist_ok=True)
+    log_file = open(os.path.join(args.log_dir, f'{run_name}.log'), 'a', encoding='utf-8')
+    console = (sys.stdout, sys.stderr)
+    sys.stdout, sys.stderr = Tee(console[0], log_file), Tee(console[1], log_file)
+
+    def log(message):
+        print(message, flush=True)
+
+    try:
+        for message in warnings:
+            log(f'WARNING: {message}')
+        if ignored:
+            log('note: resuming uses the run\'s stored configuration; ignored: ' + ', '.join(f'--{k}' for k in ignored))
+        config = dict(vars(args))
+        config.update(run_name=run_name, system='clip', code_version=checkpoints.code_version(),
+                      command='python train_clip.py ' + ' '.join(argv))
+        if resume is not None:
+            config.update({k: resume['config'][k] for k in ('code_version', 'command') if k in resume['config']})
+        checkpoints.atomic_write_json(os.path.join(run_dir, 'config.json'), config)
+        log('=' * 72)
+        log(f'Run {run_name}  ({"resumed" if resume else "new"}, device {device}, bf16 autocast {"on" if amp else "off"})')
+        for key in sorted(vars(args)):
+            log(f'  {key:<26} {getattr(args, key)}')
+        log('=' * 72)
+        # The model first: a missing pretrained model must stop the run before minutes of image decoding.
+        first_round = resume['round'] if resume is not None else 1
+        seed_everything(args.seed + first_round - 1)
+        first_model = build_model(args)
+        data = load_data(args, log)
+        state = {'run_name': run_name, 'rows': [], 'rounds': [], 'start_time': time.time(), 'seconds_before': 0.0,
+                 'scale_q': data['scale_q'], 'scale_c': data['scale_c']}
+        if resume is not None:
+            state.update(rows=list(resume['rows']), rounds=list(resume['rounds']), resume_checkpoint=resume,
+                         seconds_before=float(resume.get('train_seconds') or 0.0))
+        ctx = {'log': log, 'device': device, 'amp': amp, 'run_dir': run_dir, 'config': config, 'data': data,
+               'model': first_model}
+        best, status = None, 'finished'
+        for round_idx in range(first_round, args.train_test_num + 1):
+            best, status = run_round(round_idx, args, state, ctx)
+            if status == 'diverged':
+                break
+            state['rounds'].append(best)
+        write_logs(run_dir, args, state['rows'])
+        if status == 'diverged':
+            write_summary(run_dir, args, state, best, 'val', 'diverged')
+            return 3
+        write_summary(run_dir, args, state, best, best['select_split'], status)
+        finished = [r for r in state['rounds'] if r]
+        res = {m: float(np.median([r[f'test_{m}'] for r in finished])) for m in ('srcc_q', 'plcc_q', 'srcc_c', 'plcc_c')}
+        how = f'selected on {best["select_split"]} {args.select_on}' + (
+            f', median of {len(finished)} rounds' if len(finished) > 1 else f', epoch {best["epoch"]}')
+        ci = ''
+        if best.get('test_srcc_q_ci') and len(finished) == 1:
+            ci = ' (95%% CI SRCC_Q %.4f-%.4f, SRCC_C %.4f-%.4f)' % (*best['test_srcc_q_ci'], *best['test_srcc_c_ci'])
+        log(f'Run folder: {run_dir}')
+        log('Best test SRCC_Q %.4f PLCC_Q %.4f SRCC_C %.4f PLCC_C %.4f (%s)%s' % (
+            res['srcc_q'], res['plcc_q'], res['srcc_c'], res['plcc_c'], how, ci))
+        return 0
+    except data_loader.DataError as err:
+        log(f'DATA ERROR: {err}')
+        raise SystemExit(2)
+    except models_clip.PretrainedWeightsError as err:
+        log(f'ERROR: {err}')
+        raise SystemExit(2)
+    finally:
+        sys.stdout, sys.stderr = console
+        log_file.close()
+
+
+if __name__ == '__main__':
+    sys.exit(main())
