@@ -45,7 +45,7 @@ import checkpoints
 __all__ = [
     'IMAGENET_MEAN', 'IMAGENET_STD', 'DATASET_NAMES', 'DATASET_ALIASES', 'DEFAULT_ROOTS',
     'GENERIC', 'DataError', 'IQADataset', 'resolve_dataset', 'load_dataset', 'load_images',
-    'TrainPatchSampler', 'eval_patch_batches', 'place_images', 'ensure_demo_dataset',
+    'TrainPatchSampler', 'eval_patch_batches', 'place_images', 'ensure_demo_dataset', 'canonical_device',
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -1273,16 +1273,35 @@ def _patches(images: torch.Tensor, index, top, left, flip, p: int,
     return _normalize_batch(crops, jitter)
 
 
+def canonical_device(device: str | torch.device) -> torch.device:
+    """The device with its index filled in: 'cuda' -> cuda:<current device> (cuda:0 without CUDA).
+
+    torch.device('cuda') != torch.device('cuda:0') although tensors made on the first are on
+    the second, so a device compared with a tensor's .device must be canonical first; without
+    that, images already on the GPU looked like host images at every evaluation.
+    """
+    device = torch.device(device)
+    if device.type == 'cuda' and device.index is None:
+        return torch.device('cuda', torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return device
+
+
 def place_images(images_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Keep the uint8 images where patches are cut: on a GPU when they fit comfortably."""
-    if device.type != 'cuda' or images_u8.device == device:
+    """Keep the uint8 images where patches are cut: on a GPU when they fit comfortably.
+
+    Images already on a GPU stay where they are, and host images that do not fit stay
+    unpinned: batches are staged in small pinned buffers (_cut_uint8), whereas pinning a whole
+    set would lock up to twice its size in page-locked memory (the allocator rounds up).
+    """
+    device = canonical_device(device)
+    if device.type != 'cuda' or images_u8.device.type == 'cuda':
         return images_u8
     free, _ = torch.cuda.mem_get_info(device)
     if images_u8.numel() < 0.4 * free:
         return images_u8.to(device)
     print(f'note: {images_u8.numel() / 2**30:.1f} GiB of images do not fit comfortably in the free '
           f'{free / 2**30:.1f} GiB of {device}; cutting patches on the CPU', flush=True)
-    return images_u8.pin_memory()
+    return images_u8
 
 
 class TrainPatchSampler:
@@ -1313,7 +1332,7 @@ class TrainPatchSampler:
             raise DataError(f'TrainPatchSampler: rank {rank} is not in 0..{world_size - 1}')
         if n < world_size:
             raise DataError(f'TrainPatchSampler: {n} images cannot be shared by {world_size} processes')
-        self.device = torch.device(device)
+        self.device = canonical_device(device)
         self.images = place_images(images_u8.contiguous(), self.device)
         self._pin = self.images.device.type == 'cpu' and self.device.type == 'cuda'
         self.mos = torch.from_numpy(mos).float().to(self.device)
@@ -1383,7 +1402,7 @@ def eval_patch_batches(images_u8: torch.Tensor, *, patch_size: int = 224, patch_
     if patch_num < 1 or batch_size < 1:
         raise DataError(f'eval_patch_batches: patch_num and batch_size must be >= 1, '
                         f'got {patch_num} and {batch_size}')
-    device = torch.device(device)
+    device = canonical_device(device)
     n, _, h, w = images_u8.shape
     p = patch_size
     # Row i of a sequential stream is the same whatever n is, so positions are per image.
