@@ -504,8 +504,12 @@ def run_round(round_idx, args, state, ctx):
         row['train_patches_per_s'] = f'{patches_per_s:.1f}'
 
         score = results[select_on]['srcc']
-        best_so_far = -math.inf if best is None or math.isnan(best['select_srcc']) else best['select_srcc']
-        improved = best is None or (not math.isnan(score) and score > best_so_far + args.early_stopping_min_delta)
+        improved = selectable(results, select_on) and (
+            best is None or math.isnan(best['select_srcc']) or  # a NaN best from an older run's last.pkl
+            score > best['select_srcc'] + args.early_stopping_min_delta)
+        if not selectable(results, select_on):
+            log(f'  note: epoch {epoch + 1} has a NaN SRCC/PLCC (constant predictions?); it is logged '
+                'but never selected')
         if improved:
             bad_epochs = 0
             best = {'epoch': epoch + 1, 'select_srcc': score,
@@ -546,12 +550,23 @@ def run_round(round_idx, args, state, ctx):
                 f'{args.patience} epochs.')
             status = 'stopped_early'
             break
+    if best is None:
+        log(f'note: no epoch of round {round_idx} had a finite {select_on} SRCC; no best checkpoint')
+        return None, status
     best['select_on'] = select_on
-    if 'test' in eval_sets and best is not None and rank == 0:
+    if 'test' in eval_sets and rank == 0:
         # Bootstrap intervals of the selected epoch, from its saved weights.
         best.update(best_intervals(raw_model, best, eval_sets['test'], args, device, amp,
                                    round_seed * 1000 + best['epoch'] - 1 if args.test_random_crop else round_seed))
     return best, status
+
+
+def selectable(results, select_on):
+    """An epoch can be the best only when its selection SRCC and the test SRCC/PLCC that name
+    its checkpoint are numbers: constant predictions early in training give NaN, an outcome
+    to log, not an improvement (nor a reason to crash)."""
+    values = (results[select_on]['srcc'], results['test']['srcc'], results['test']['plcc'])
+    return all(v is not None and math.isfinite(v) for v in values)
 
 
 def best_intervals(model, best, test_set, args, device, amp, seed):
@@ -714,7 +729,12 @@ def main(argv=None):
             state['rounds'].append(best)
         if rank == 0:
             final = 'diverged' if status == 'diverged' else status
-            if status != 'diverged':
+            if status != 'diverged' and not any(state['rounds']):
+                write_summary(run_dir, args, state, None, args.select_on, final)
+                log(f'Run folder: {run_dir}')
+                log('No epoch had a finite SRCC: nothing was selected (see metrics.csv)')
+            elif status != 'diverged':
+                best = best or next(r for r in reversed(state['rounds']) if r)
                 write_summary(run_dir, args, state, best, best['select_on'], final)
                 finished = [r for r in state['rounds'] if r]
                 label = 'selected on val' if best['select_on'] == 'val' else 'selected on test'

@@ -41,3 +41,32 @@ def test_host_images_that_do_not_fit_are_not_pinned_whole(monkeypatch):
     images = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
     placed = data_loader.place_images(images, torch.device('cuda'))
     assert placed is images and not placed.is_pinned()
+
+
+# --------------------------------------------------------------------------- NaN metrics
+
+NAN = float('nan')
+
+
+def test_a_nan_srcc_in_the_first_epoch_is_logged_never_selected(koniq_root, tmp_path, monkeypatch):
+    scripted_evaluation(monkeypatch, val_srccs=[NAN, 0.5, 0.6], test_srccs=[NAN, 0.4, 0.45])
+    assert train_swin.main(tiny_args(koniq_root, tmp_path)) == 0
+    run_dir = only_run_dir(tmp_path)
+    rows = read_metrics(run_dir)
+    assert [r['is_best'] for r in rows] == ['0', '1', '1']
+    assert rows[0]['val_srcc'] == '' and rows[0]['test_srcc'] == ''
+    summary = json.load(open(os.path.join(run_dir, 'summary.json')))
+    assert summary['best_epoch'] == 3 and summary['status'] == 'finished'
+    assert os.path.basename(summary['best_checkpoint']) == 'best_model_srcc_0.4500_plcc_0.4600.pkl'
+    log = open(tmp_path / 'logs' / (os.path.basename(run_dir) + '.log')).read()
+    assert 'epoch 1 has a NaN SRCC/PLCC' in log
+
+
+def test_a_run_whose_every_epoch_is_nan_finishes_without_a_best(koniq_root, tmp_path, monkeypatch):
+    scripted_evaluation(monkeypatch, val_srccs=[NAN, NAN], test_srccs=[0.3, NAN])
+    assert train_swin.main(tiny_args(koniq_root, tmp_path, epochs=2)) == 0
+    run_dir = only_run_dir(tmp_path)
+    summary = json.load(open(os.path.join(run_dir, 'summary.json')))
+    assert summary['status'] == 'finished' and summary['best'] is None and summary['best_checkpoint'] is None
+    assert not [f for f in os.listdir(run_dir) if f.startswith('best_model')]
+    assert [r['is_best'] for r in read_metrics(run_dir)] == ['0', '0']
