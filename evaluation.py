@@ -31,7 +31,8 @@ def predict_scores(model, images_u8, *, patch_size=224, patch_num=20, batch_size
     total = math.ceil(len(ids) * patch_num / batch_size)
     bar = tqdm(total=total, desc=desc or 'eval', unit='batch', leave=False, file=sys.__stderr__,
                disable=rank != 0 or desc is None, mininterval=1.0)
-    with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16, enabled=amp):
+    # autocast on the device's own type, so bf16 evaluation runs (and is tested) on a CPU too
+    with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
         for patches, index in data_loader.eval_patch_batches(
                 images_u8, patch_size=patch_size, patch_num=patch_num, batch_size=batch_size,
                 random_crop=random_crop, seed=seed, device=device, image_ids=ids):

@@ -40,7 +40,8 @@ METRIC_COLUMNS = ['round', 'epoch', 'lr_backbone', 'lr_head', 'train_loss', 'tra
                   'val_srcc', 'val_plcc', 'val_krcc', 'test_srcc', 'test_plcc', 'test_krcc',
                   'spaq_srcc', 'spaq_plcc', 'epoch_seconds', 'train_patches_per_s', 'is_best']
 # Flags that describe the machine, not the experiment: a resumed run may change them.
-MACHINE_FLAGS = ('device', 'num_workers', 'cache_dir', 'data_root', 'no_amp', 'compile', 'eval_batch_size')
+MACHINE_FLAGS = ('device', 'num_workers', 'cache_dir', 'data_root', 'no_amp', 'precision', 'compile',
+                 'eval_batch_size')
 
 
 # --------------------------------------------------------------------------- flags
@@ -142,9 +143,26 @@ def build_parser():
     g.add_argument('--device', default='auto', metavar='DEV', help='auto, cpu, cuda, cuda:1, ...')
     g.add_argument('--num_workers', type=int, default=None, metavar='N',
                    help='threads decoding images for the cache; None = all cores')
-    g.add_argument('--no_amp', action='store_true', help='no bf16 autocast on CUDA (on by default there)')
+    g.add_argument('--precision', default='auto', choices=('auto', 'bf16', 'fp32'),
+                   help='bf16: bf16 autocast for the backbone (the target net stays fp32); fp32: true fp32, '
+                        'TF32 off (the original code\'s numerics); auto: bf16 on CUDA, fp32 on the CPU')
+    g.add_argument('--no_amp', action='store_true', help='same as --precision fp32')
     g.add_argument('--compile', action='store_true', help='torch.compile the model (static shapes)')
     return p
+
+
+def use_bf16(precision, device):
+    """--precision -> whether bf16 autocast is on (auto: on CUDA only)."""
+    return precision == 'bf16' or (precision == 'auto' and device.type == 'cuda')
+
+
+def make_optimizer(groups, args, device):
+    """AdamW, fused (one kernel for all parameters) wherever this torch supports it, the CPU
+    included, so the optimizer code the GPU runs is the one the CPU tests run."""
+    try:
+        return torch.optim.AdamW(groups, weight_decay=args.weight_decay, fused=True)
+    except (RuntimeError, ValueError):   # an older torch without fused AdamW on this device
+        return torch.optim.AdamW(groups, weight_decay=args.weight_decay)
 
 
 def check_args(args, warn):
@@ -152,6 +170,10 @@ def check_args(args, warn):
     errors = []
     if args.no_lr_scheduler:
         args.lr_scheduler = 'none'
+    if args.no_amp:
+        if args.precision == 'bf16':
+            errors.append('--no_amp means --precision fp32, which contradicts --precision bf16')
+        args.precision = 'fp32'
     if args.attention_fusion and args.no_multiscale:
         warn('--attention_fusion needs the multi-scale features, which --no_multiscale turns off: '
              'attention fusion is OFF for this run (single-scale model).')
@@ -314,7 +336,7 @@ def train_one_epoch(model, optimizer, sampler, epoch, args, device, amp, rank, w
         last_of_group = (step + 1) % args.grad_accum_steps == 0 or step + 1 == len(sampler)
         sync = contextlib.nullcontext() if last_of_group or world == 1 else model.no_sync()
         with sync:
-            with torch.autocast('cuda', dtype=torch.bfloat16, enabled=amp):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 pred = model(patches).float()
             loss = total_loss(pred, mos, args)
             (loss / args.grad_accum_steps).backward()
@@ -432,7 +454,7 @@ def run_round(round_idx, args, state, ctx):
     state['params'] = models_swin.count_parameters(model)
     groups = [{'params': model.backbone_parameters(), 'lr': args.lr},
               {'params': model.head_parameters(), 'lr': args.lr * args.lr_ratio}]
-    optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay, fused=device.type == 'cuda')
+    optimizer = make_optimizer(groups, args, device)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == 'cuda' else None)
@@ -638,10 +660,12 @@ def main(argv=None):
     args = check_args(args, warnings.append)
 
     rank, world, device = setup_distributed(args.device)
-    amp = device.type == 'cuda' and not args.no_amp
+    amp = use_bf16(args.precision, device)
     if device.type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers outside autocast
-        torch.backends.cudnn.allow_tf32 = True
+        # TF32 off in both modes: fp32 then means fp32 (the original code's numerics), and under
+        # bf16 the parts kept in fp32 on purpose (generated weights, target net) stay exact.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     if args.cache_dir in ('none', ''):
         args.cache_dir = None
 
@@ -700,7 +724,7 @@ def main(argv=None):
             config['command'] = resume['config'].get('command', config['command'])
         log('=' * 72)
         log(f'Run {run_name}  ({"resumed" if resume else "new"}, {world} process(es), device {device}, '
-            f'bf16 autocast {"on" if amp else "off"})')
+            f'precision {"bf16 autocast (target net fp32)" if amp else "fp32"})')
         for key in sorted(vars(args)):
             log(f'  {key:<26} {getattr(args, key)}')
         log('=' * 72)
