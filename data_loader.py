@@ -1148,6 +1148,20 @@ _NORM_HIGH = [(1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]
 JITTER_CHUNK = 8   # patches per jitter step on CPU: their float copies stay in cache
 
 
+_DEVICE_CONSTANTS: dict = {}
+
+
+def _constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gray weights (3,), normalization scale (3, 1, 1), shift (3, 1, 1)) on `device`, copied
+    there once per process: a .to(device) or torch.tensor(..., device=gpu) per batch is a
+    blocking host->device copy, two hidden synchronisations per training step."""
+    key = str(device)
+    if key not in _DEVICE_CONSTANTS:
+        _DEVICE_CONSTANTS[key] = (torch.tensor(_GRAY_WEIGHTS, dtype=torch.float32).to(device),
+                                  _NORM_SCALE.to(device), _NORM_SHIFT.to(device))
+    return _DEVICE_CONSTANTS[key]
+
+
 def _jitter_factors(gen: torch.Generator, n: int) -> torch.Tensor:
     """(n, 4) brightness, contrast, saturation factors in [0.9, 1.1] and hue shift in [-0.05, 0.05],
     drawn like torchvision ColorJitter(0.1, 0.1, 0.1, 0.05) per patch."""
@@ -1191,8 +1205,9 @@ def _jitter_maps(factors: torch.Tensor, device: torch.device) -> tuple[torch.Ten
 
 def _apply_jitter(x: torch.Tensor, matrix: torch.Tensor, gray_dir: torch.Tensor, out: torch.Tensor) -> None:
     """out (n, 3, P) = clip(M x + shift + m0 g) for float pixel values x (n, 3, P) in 0..255."""
-    gray_mean = x.mean(dim=2) @ torch.tensor(_GRAY_WEIGHTS, dtype=x.dtype, device=x.device) / 255.0
-    offset = gray_dir * gray_mean.view(-1, 1) + _NORM_SHIFT.to(x.device).view(1, 3)
+    gray_weights, _, shift = _constants(x.device)
+    gray_mean = x.mean(dim=2) @ gray_weights / 255.0
+    offset = gray_dir * gray_mean.view(-1, 1) + shift.view(1, 3)
     torch.baddbmm(offset.unsqueeze(2), matrix, x, out=out)
     for ch in range(3):   # three scalar clamps: much faster on CPU than one clamp with tensor bounds
         out[:, ch].clamp_(_NORM_LOW[ch], _NORM_HIGH[ch])
@@ -1253,7 +1268,8 @@ def _normalize_batch(crops_u8: torch.Tensor,
     m, _, p, _ = crops_u8.shape
     x = crops_u8.float()
     if jitter is None:
-        return x.mul_(_NORM_SCALE.to(x.device)).add_(_NORM_SHIFT.to(x.device))
+        _, scale, shift = _constants(x.device)
+        return x.mul_(scale).add_(shift)
     matrix, gray_dir = jitter
     out = torch.empty_like(x)
     _apply_jitter(x.view(m, 3, p * p), matrix, gray_dir, out.view(m, 3, p * p))
@@ -1419,11 +1435,12 @@ def eval_patch_batches(images_u8: torch.Tensor, *, patch_size: int = 224, patch_
     images = images_u8.contiguous() if images_u8.device == device or device.type != 'cuda' \
         else place_images(images_u8.contiguous(), device)
     pin = images.device.type == 'cpu' and device.type == 'cuda'
+    index_dev = torch.from_numpy(index).to(device)   # one copy, not one per batch
     for start in range(0, len(index), batch_size):
         sl = slice(start, start + batch_size)
         patches = _patches(images, index[sl].tolist(), top[sl].tolist(), left[sl].tolist(), None, p, None,
                            device, pin)
-        yield patches, torch.from_numpy(index[sl]).to(device)
+        yield patches, index_dev[sl]
 
 
 # ----------------------------------------------------------------------------------------

@@ -126,3 +126,45 @@ def test_bf16_training_runs_on_the_cpu(koniq_root, tmp_path):
     assert row['test_srcc'] != '' and np.isfinite(float(row['train_loss']))
     log = open(tmp_path / 'logs' / (os.path.basename(run_dir) + '.log')).read()
     assert 'precision bf16 autocast (target net fp32)' in log
+
+
+# --------------------------------------------------------------------------- per-step copies
+
+def count_host_to_device_copies(monkeypatch):
+    """Count Tensor.to and torch.tensor calls: on a GPU each one of them in the batch loop is
+    a blocking host->device copy (a hidden synchronisation)."""
+    calls = []
+    real_to, real_tensor = torch.Tensor.to, torch.tensor
+
+    def to(self, *a, **k):
+        calls.append('to')
+        return real_to(self, *a, **k)
+
+    def tensor(*a, **k):
+        calls.append('tensor')
+        return real_tensor(*a, **k)
+    monkeypatch.setattr(torch.Tensor, 'to', to)
+    monkeypatch.setattr(torch, 'tensor', tensor)
+    return calls
+
+
+def test_colour_jitter_makes_no_per_batch_copies(monkeypatch):
+    images = torch.randint(0, 256, (6, 3, 40, 40), dtype=torch.uint8)
+    sampler = data_loader.TrainPatchSampler(images, np.arange(6.0), patch_size=16, patch_num=8, batch_size=4,
+                                            color_jitter=True)
+    batches = sampler.batches(0)
+    next(batches)          # the epoch's set-up (crop positions, jitter maps: one copy each) is done
+    calls = count_host_to_device_copies(monkeypatch)
+    for _ in range(5):
+        next(batches)
+    assert calls == []
+    # the GPU path's whole-batch normalisation, with and without jitter
+    crops = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    maps = data_loader._jitter_maps(data_loader._jitter_factors(torch.Generator().manual_seed(0), 4), 'cpu')
+    del calls[:]
+    data_loader._normalize_batch(crops, maps)
+    data_loader._normalize_batch(crops, None)
+    for _ in data_loader.eval_patch_batches(images, patch_size=16, patch_num=2, batch_size=4):
+        pass
+    assert calls.count('tensor') == 0
+    assert calls.count('to') <= 1    # eval: the image index, once for the whole evaluation
