@@ -534,7 +534,7 @@ def run_round(round_idx, args, state, ctx):
                 'but never selected')
         if improved:
             bad_epochs = 0
-            best = {'epoch': epoch + 1, 'select_srcc': score,
+            best = {'epoch': epoch + 1, 'select_srcc': score, 'select_on': select_on,
                     'val_srcc': results.get('val', {}).get('srcc'), 'val_plcc': results.get('val', {}).get('plcc'),
                     'test_srcc': results['test']['srcc'], 'test_plcc': results['test']['plcc'],
                     'test_krcc': results['test']['krcc']}
@@ -561,8 +561,11 @@ def run_round(round_idx, args, state, ctx):
                 if path is not None:
                     best['checkpoint'] = path
                     log(f'  new best ({select_on} SRCC {score:.4f}) saved: {path}')
+            # round_complete: --resume from this file starts the next round instead of running this
+            # one past its early stop (and overwriting its best checkpoint).
             checkpoint.update(optimizer=optimizer.state_dict(), rng_state=checkpoints.capture_rng_state(), best=best,
                               early_stopping={'bad_epochs': bad_epochs}, rounds=state['rounds'],
+                              round_complete=bool(stop_now or epoch + 1 == args.epochs),
                               train_seconds=time.time() - state['start_time'] + state.get('seconds_before', 0.0))
             saver.save_last(checkpoint)
             write_metrics_csv(os.path.join(run_dir, 'metrics.csv'), state['rows'])
@@ -733,7 +736,13 @@ def main(argv=None):
         if resume is not None:
             state['rounds'] = resume.get('rounds') or []
             first_round = resume['round']
-            state['resume_checkpoint'] = resume
+            if resume.get('round_complete'):   # the round had ended (early stop or last epoch)
+                state['rounds'] = state['rounds'] + [resume['best']]
+                first_round += 1
+                log(f'Round {resume["round"]} had ended at epoch {resume["epoch"]}; resuming with round '
+                    f'{first_round}')
+            else:
+                state['resume_checkpoint'] = resume
             state['seconds_before'] = float(resume.get('train_seconds') or 0.0)
             metrics_path = os.path.join(run_dir, 'metrics.csv')
             if os.path.exists(metrics_path):
@@ -743,7 +752,8 @@ def main(argv=None):
                             state['rows'].append(row)
         ctx = {'log': log, 'rank': rank, 'world': world, 'device': device, 'amp': amp, 'run_dir': run_dir,
                'spaq': load_spaq(args, log, device)}
-        status = 'finished'
+        # the run's status is its last round's: a resumed, already ended last round keeps its own
+        status = 'stopped_early' if resume is not None and resume['epoch'] < args.epochs else 'finished'
         best = None
         ctx['config'] = config
         for round_idx in range(first_round, args.train_test_num + 1):

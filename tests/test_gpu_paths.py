@@ -168,3 +168,49 @@ def test_colour_jitter_makes_no_per_batch_copies(monkeypatch):
         pass
     assert calls.count('tensor') == 0
     assert calls.count('to') <= 1    # eval: the image index, once for the whole evaluation
+
+
+# --------------------------------------------------------------------------- resume
+
+def evaluation_by_round_and_epoch(monkeypatch, val, test):
+    """Scripted SRCCs keyed by (round, epoch), the same in every process that runs them.
+    Needs --test_random_crop and --seed 3: the evaluation seed is then (3 + round - 1) * 1000 + epoch."""
+    def fake(model, images, mos, direction, args, device, amp, rank, world, seed, desc):
+        round_idx, epoch = seed // 1000 - 2, seed % 1000
+        s = (val if desc.startswith('val') else test)[round_idx - 1][epoch]
+        return {'srcc': s, 'plcc': s + 0.01, 'krcc': s - 0.1}, None
+    monkeypatch.setattr(train_swin, 'evaluate_split', fake)
+
+
+def test_resume_after_an_early_stopped_round_starts_the_next_round(koniq_root, tmp_path, monkeypatch):
+    """Round 1 stops early after epoch 2; the run is killed before round 2's first epoch ends.
+    --resume must start round 2, not run round 1 on past its early stop."""
+    evaluation_by_round_and_epoch(monkeypatch, val=[[0.5, 0.4, 0.9], [0.3, 0.6, 0.7]],
+                                  test=[[0.45, 0.35, 0.95], [0.25, 0.55, 0.65]])
+    extra = ('--train_test_num', '2', '--patience', '1', '--test_random_crop')
+    full = tmp_path / 'full'
+    assert train_swin.main(tiny_args(koniq_root, full, *extra)) == 0
+    expected = read_metrics(only_run_dir(full))
+    assert [(r['round'], r['epoch']) for r in expected] == [('1', '1'), ('1', '2'), ('2', '1'), ('2', '2'),
+                                                            ('2', '3')]
+
+    killed = tmp_path / 'killed'
+    real_epoch, calls = train_swin.train_one_epoch, []
+
+    def killed_in_round_two(model, optimizer, sampler, epoch, *rest):
+        calls.append(epoch)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_epoch(model, optimizer, sampler, epoch, *rest)
+    monkeypatch.setattr(train_swin, 'train_one_epoch', killed_in_round_two)
+    with pytest.raises(KeyboardInterrupt):
+        train_swin.main(tiny_args(koniq_root, killed, *extra))
+    monkeypatch.setattr(train_swin, 'train_one_epoch', real_epoch)
+    run_dir = only_run_dir(killed)
+    assert checkpoints.load_checkpoint(os.path.join(run_dir, 'round1', 'last.pkl'))['round_complete'] is True
+    assert train_swin.main(['--resume', run_dir]) == 0
+    assert without_timing(read_metrics(run_dir)) == without_timing(expected)
+    assert os.listdir(os.path.join(run_dir, 'round1')).count('best_model_srcc_0.4500_plcc_0.4600.pkl') == 1
+    summary = json.load(open(os.path.join(run_dir, 'summary.json')))
+    assert [r['test_srcc'] for r in summary['rounds']] == pytest.approx([0.45, 0.65])
+    assert summary['status'] == 'finished'
