@@ -313,13 +313,28 @@ def evaluate_split(model, images_u8, mos, direction, args, device, amp, rank, wo
 CHECK_EVERY = 25
 
 
-def check_losses(losses, first_step, epoch):
-    """Raise FloatingPointError at the first non-finite loss of `losses` (device tensors)."""
+def check_losses(losses, first_step, epoch, world=1):
+    """Raise FloatingPointError at the first non-finite loss of `losses` (device tensors).
+
+    With several processes all of them decide together: the first bad step is all-reduced,
+    so every rank raises at the same check. A rank that stopped alone left the others waiting
+    in the next collective until torchrun tore the job down, with no summary written.
+    """
+    if not losses:   # an epoch of a multiple of CHECK_EVERY steps was checked in full already
+        return
     values = torch.stack(losses)
     bad = ~torch.isfinite(values)
-    if bad.any():
-        i = int(bad.nonzero()[0, 0])
-        raise FloatingPointError(f'loss is {values[i].item()} at epoch {epoch + 1}, step {first_step + i + 1}')
+    n = len(losses)
+    first_bad = torch.where(bad.any(), bad.int().argmax(), n).reshape(1)   # stays on the device
+    if world > 1:
+        dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+    i = int(first_bad.item())
+    if i < n:
+        value = values[i].item()
+        where = f'at epoch {epoch + 1}, step {first_step + i + 1}'
+        if math.isfinite(value):
+            raise FloatingPointError(f'loss is not finite on another process {where}')
+        raise FloatingPointError(f'loss is {value} {where}')
 
 
 def train_one_epoch(model, optimizer, sampler, epoch, args, device, amp, rank, world, progress_desc):
@@ -351,13 +366,13 @@ def train_one_epoch(model, optimizer, sampler, epoch, args, device, amp, rank, w
         n_patches += patches.shape[0]
         bar.update(1)
         if (step + 1) % CHECK_EVERY == 0:
-            check_losses(losses[checked:], checked, epoch)
+            check_losses(losses[checked:], checked, epoch, world)
             checked = len(losses)
             elapsed = time.perf_counter() - start
             bar.set_postfix(loss=f'{torch.stack(losses).mean().item():.4f}',
                             patches_s=f'{n_patches * world / max(elapsed, 1e-9):.0f}', refresh=False)
     bar.close()
-    check_losses(losses[checked:], checked, epoch)
+    check_losses(losses[checked:], checked, epoch, world)
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start

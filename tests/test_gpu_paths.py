@@ -214,3 +214,63 @@ def test_resume_after_an_early_stopped_round_starts_the_next_round(koniq_root, t
     summary = json.load(open(os.path.join(run_dir, 'summary.json')))
     assert [r['test_srcc'] for r in summary['rounds']] == pytest.approx([0.45, 0.65])
     assert summary['status'] == 'finished'
+
+
+# --------------------------------------------------------------------------- DDP
+
+def test_an_epoch_of_exactly_check_every_steps_ends_cleanly():
+    losses = [torch.tensor(1.0)] * train_swin.CHECK_EVERY
+    train_swin.check_losses(losses, 0, 0)
+    train_swin.check_losses(losses[train_swin.CHECK_EVERY:], train_swin.CHECK_EVERY, 0)  # nothing left
+
+
+def run_two_ranks(script, argv, tmp_path, timeout=300):
+    """Start two gloo ranks directly (no torchrun), so each one's own exit code is seen.
+    Returns [(returncode, output)] per rank; kills both after `timeout` seconds (a deadlock)."""
+    port = str(free_port())
+    procs = []
+    for rank in (0, 1):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2', LOCAL_WORLD_SIZE='2',
+                   MASTER_ADDR='127.0.0.1', MASTER_PORT=port, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+        out = open(tmp_path / f'rank{rank}.out', 'w+')
+        procs.append((subprocess.Popen([sys.executable, str(script), *argv], env=env, stdout=out,
+                                       stderr=subprocess.STDOUT, start_new_session=True), out))
+    results = []
+    for proc, out in procs:
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for p, _ in procs:
+                os.killpg(p.pid, signal.SIGKILL)
+            code = 'deadlock (killed after %d s)' % timeout
+        out.seek(0)
+        results.append((code, out.read()))
+    return results
+
+
+def test_ddp_divergence_on_one_rank_stops_both_with_one_summary(koniq_root, tmp_path):
+    """NaN in one rank's loss only (the other rank's losses stay finite in that epoch): both
+    ranks stop at the same check with exit code 3 and rank 0 writes the 'diverged' summary."""
+    script = tmp_path / 'nan_on_rank1.py'
+    script.write_text(textwrap.dedent(f'''
+        import os, sys
+        sys.path.insert(0, {ROOT!r})
+        import train_swin
+        real, calls = train_swin.total_loss, []
+
+        def nan_on_rank1_in_epoch2(pred, mos, args):
+            calls.append(1)
+            loss = real(pred, mos, args)
+            return loss * float('nan') if os.environ['RANK'] == '1' and len(calls) == 2 else loss
+        train_swin.total_loss = nan_on_rank1_in_epoch2
+        sys.exit(train_swin.main(sys.argv[1:]))
+    '''))
+    results = run_two_ranks(script, [*tiny_args(koniq_root, tmp_path), '--device', 'cpu'], tmp_path,
+                            timeout=240)
+    assert [code for code, _ in results] == [3, 3], results[0][1][-3000:] + results[1][1][-3000:]
+    run_dir = only_run_dir(tmp_path)
+    summary = json.load(open(os.path.join(run_dir, 'summary.json')))
+    assert summary['status'] == 'diverged'
+    assert checkpoints.load_checkpoint(os.path.join(run_dir, 'last.pkl'))['epoch'] == 1
+    log = open(tmp_path / 'logs' / (os.path.basename(run_dir) + '.log')).read()
+    assert log.count('STOPPED:') == 1 and 'at epoch 2, step 1' in log
