@@ -46,6 +46,7 @@ __all__ = [
     'IMAGENET_MEAN', 'IMAGENET_STD', 'DATASET_NAMES', 'DATASET_ALIASES', 'DEFAULT_ROOTS',
     'GENERIC', 'DataError', 'IQADataset', 'resolve_dataset', 'load_dataset', 'load_images',
     'TrainPatchSampler', 'eval_patch_batches', 'place_images', 'ensure_demo_dataset', 'canonical_device',
+    'plan_image_memory',
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -1302,6 +1303,68 @@ def canonical_device(device: str | torch.device) -> torch.device:
     return device
 
 
+GIB = 2 ** 30
+PLAN_RESERVE_FRACTION = 0.10   # of the card kept free: allocator fragmentation, eval batches, cuDNN workspaces
+PLAN_RESERVE_MIN = 1 * GIB
+PLAN_NCCL_RESERVE = 1 * GIB    # NCCL's own buffers (outside PyTorch's allocator) with several processes
+
+
+def plan_image_memory(free_bytes: int, total_bytes: int, step_bytes: int,
+                      image_sets: Sequence[tuple[str, int]], world_size: int = 1, images_on: str = 'auto',
+                      device: str = 'cuda:0') -> dict:
+    """Decide, once and for all image sets together, which live on the GPU.
+
+    A pure function of the card's free and total memory (bytes, measured after the model is
+    built), `step_bytes` (what one training step still needs on top of that: the measured peak
+    of a forward + backward minus what was allocated before, plus AdamW's two state tensors),
+    the image sets as (name, bytes) in priority order (training images first: they are read
+    every step; then val/test; a cross-test set last) and the number of processes. Each
+    process holds its own copy of every set, on its own GPU or in host memory.
+
+    images_on: 'auto' places sets in priority order while they fit the budget (free memory
+    minus the step, minus a reserve of 10% of the card, at least 1 GiB, plus 1 GiB for NCCL
+    with several processes), skipping a set that does not fit for a smaller one after it;
+    'gpu' places every set and says when that exceeds the budget; 'cpu' keeps all on the host,
+    where batches are cut and staged through small pinned buffers.
+
+    Returns {'where': {name: 'gpu' | 'host'}, 'fits': bool, 'budget_bytes': int, 'lines': [str]}.
+    'fits' is False when the step alone does not fit, or when 'gpu' asked for more than the budget.
+    """
+    if images_on not in ('auto', 'gpu', 'cpu'):
+        raise ValueError(f"images_on must be 'auto', 'gpu' or 'cpu', got {images_on!r}")
+    reserve = max(PLAN_RESERVE_MIN, int(PLAN_RESERVE_FRACTION * total_bytes))
+    if world_size > 1:
+        reserve += PLAN_NCCL_RESERVE
+    budget = int(free_bytes - step_bytes - reserve)
+    where, used = {}, 0
+    for name, size in image_sets:
+        if images_on == 'gpu' or (images_on == 'auto' and used + size <= budget):
+            where[name] = 'gpu'
+            used += size
+        else:
+            where[name] = 'host'
+    fits = budget >= 0 and used <= budget
+    gib = lambda b: f'{b / GIB:.1f} GiB'
+    lines = [f'GPU memory plan for {device} ({gib(total_bytes)} card, {gib(free_bytes)} free after the model; '
+             f'a training step needs {gib(step_bytes)}; {gib(reserve)} kept free): {gib(max(budget, 0))} for images, '
+             f'--images_on {images_on}']
+    for name, size in image_sets:
+        why = ''
+        if where[name] == 'host':
+            why = ' (--images_on cpu)' if images_on == 'cpu' else ' (does not fit; batches staged through pinned buffers)'
+        lines.append(f'  {name:<8} {gib(size):>9}  {"GPU" if where[name] == "gpu" else "host memory"}{why}')
+    host = sum(size for name, size in image_sets if where[name] == 'host')
+    lines.append(f'  on the GPU {gib(used)} per process; in host memory {gib(host)} per process'
+                 + (f' x {world_size} processes = {gib(host * world_size)}' if world_size > 1 else ''))
+    if budget < 0:
+        lines.append(f'  WARNING: the training step alone needs {gib(step_bytes + reserve)} with the reserve, more than '
+                     f'the {gib(free_bytes)} free: lower --batch_size (and raise --grad_accum_steps)')
+    elif used > budget:
+        lines.append(f'  WARNING: --images_on gpu places {gib(used)}, more than the {gib(budget)} budget: '
+                     'expect out-of-memory errors; --images_on auto keeps what does not fit on the host')
+    return {'where': where, 'fits': fits, 'budget_bytes': budget, 'lines': lines}
+
+
 def place_images(images_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Keep the uint8 images where patches are cut: on a GPU when they fit comfortably.
 
@@ -1335,7 +1398,7 @@ class TrainPatchSampler:
     def __init__(self, images_u8: torch.Tensor, mos, *, patch_size: int = 224, patch_num: int = 25,
                  batch_size: int = 32, color_jitter: bool = True, seed: int = 0,
                  device: str | torch.device = 'cpu', rank: int = 0, world_size: int = 1,
-                 drop_last: bool = False):
+                 drop_last: bool = False, place: bool = True):
         _check_images(images_u8, patch_size, 'TrainPatchSampler')
         n = images_u8.shape[0]
         mos = np.asarray(mos, dtype=np.float64).ravel()
@@ -1349,7 +1412,8 @@ class TrainPatchSampler:
         if n < world_size:
             raise DataError(f'TrainPatchSampler: {n} images cannot be shared by {world_size} processes')
         self.device = canonical_device(device)
-        self.images = place_images(images_u8.contiguous(), self.device)
+        # place=False: the caller's memory plan decided where the images live; cut patches there
+        self.images = place_images(images_u8.contiguous(), self.device) if place else images_u8.contiguous()
         self._pin = self.images.device.type == 'cpu' and self.device.type == 'cuda'
         self.mos = torch.from_numpy(mos).float().to(self.device)
         self.patch_size, self.patch_num, self.batch_size = patch_size, patch_num, batch_size
@@ -1403,7 +1467,7 @@ class TrainPatchSampler:
 def eval_patch_batches(images_u8: torch.Tensor, *, patch_size: int = 224, patch_num: int = 25,
                        batch_size: int = 64, random_crop: bool = False, seed: int = 0,
                        device: str | torch.device = 'cpu',
-                       image_ids: Sequence[int] | np.ndarray | None = None
+                       image_ids: Sequence[int] | np.ndarray | None = None, place: bool = True
                        ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (patches float32 (B, 3, p, p) normalized, image index int64 (B,)) on `device`:
     `patch_num` crops of every image, image after image; average the predictions per index.
@@ -1413,6 +1477,8 @@ def eval_patch_batches(images_u8: torch.Tensor, *, patch_size: int = 224, patch_
     protocol): positions drawn from `seed` (pass seed + epoch for fresh crops each epoch).
     No flip and no colour jitter. `image_ids` (e.g. one process's share under DDP) limits
     the images evaluated; their indices and crops are those of a run over all images.
+    place=True moves host images to a GPU device when they fit (place_images); place=False
+    cuts patches where the images are (a memory plan already decided).
     """
     _check_images(images_u8, patch_size, 'eval_patch_batches')
     if patch_num < 1 or batch_size < 1:
@@ -1432,8 +1498,7 @@ def eval_patch_batches(images_u8: torch.Tensor, *, patch_size: int = 224, patch_
     top = top.reshape(n, patch_num)[ids].ravel()
     left = left.reshape(n, patch_num)[ids].ravel()
     index = np.repeat(ids, patch_num)
-    images = images_u8.contiguous() if images_u8.device == device or device.type != 'cuda' \
-        else place_images(images_u8.contiguous(), device)
+    images = place_images(images_u8.contiguous(), device) if place else images_u8.contiguous()
     pin = images.device.type == 'cpu' and device.type == 'cuda'
     index_dev = torch.from_numpy(index).to(device)   # one copy, not one per batch
     for start in range(0, len(index), batch_size):

@@ -14,13 +14,15 @@ from run_setup import gather_to_all
 
 
 def predict_scores(model, images_u8, *, patch_size=224, patch_num=20, batch_size=64, random_crop=False,
-                   seed=0, device='cpu', amp=False, rank=0, world_size=1, pad_batches=False, desc=None):
+                   seed=0, device='cpu', amp=False, rank=0, world_size=1, pad_batches=False, desc=None,
+                   place=True):
     """One score per image: the mean of the model's scores over `patch_num` crops.
 
     With several processes each rank scores every world_size-th image and the
     predictions are gathered, so metrics equal the single-process ones. Crops
     depend on the image's index (and on `seed` with random_crop), never on the
-    batch or the process it lands in.
+    batch or the process it lands in. place=False leaves the images where a memory plan put
+    them (data_loader.eval_patch_batches).
     """
     n = images_u8.shape[0]
     ids = np.arange(rank, n, world_size)
@@ -35,7 +37,7 @@ def predict_scores(model, images_u8, *, patch_size=224, patch_num=20, batch_size
     with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
         for patches, index in data_loader.eval_patch_batches(
                 images_u8, patch_size=patch_size, patch_num=patch_num, batch_size=batch_size,
-                random_crop=random_crop, seed=seed, device=device, image_ids=ids):
+                random_crop=random_crop, seed=seed, device=device, image_ids=ids, place=place):
             real = patches.shape[0]
             if pad_batches and real < batch_size:  # torch.compile: keep one static shape
                 patches = torch.cat([patches, patches[:1].expand(batch_size - real, -1, -1, -1)])

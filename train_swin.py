@@ -41,7 +41,7 @@ METRIC_COLUMNS = ['round', 'epoch', 'lr_backbone', 'lr_head', 'train_loss', 'tra
                   'spaq_srcc', 'spaq_plcc', 'epoch_seconds', 'train_patches_per_s', 'is_best']
 # Flags that describe the machine, not the experiment: a resumed run may change them.
 MACHINE_FLAGS = ('device', 'num_workers', 'cache_dir', 'data_root', 'no_amp', 'precision', 'compile',
-                 'eval_batch_size')
+                 'eval_batch_size', 'images_on')
 
 
 # --------------------------------------------------------------------------- flags
@@ -148,6 +148,9 @@ def build_parser():
                         'TF32 off (the original code\'s numerics); auto: bf16 on CUDA, fp32 on the CPU')
     g.add_argument('--no_amp', action='store_true', help='same as --precision fp32')
     g.add_argument('--compile', action='store_true', help='torch.compile the model (static shapes)')
+    g.add_argument('--images_on', default='auto', choices=('auto', 'gpu', 'cpu'),
+                   help='where the decoded image sets live on a CUDA run: auto = on the GPU as far as a plan '
+                        'made after measuring one training step allows (printed), the rest in host memory')
     return p
 
 
@@ -301,7 +304,7 @@ def evaluate_split(model, images_u8, mos, direction, args, device, amp, rank, wo
     pred = predict_scores(model, images_u8, patch_size=args.patch_size, patch_num=args.test_patch_num,
                           batch_size=args.eval_batch_size, random_crop=args.test_random_crop, seed=seed,
                           device=device, amp=amp, rank=rank, world_size=world, pad_batches=args.compile,
-                          desc=desc)
+                          desc=desc, place=False)
     return iqa_metrics.correlations(pred, direction * np.asarray(mos)), pred
 
 
@@ -382,6 +385,52 @@ def train_one_epoch(model, optimizer, sampler, epoch, args, device, amp, rank, w
     return float(np.mean(loss_all)), iqa_metrics.srcc(pred_all, mos_all), n_patches * world / seconds, seconds
 
 
+def measure_step_bytes(model, args, device, amp):
+    """GPU memory one training step needs beyond what is allocated now: the peak of a forward +
+    backward on a random batch of --batch_size, minus the current allocation, plus AdamW's two
+    fp32 state tensors per parameter (created at the first optimizer step). 0 off CUDA.
+
+    The probe leaves no trace: RNG states and buffers (BatchNorm statistics) are restored and
+    the gradients dropped, so a run is the same with or without it.
+    """
+    if device.type != 'cuda':
+        return 0
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    with torch.random.fork_rng(devices=[device]):
+        x = torch.randn(args.batch_size, 3, args.patch_size, args.patch_size, device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            pred = model(x).float()
+        total_loss(pred, torch.rand(args.batch_size, device=device), args).backward()
+        torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+    adam_state = 2 * sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    return int(peak - before + adam_state)
+
+
+def plan_and_place(image_sets, args, device, amp, world, raw_model, log):
+    """Measure one step, plan where each image set lives (data_loader.plan_image_memory), print
+    the plan and move the GPU sets there. Returns {name: tensor where it now lives}; the host
+    copies of moved sets are dropped by the caller (they are no longer referenced)."""
+    if device.type != 'cuda':
+        return dict(image_sets)
+    step = measure_step_bytes(raw_model, args, device, amp)
+    free, total = torch.cuda.mem_get_info(device)
+    # memory PyTorch holds in its cache counts as free: it is reused before the card is asked again
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    to_place = [(name, t.numel()) for name, t in image_sets.items() if t.device.type != 'cuda']
+    plan = data_loader.plan_image_memory(free, total, step, to_place, world, args.images_on, str(device))
+    for line in plan['lines']:
+        log(line)
+    return {name: t.to(device) if plan['where'].get(name) == 'gpu' else t for name, t in image_sets.items()}
+
+
 def remap_splits(dataset, kept):
     """Split index arrays after bad images were dropped (positions into the kept images)."""
     position = np.full(len(dataset.paths), -1)
@@ -406,7 +455,7 @@ def write_metrics_csv(path, rows):
     checkpoints.atomic_write_text(path, buf.getvalue())
 
 
-def load_spaq(args, log, device=torch.device('cpu')):
+def load_spaq(args, log):
     """The SPAQ cross-test set, when spaq-test/ exists and --no_spaq is not given."""
     if args.no_spaq or args.dataset in ('spaq',):
         return None
@@ -423,7 +472,8 @@ def load_spaq(args, log, device=torch.device('cpu')):
         log(f'WARNING: SPAQ cross-test skipped, {root} is not readable: {err}')
         return None
     log(f'SPAQ cross-test: {len(kept)} images from {root} (turn off with --no_spaq)')
-    return data_loader.place_images(images, device), spaq.mos[kept], (1 if spaq.higher_is_better else -1)
+    # kept in host memory here: the memory plan of the first round decides where it lives
+    return images, spaq.mos[kept], (1 if spaq.higher_is_better else -1)
 
 
 def run_round(round_idx, args, state, ctx):
@@ -469,6 +519,15 @@ def run_round(round_idx, args, state, ctx):
     state['params'] = models_swin.count_parameters(model)
     groups = [{'params': model.backbone_parameters(), 'lr': args.lr},
               {'params': model.head_parameters(), 'lr': args.lr * args.lr_ratio}]
+    # One plan for every image set, made now that the model exists (see plan_and_place).
+    image_sets = {'train': images[splits['train']]}
+    image_sets.update({name: images[splits[name]] for name in ('val', 'test') if len(splits.get(name, []))})
+    del images  # the splits hold their own copies; KonIQ's full set is 5.9 GB
+    if ctx['spaq']:
+        image_sets['spaq'] = ctx['spaq'][0]
+    image_sets = plan_and_place(image_sets, args, device, amp, world, raw_model, log)
+    if ctx['spaq']:
+        ctx['spaq'] = (image_sets.pop('spaq'),) + tuple(ctx['spaq'][1:])
     optimizer = make_optimizer(groups, args, device)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -476,17 +535,12 @@ def run_round(round_idx, args, state, ctx):
     if args.compile:
         model = torch.compile(model)
 
-    train_images = images[splits['train']]
     sampler = data_loader.TrainPatchSampler(
-        train_images, mos[splits['train']], patch_size=args.patch_size, patch_num=args.train_patch_num,
+        image_sets.pop('train'), mos[splits['train']], patch_size=args.patch_size, patch_num=args.train_patch_num,
         batch_size=args.batch_size, color_jitter=not args.no_color_jitter, seed=round_seed, device=device,
-        rank=rank, world_size=world, drop_last=args.compile)
-    eval_sets = {name: (images[splits[name]], mos[splits[name]]) for name in ('val', 'test') if name in splits
-                 and len(splits[name])}
-    del images  # the splits hold their own copies; KonIQ's full set is 5.9 GB
-    # Moved to the GPU once (when they fit) rather than at every evaluation.
-    eval_sets = {name: (data_loader.place_images(imgs, device), split_mos)
-                 for name, (imgs, split_mos) in eval_sets.items()}
+        rank=rank, world_size=world, drop_last=args.compile, place=False)
+    eval_sets = {name: (imgs, mos[splits[name]]) for name, imgs in image_sets.items()}
+    del image_sets
 
     first_epoch = 0
     best = None
@@ -617,7 +671,7 @@ def best_intervals(model, best, test_set, args, device, amp, seed):
     model.load_state_dict(checkpoints.load_checkpoint(path)['state_dict'])
     pred = predict_scores(model, test_set[0], patch_size=args.patch_size, patch_num=args.test_patch_num,
                           batch_size=args.eval_batch_size, random_crop=args.test_random_crop, seed=seed,
-                          device=device, amp=amp)
+                          device=device, amp=amp, place=False)
     mos = test_set[1]
     return {'test_srcc_ci': list(iqa_metrics.bootstrap_ci(pred, mos, 'srcc')),
             'test_plcc_ci': list(iqa_metrics.bootstrap_ci(pred, mos, 'plcc'))}
@@ -766,7 +820,7 @@ def main(argv=None):
                         if (int(row['round']), int(row['epoch'])) <= (resume['round'], resume['epoch']):
                             state['rows'].append(row)
         ctx = {'log': log, 'rank': rank, 'world': world, 'device': device, 'amp': amp, 'run_dir': run_dir,
-               'spaq': load_spaq(args, log, device)}
+               'spaq': load_spaq(args, log)}
         # the run's status is its last round's: a resumed, already ended last round keeps its own
         status = 'stopped_early' if resume is not None and resume['epoch'] < args.epochs else 'finished'
         best = None

@@ -274,3 +274,59 @@ def test_ddp_divergence_on_one_rank_stops_both_with_one_summary(koniq_root, tmp_
     assert checkpoints.load_checkpoint(os.path.join(run_dir, 'last.pkl'))['epoch'] == 1
     log = open(tmp_path / 'logs' / (os.path.basename(run_dir) + '.log')).read()
     assert log.count('STOPPED:') == 1 and 'at epoch 2, step 1' in log
+
+
+# --------------------------------------------------------------------------- memory plan
+
+GIB = 2 ** 30
+IMAGE = 3 * 512 * 384                                   # one decoded image at the default --resize
+KONIQ_SPAQ = [('train', 7058 * IMAGE), ('val', 1000 * IMAGE), ('test', 2015 * IMAGE), ('spaq', 11125 * IMAGE)]
+# One Swin-B training step at batch 32 in bf16, beyond the weights: ~0.21 GiB of saved activations per
+# image (measured on the CPU with saved-tensor hooks under bf16 autocast) x 32 x 1.5 for transient
+# peaks, plus gradients and AdamW's state: about 11 GiB. gpu_check.py measures the real figure.
+SWIN_B_STEP = 11 * GIB
+CARDS = {24: 23.6 * GIB, 40: 39.4 * GIB, 80: 79.1 * GIB}   # what torch.cuda.mem_get_info reports as total
+AFTER_MODEL = 0.9 * GIB                                    # CUDA context + Swin-B weights
+
+
+def plan(card, world=1, images_on='auto', step=SWIN_B_STEP):
+    total = CARDS[card]
+    return data_loader.plan_image_memory(int(total - AFTER_MODEL), int(total), int(step), KONIQ_SPAQ, world,
+                                         images_on)
+
+
+@pytest.mark.parametrize('world', [1, 2])
+def test_memory_plan_for_24_40_and_80_gb_cards(world):
+    for card in (24, 40, 80):
+        p = plan(card, world)
+        on_gpu = sum(size for name, size in KONIQ_SPAQ if p['where'][name] == 'gpu')
+        assert p['fits'], (card, p['lines'])
+        # everything placed + the step + the reserve stays within the card's free memory
+        reserve = max(GIB, 0.1 * CARDS[card]) + (GIB if world > 1 else 0)
+        assert on_gpu + SWIN_B_STEP + reserve <= CARDS[card] - AFTER_MODEL
+    # 24 GB: the training images (read every step) and val/test on the GPU, SPAQ in host memory
+    assert plan(24, world)['where'] == {'train': 'gpu', 'val': 'gpu', 'test': 'gpu', 'spaq': 'host'}
+    # 40 and 80 GB: everything on the GPU
+    assert set(plan(40, world)['where'].values()) == {'gpu'}
+    assert set(plan(80, world)['where'].values()) == {'gpu'}
+    text = '\n'.join(plan(24, world)['lines'])
+    assert 'spaq' in text and '6.1 GiB' in text and 'host memory' in text
+    if world == 2:
+        assert 'x 2 processes = 12.2 GiB' in text
+
+
+def test_memory_plan_choices_and_warnings():
+    assert set(plan(80, images_on='cpu')['where'].values()) == {'host'}
+    forced = plan(24, images_on='gpu')
+    assert set(forced['where'].values()) == {'gpu'} and not forced['fits']
+    assert 'WARNING: --images_on gpu places 11.6 GiB' in '\n'.join(forced['lines'])
+    # a step that does not fit at all says what to do
+    too_big = plan(24, step=30 * GIB)
+    assert not too_big['fits'] and set(too_big['where'].values()) == {'host'}
+    assert 'lower --batch_size' in '\n'.join(too_big['lines'])
+    # a smaller set after one that does not fit still gets its place
+    sets = [('train', 8 * GIB), ('spaq', 9 * GIB), ('test', 1 * GIB)]
+    p = data_loader.plan_image_memory(20 * GIB, 24 * GIB, 8 * GIB, sets, 1, 'auto')
+    assert p['where'] == {'train': 'gpu', 'spaq': 'host', 'test': 'gpu'}
+    with pytest.raises(ValueError, match='images_on'):
+        data_loader.plan_image_memory(GIB, GIB, 0, sets, 1, 'disk')
