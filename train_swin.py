@@ -181,6 +181,10 @@ def check_args(args, warn):
         warn('--attention_fusion needs the multi-scale features, which --no_multiscale turns off: '
              'attention fusion is OFF for this run (single-scale model).')
         args.attention_fusion = False
+    if args.compile and args.eval_batch_size != args.batch_size:
+        warn(f'--compile: evaluation runs in batches of --batch_size {args.batch_size} (not --eval_batch_size '
+             f'{args.eval_batch_size}), so the compiled model sees one batch shape and compiles once per mode.')
+        args.eval_batch_size = args.batch_size
     if args.patch_size > min(args.resize):
         errors.append(f'--patch_size {args.patch_size} is larger than the resized image '
                       f'{args.resize[0]}x{args.resize[1]} (--resize): no crop fits')
@@ -533,7 +537,10 @@ def run_round(round_idx, args, state, ctx):
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == 'cuda' else None)
     if args.compile:
-        model = torch.compile(model)
+        # Static shapes: training batches are all --batch_size (drop_last) and evaluation is padded
+        # to the same size, so the model compiles twice, at the first training step and the first
+        # evaluation (train and eval mode), and never again (BENCHMARKS.md: what compiles when).
+        model = torch.compile(model, dynamic=False)
 
     sampler = data_loader.TrainPatchSampler(
         image_sets.pop('train'), mos[splits['train']], patch_size=args.patch_size, patch_num=args.train_patch_num,
@@ -650,7 +657,9 @@ def run_round(round_idx, args, state, ctx):
     best['select_on'] = select_on
     if 'test' in eval_sets and rank == 0:
         # Bootstrap intervals of the selected epoch, from its saved weights.
-        best.update(best_intervals(raw_model, best, eval_sets['test'], args, device, amp,
+        # rank 0 alone: through the DDP wrapper it could enter a collective the others never join
+        best.update(best_intervals(raw_model, model if world == 1 else raw_model, best, eval_sets['test'], args,
+                                   device, amp,
                                    round_seed * 1000 + best['epoch'] - 1 if args.test_random_crop else round_seed))
     return best, status
 
@@ -663,15 +672,17 @@ def selectable(results, select_on):
     return all(v is not None and math.isfinite(v) for v in values)
 
 
-def best_intervals(model, best, test_set, args, device, amp, seed):
-    """95% bootstrap intervals of the selected epoch's test SRCC/PLCC."""
+def best_intervals(raw_model, model, best, test_set, args, device, amp, seed):
+    """95% bootstrap intervals of the selected epoch's test SRCC/PLCC: the saved weights are loaded
+    into raw_model and scored through `model` (the compiled one under --compile, which shares
+    raw_model's parameters), exactly as every evaluation during training was."""
     path = best.get('checkpoint')
     if not path or not os.path.exists(path):
         return {}
-    model.load_state_dict(checkpoints.load_checkpoint(path)['state_dict'])
+    raw_model.load_state_dict(checkpoints.load_checkpoint(path)['state_dict'])
     pred = predict_scores(model, test_set[0], patch_size=args.patch_size, patch_num=args.test_patch_num,
                           batch_size=args.eval_batch_size, random_crop=args.test_random_crop, seed=seed,
-                          device=device, amp=amp, place=False)
+                          device=device, amp=amp, pad_batches=args.compile, place=False)
     mos = test_set[1]
     return {'test_srcc_ci': list(iqa_metrics.bootstrap_ci(pred, mos, 'srcc')),
             'test_plcc_ci': list(iqa_metrics.bootstrap_ci(pred, mos, 'plcc'))}

@@ -330,3 +330,32 @@ def test_memory_plan_choices_and_warnings():
     assert p['where'] == {'train': 'gpu', 'spaq': 'host', 'test': 'gpu'}
     with pytest.raises(ValueError, match='images_on'):
         data_loader.plan_image_memory(GIB, GIB, 0, sets, 1, 'disk')
+
+
+# --------------------------------------------------------------------------- compile shapes
+
+def test_compiled_model_sees_one_batch_shape_in_each_mode(koniq_root, tmp_path, monkeypatch):
+    """torch.compile recompiles for every new input shape: training (4) and evaluation (8)
+    batches made two shapes, and the end-of-round intervals ran the uncompiled model."""
+    seen = []
+
+    class Recorder(torch.nn.Module):   # stands in for torch.compile: records what it is given
+        def __init__(self, model):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x):
+            seen.append(('train' if self.training else 'eval', tuple(x.shape)))
+            return self.inner(x)
+
+    def fake_compile(model, **options):
+        assert options.get('dynamic') is False
+        return Recorder(model)
+    monkeypatch.setattr(torch, 'compile', fake_compile)
+    assert train_swin.main(tiny_args(koniq_root, tmp_path, '--compile', epochs=1)) == 0
+    assert set(seen) == {('train', (4, 3, 224, 224)), ('eval', (4, 3, 224, 224))}
+    # val: 3 images x 2 crops, test 4 x 2 (each in batches of 4), then the test set again for the
+    # bootstrap intervals of the selected epoch: all through the compiled model
+    assert [mode for mode, _ in seen].count('eval') == 2 + 2 + 2
+    log = open(tmp_path / 'logs' / (os.path.basename(only_run_dir(tmp_path)) + '.log')).read()
+    assert 'evaluation runs in batches of --batch_size 4' in log
