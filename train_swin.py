@@ -459,7 +459,32 @@ def write_metrics_csv(path, rows):
     checkpoints.atomic_write_text(path, buf.getvalue())
 
 
-def load_spaq(args, log):
+def decode_once(load, args, rank, world, wait_group):
+    """Run load(num_workers) -> decoded images so that a data set is decoded once per machine.
+
+    With several processes and a cache, rank 0 decodes and writes the cache while the others
+    wait, then they read it. They wait in a barrier of `wait_group`, a gloo group with a long
+    timeout: in the NCCL group a cold cache (KonIQ or SPAQ: minutes) ran into its 10-minute
+    timeout. Rank 0 reaches the barrier even when loading fails, so the others then meet the
+    same error themselves instead of waiting. Without a cache every process decodes its own
+    copy, on its share of the cores.
+    """
+    if world == 1:
+        return load(args.num_workers)
+    if args.cache_dir is None:
+        local = int(os.environ.get('LOCAL_WORLD_SIZE', world))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+        return load(args.num_workers or max(1, cores // local))
+    if rank != 0:
+        dist.barrier(group=wait_group)
+        return load(args.num_workers)
+    try:
+        return load(args.num_workers)
+    finally:
+        dist.barrier(group=wait_group)
+
+
+def load_spaq(args, log, rank=0, world=1, wait_group=None):
     """The SPAQ cross-test set, when spaq-test/ exists and --no_spaq is not given."""
     if args.no_spaq or args.dataset in ('spaq',):
         return None
@@ -468,9 +493,11 @@ def load_spaq(args, log):
         return None
     try:
         spaq = data_loader.load_dataset('spaq', root)
-        images, kept = data_loader.load_images(spaq.paths, resize_hw=tuple(args.resize), cache_dir=args.cache_dir,
-                                               num_workers=args.num_workers, skip_bad=True,
-                                               min_hw=(args.patch_size, args.patch_size))
+        images, kept = decode_once(
+            lambda workers: data_loader.load_images(
+                spaq.paths, resize_hw=tuple(args.resize), cache_dir=args.cache_dir, num_workers=workers,
+                skip_bad=True, min_hw=(args.patch_size, args.patch_size), progress=rank == 0),
+            args, rank, world, wait_group)
     except data_loader.DataError as err:
         # A broken side test must not cost the training run; say so loudly instead.
         log(f'WARNING: SPAQ cross-test skipped, {root} is not readable: {err}')
@@ -487,15 +514,11 @@ def run_round(round_idx, args, state, ctx):
     dataset = data_loader.load_dataset(args.dataset, args.data_root, seed=round_seed, score=args.score,
                                        csv_image_column=args.csv_image_column,
                                        csv_score_column=args.csv_score_column)
-    # With several processes rank 0 decodes (and caches) first; the others then load its cache
-    # instead of decoding every image once per process.
-    if world > 1 and rank != 0:
-        dist.barrier()
-    images, kept = data_loader.load_images(dataset.paths, resize_hw=tuple(args.resize), cache_dir=args.cache_dir,
-                                           num_workers=args.num_workers, skip_bad=args.skip_bad_images,
-                                           min_hw=(args.patch_size, args.patch_size), progress=rank == 0)
-    if world > 1 and rank == 0:
-        dist.barrier()
+    images, kept = decode_once(
+        lambda workers: data_loader.load_images(
+            dataset.paths, resize_hw=tuple(args.resize), cache_dir=args.cache_dir, num_workers=workers,
+            skip_bad=args.skip_bad_images, min_hw=(args.patch_size, args.patch_size), progress=rank == 0),
+        args, rank, world, ctx.get('wait_group'))
     splits = remap_splits(dataset, kept)
     mos = dataset.mos[kept]
     if 'train' not in splits or len(splits['train']) < 2 or 'test' not in splits:
@@ -830,8 +853,10 @@ def main(argv=None):
                     for row in csv.DictReader(f):
                         if (int(row['round']), int(row['epoch'])) <= (resume['round'], resume['epoch']):
                             state['rows'].append(row)
+        # decode_once waits here (gloo, no NCCL timeout) while rank 0 decodes a cold cache
+        wait_group = dist.new_group(backend='gloo', timeout=datetime.timedelta(days=1)) if world > 1 else None
         ctx = {'log': log, 'rank': rank, 'world': world, 'device': device, 'amp': amp, 'run_dir': run_dir,
-               'spaq': load_spaq(args, log)}
+               'wait_group': wait_group, 'spaq': load_spaq(args, log, rank, world, wait_group)}
         # the run's status is its last round's: a resumed, already ended last round keeps its own
         status = 'stopped_early' if resume is not None and resume['epoch'] < args.epochs else 'finished'
         best = None

@@ -359,3 +359,40 @@ def test_compiled_model_sees_one_batch_shape_in_each_mode(koniq_root, tmp_path, 
     assert [mode for mode, _ in seen].count('eval') == 2 + 2 + 2
     log = open(tmp_path / 'logs' / (os.path.basename(only_run_dir(tmp_path)) + '.log')).read()
     assert 'evaluation runs in batches of --batch_size 4' in log
+
+
+def test_bf16_and_compile_train_and_evaluate_on_the_cpu(koniq_root, tmp_path):
+    """The real torch.compile (inductor) with bf16 autocast, on the CPU: the code path a GPU
+    run takes with --compile, minus the device."""
+    assert train_swin.main(tiny_args(koniq_root, tmp_path, '--precision', 'bf16', '--compile', epochs=2)) == 0
+    rows = read_metrics(only_run_dir(tmp_path))
+    assert len(rows) == 2 and all(r['test_srcc'] != '' for r in rows)
+    assert all(np.isfinite(float(r['train_loss'])) for r in rows)
+
+
+def test_ddp_start_up_waits_for_a_slow_cold_cache_without_a_group_timeout(koniq_root, tmp_path):
+    """Rank 0 decodes for longer than the process group's timeout (3 s here, NCCL's 10 minutes on
+    a GPU box) while rank 1 waits; rank 1 then reads rank 0's cache instead of decoding."""
+    script = tmp_path / 'slow_decode.py'
+    script.write_text(textwrap.dedent(f'''
+        import datetime, os, sys, time
+        sys.path.insert(0, {ROOT!r})
+        import torch.distributed as dist
+        import data_loader, train_swin
+        real_init, real_decode = dist.init_process_group, data_loader._decode_all
+
+        def short_timeout(*a, **k):
+            return real_init(*a, **dict(k, timeout=datetime.timedelta(seconds=3)))
+
+        def slow_decode(*a, **k):
+            print('decoding on rank', os.environ['RANK'], flush=True)
+            time.sleep(8)
+            return real_decode(*a, **k)
+        dist.init_process_group = short_timeout
+        data_loader._decode_all = slow_decode
+        sys.exit(train_swin.main(sys.argv[1:]))
+    '''))
+    argv = [*tiny_args(koniq_root, tmp_path, epochs=1), '--device', 'cpu', '--cache_dir', str(tmp_path / 'cache')]
+    results = run_two_ranks(script, argv, tmp_path, timeout=240)
+    assert [code for code, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
+    assert 'decoding on rank 0' in results[0][1] and 'decoding on rank' not in results[1][1]
