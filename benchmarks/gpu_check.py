@@ -32,7 +32,6 @@ import argparse
 import contextlib
 import csv
 import io
-import os
 import subprocess
 import sys
 import tempfile
