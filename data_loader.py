@@ -45,8 +45,8 @@ import checkpoints
 __all__ = [
     'IMAGENET_MEAN', 'IMAGENET_STD', 'DATASET_NAMES', 'DATASET_ALIASES', 'DEFAULT_ROOTS',
     'GENERIC', 'DataError', 'IQADataset', 'resolve_dataset', 'load_dataset', 'load_images',
-    'TrainPatchSampler', 'eval_patch_batches', 'place_images', 'ensure_demo_dataset',
-    'DEFAULT_VAL_RATIO', 'split_by_groups',
+    'TrainPatchSampler', 'eval_patch_batches', 'place_images', 'ensure_demo_dataset', 'canonical_device',
+    'plan_image_memory', 'DEFAULT_VAL_RATIO', 'split_by_groups',
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -1302,6 +1302,20 @@ _NORM_HIGH = [(1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]
 JITTER_CHUNK = 8   # patches per jitter step on CPU: their float copies stay in cache
 
 
+_DEVICE_CONSTANTS: dict = {}
+
+
+def _constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gray weights (3,), normalization scale (3, 1, 1), shift (3, 1, 1)) on `device`, copied
+    there once per process: a .to(device) or torch.tensor(..., device=gpu) per batch is a
+    blocking host->device copy, two hidden synchronisations per training step."""
+    key = str(device)
+    if key not in _DEVICE_CONSTANTS:
+        _DEVICE_CONSTANTS[key] = (torch.tensor(_GRAY_WEIGHTS, dtype=torch.float32).to(device),
+                                  _NORM_SCALE.to(device), _NORM_SHIFT.to(device))
+    return _DEVICE_CONSTANTS[key]
+
+
 def _jitter_factors(gen: torch.Generator, n: int) -> torch.Tensor:
     """(n, 4) brightness, contrast, saturation factors in [0.9, 1.1] and hue shift in [-0.05, 0.05],
     drawn like torchvision ColorJitter(0.1, 0.1, 0.1, 0.05) per patch."""
@@ -1345,8 +1359,9 @@ def _jitter_maps(factors: torch.Tensor, device: torch.device) -> tuple[torch.Ten
 
 def _apply_jitter(x: torch.Tensor, matrix: torch.Tensor, gray_dir: torch.Tensor, out: torch.Tensor) -> None:
     """out (n, 3, P) = clip(M x + shift + m0 g) for float pixel values x (n, 3, P) in 0..255."""
-    gray_mean = x.mean(dim=2) @ torch.tensor(_GRAY_WEIGHTS, dtype=x.dtype, device=x.device) / 255.0
-    offset = gray_dir * gray_mean.view(-1, 1) + _NORM_SHIFT.to(x.device).view(1, 3)
+    gray_weights, _, shift = _constants(x.device)
+    gray_mean = x.mean(dim=2) @ gray_weights / 255.0
+    offset = gray_dir * gray_mean.view(-1, 1) + shift.view(1, 3)
     torch.baddbmm(offset.unsqueeze(2), matrix, x, out=out)
     for ch in range(3):   # three scalar clamps: much faster on CPU than one clamp with tensor bounds
         out[:, ch].clamp_(_NORM_LOW[ch], _NORM_HIGH[ch])
@@ -1407,7 +1422,8 @@ def _normalize_batch(crops_u8: torch.Tensor,
     m, _, p, _ = crops_u8.shape
     x = crops_u8.float()
     if jitter is None:
-        return x.mul_(_NORM_SCALE.to(x.device)).add_(_NORM_SHIFT.to(x.device))
+        _, scale, shift = _constants(x.device)
+        return x.mul_(scale).add_(shift)
     matrix, gray_dir = jitter
     out = torch.empty_like(x)
     _apply_jitter(x.view(m, 3, p * p), matrix, gray_dir, out.view(m, 3, p * p))
@@ -1427,16 +1443,97 @@ def _patches(images: torch.Tensor, index, top, left, flip, p: int,
     return _normalize_batch(crops, jitter)
 
 
+def canonical_device(device: str | torch.device) -> torch.device:
+    """The device with its index filled in: 'cuda' -> cuda:<current device> (cuda:0 without CUDA).
+
+    torch.device('cuda') != torch.device('cuda:0') although tensors made on the first are on
+    the second, so a device compared with a tensor's .device must be canonical first; without
+    that, images already on the GPU looked like host images at every evaluation.
+    """
+    device = torch.device(device)
+    if device.type == 'cuda' and device.index is None:
+        return torch.device('cuda', torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return device
+
+
+GIB = 2 ** 30
+PLAN_RESERVE_FRACTION = 0.10   # of the card kept free: allocator fragmentation, eval batches, cuDNN workspaces
+PLAN_RESERVE_MIN = 1 * GIB
+PLAN_NCCL_RESERVE = 1 * GIB    # NCCL's own buffers (outside PyTorch's allocator) with several processes
+
+
+def plan_image_memory(free_bytes: int, total_bytes: int, step_bytes: int,
+                      image_sets: Sequence[tuple[str, int]], world_size: int = 1, images_on: str = 'auto',
+                      device: str = 'cuda:0') -> dict:
+    """Decide, once and for all image sets together, which live on the GPU.
+
+    A pure function of the card's free and total memory (bytes, measured after the model is
+    built), `step_bytes` (what one training step still needs on top of that: the measured peak
+    of a forward + backward minus what was allocated before, plus AdamW's two state tensors),
+    the image sets as (name, bytes) in priority order (training images first: they are read
+    every step; then val/test; a cross-test set last) and the number of processes. Each
+    process holds its own copy of every set, on its own GPU or in host memory.
+
+    images_on: 'auto' places sets in priority order while they fit the budget (free memory
+    minus the step, minus a reserve of 10% of the card, at least 1 GiB, plus 1 GiB for NCCL
+    with several processes), skipping a set that does not fit for a smaller one after it;
+    'gpu' places every set and says when that exceeds the budget; 'cpu' keeps all on the host,
+    where batches are cut and staged through small pinned buffers.
+
+    Returns {'where': {name: 'gpu' | 'host'}, 'fits': bool, 'budget_bytes': int, 'lines': [str]}.
+    'fits' is False when the step alone does not fit, or when 'gpu' asked for more than the budget.
+    """
+    if images_on not in ('auto', 'gpu', 'cpu'):
+        raise ValueError(f"images_on must be 'auto', 'gpu' or 'cpu', got {images_on!r}")
+    reserve = max(PLAN_RESERVE_MIN, int(PLAN_RESERVE_FRACTION * total_bytes))
+    if world_size > 1:
+        reserve += PLAN_NCCL_RESERVE
+    budget = int(free_bytes - step_bytes - reserve)
+    where, used = {}, 0
+    for name, size in image_sets:
+        if images_on == 'gpu' or (images_on == 'auto' and used + size <= budget):
+            where[name] = 'gpu'
+            used += size
+        else:
+            where[name] = 'host'
+    fits = budget >= 0 and used <= budget
+    gib = lambda b: f'{b / GIB:.1f} GiB'
+    lines = [f'GPU memory plan for {device} ({gib(total_bytes)} card, {gib(free_bytes)} free after the model; '
+             f'a training step needs {gib(step_bytes)}; {gib(reserve)} kept free): {gib(max(budget, 0))} for images, '
+             f'--images_on {images_on}']
+    for name, size in image_sets:
+        why = ''
+        if where[name] == 'host':
+            why = ' (--images_on cpu)' if images_on == 'cpu' else ' (does not fit; batches staged through pinned buffers)'
+        lines.append(f'  {name:<8} {gib(size):>9}  {"GPU" if where[name] == "gpu" else "host memory"}{why}')
+    host = sum(size for name, size in image_sets if where[name] == 'host')
+    lines.append(f'  on the GPU {gib(used)} per process; in host memory {gib(host)} per process'
+                 + (f' x {world_size} processes = {gib(host * world_size)}' if world_size > 1 else ''))
+    if budget < 0:
+        lines.append(f'  WARNING: the training step alone needs {gib(step_bytes + reserve)} with the reserve, more than '
+                     f'the {gib(free_bytes)} free: lower --batch_size (and raise --grad_accum_steps)')
+    elif used > budget:
+        lines.append(f'  WARNING: --images_on gpu places {gib(used)}, more than the {gib(budget)} budget: '
+                     'expect out-of-memory errors; --images_on auto keeps what does not fit on the host')
+    return {'where': where, 'fits': fits, 'budget_bytes': budget, 'lines': lines}
+
+
 def place_images(images_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Keep the uint8 images where patches are cut: on a GPU when they fit comfortably."""
-    if device.type != 'cuda' or images_u8.device == device:
+    """Keep the uint8 images where patches are cut: on a GPU when they fit comfortably.
+
+    Images already on a GPU stay where they are, and host images that do not fit stay
+    unpinned: batches are staged in small pinned buffers (_cut_uint8), whereas pinning a whole
+    set would lock up to twice its size in page-locked memory (the allocator rounds up).
+    """
+    device = canonical_device(device)
+    if device.type != 'cuda' or images_u8.device.type == 'cuda':
         return images_u8
     free, _ = torch.cuda.mem_get_info(device)
     if images_u8.numel() < 0.4 * free:
         return images_u8.to(device)
     print(f'note: {images_u8.numel() / 2**30:.1f} GiB of images do not fit comfortably in the free '
           f'{free / 2**30:.1f} GiB of {device}; cutting patches on the CPU', flush=True)
-    return images_u8.pin_memory()
+    return images_u8
 
 
 class TrainPatchSampler:
@@ -1454,7 +1551,7 @@ class TrainPatchSampler:
     def __init__(self, images_u8: torch.Tensor, mos, *, patch_size: int = 224, patch_num: int = 25,
                  batch_size: int = 32, color_jitter: bool = True, seed: int = 0,
                  device: str | torch.device = 'cpu', rank: int = 0, world_size: int = 1,
-                 drop_last: bool = False):
+                 drop_last: bool = False, place: bool = True):
         _check_images(images_u8, patch_size, 'TrainPatchSampler')
         n = images_u8.shape[0]
         mos = np.asarray(mos, dtype=np.float64).ravel()
@@ -1467,8 +1564,9 @@ class TrainPatchSampler:
             raise DataError(f'TrainPatchSampler: rank {rank} is not in 0..{world_size - 1}')
         if n < world_size:
             raise DataError(f'TrainPatchSampler: {n} images cannot be shared by {world_size} processes')
-        self.device = torch.device(device)
-        self.images = place_images(images_u8.contiguous(), self.device)
+        self.device = canonical_device(device)
+        # place=False: the caller's memory plan decided where the images live; cut patches there
+        self.images = place_images(images_u8.contiguous(), self.device) if place else images_u8.contiguous()
         self._pin = self.images.device.type == 'cpu' and self.device.type == 'cuda'
         self.mos = torch.from_numpy(mos).float().to(self.device)
         self.patch_size, self.patch_num, self.batch_size = patch_size, patch_num, batch_size
@@ -1535,7 +1633,7 @@ def eval_patch_batches(images_u8: torch.Tensor, *, patch_size: int = 224, patch_
                        batch_size: int = 64, random_crop: bool = False, seed: int = 0,
                        device: str | torch.device = 'cpu',
                        image_ids: Sequence[int] | np.ndarray | None = None,
-                       crop: str | None = None
+                       crop: str | None = None, place: bool = True
                        ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (patches float32 (B, 3, p, p) normalized, image index int64 (B,)) on `device`:
     `patch_num` crops of every image, image after image; average the predictions per index.
@@ -1550,6 +1648,8 @@ def eval_patch_batches(images_u8: torch.Tensor, *, patch_size: int = 224, patch_
           eval_crops_per_image).
     No flip and no colour jitter. `image_ids` (e.g. one process's share under DDP) limits
     the images evaluated; their indices and crops are those of a run over all images.
+    place=True moves host images to a GPU device when they fit (place_images); place=False
+    cuts patches where the images are (a memory plan already decided).
     """
     crop = crop or ('random' if random_crop else 'fixed')
     if crop not in EVAL_CROPS:
@@ -1558,7 +1658,7 @@ def eval_patch_batches(images_u8: torch.Tensor, *, patch_size: int = 224, patch_
     if patch_num < 1 or batch_size < 1:
         raise DataError(f'eval_patch_batches: patch_num and batch_size must be >= 1, '
                         f'got {patch_num} and {batch_size}')
-    device = torch.device(device)
+    device = canonical_device(device)
     n, _, h, w = images_u8.shape
     p = patch_size
     patch_num = eval_crops_per_image(crop, patch_num)
@@ -1578,14 +1678,14 @@ def eval_patch_batches(images_u8: torch.Tensor, *, patch_size: int = 224, patch_
     top = top.reshape(n, patch_num)[ids].ravel()
     left = left.reshape(n, patch_num)[ids].ravel()
     index = np.repeat(ids, patch_num)
-    images = images_u8.contiguous() if images_u8.device == device or device.type != 'cuda' \
-        else place_images(images_u8.contiguous(), device)
+    images = place_images(images_u8.contiguous(), device) if place else images_u8.contiguous()
     pin = images.device.type == 'cpu' and device.type == 'cuda'
+    index_dev = torch.from_numpy(index).to(device)   # one copy, not one per batch
     for start in range(0, len(index), batch_size):
         sl = slice(start, start + batch_size)
         patches = _patches(images, index[sl].tolist(), top[sl].tolist(), left[sl].tolist(), None, p, None,
                            device, pin)
-        yield patches, torch.from_numpy(index[sl]).to(device)
+        yield patches, index_dev[sl]
 
 
 # ----------------------------------------------------------------------------------------

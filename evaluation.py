@@ -15,14 +15,15 @@ from run_setup import gather_to_all
 
 def predict_scores(model, images_u8, *, patch_size=224, patch_num=20, batch_size=64, random_crop=False,
                    seed=0, device='cpu', amp=False, rank=0, world_size=1, pad_batches=False, desc=None,
-                   crop=None):
+                   crop=None, place=True):
     """One score per image: the mean of the model's scores over `patch_num` crops.
 
     crop: 'fixed', 'center' or 'random' (data_loader.eval_patch_batches; None = 'random' if
     random_crop else 'fixed'). With several processes each rank scores every world_size-th
     image and the predictions are gathered, so metrics equal the single-process ones. Crops
     depend on the image's index (and on `seed` with random crops), never on the batch or the
-    process it lands in.
+    process it lands in. place=False leaves the images where a memory plan put them
+    (data_loader.eval_patch_batches).
     """
     n = images_u8.shape[0]
     ids = np.arange(rank, n, world_size)
@@ -34,10 +35,11 @@ def predict_scores(model, images_u8, *, patch_size=224, patch_num=20, batch_size
     total = math.ceil(len(ids) * data_loader.eval_crops_per_image(crop, patch_num) / batch_size)
     bar = tqdm(total=total, desc=desc or 'eval', unit='batch', leave=False, file=sys.__stderr__,
                disable=rank != 0 or desc is None, mininterval=1.0)
-    with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16, enabled=amp):
+    # autocast on the device's own type, so bf16 evaluation runs (and is tested) on a CPU too
+    with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
         for patches, index in data_loader.eval_patch_batches(
                 images_u8, patch_size=patch_size, patch_num=patch_num, batch_size=batch_size,
-                crop=crop, seed=seed, device=device, image_ids=ids):
+                crop=crop, seed=seed, device=device, image_ids=ids, place=place):
             real = patches.shape[0]
             if pad_batches and real < batch_size:  # torch.compile: keep one static shape
                 patches = torch.cat([patches, patches[:1].expand(batch_size - real, -1, -1, -1)])

@@ -362,8 +362,13 @@ class HyperIQA(nn.Module):
         feats = net.stage_features(x)
         target_in = _lda_vector(net, feats)
         hyper = self.dropout(self.conv1(self.hyper_features(feats)))
-        weights, biases = self.target_params(hyper)
-        return self.target_net(target_in, weights, biases)
+        # The generated weights and the target net run in fp32 even under bf16 autocast: in bf16
+        # a score near 60 (KonIQ's 0-100 scale) moves in steps of 0.25, coarser than the ranking
+        # margin, and early near-constant predictions became exact ties. They are a small part
+        # of the compute; the backbone and the hyper-feature convs keep bf16.
+        with torch.autocast(x.device.type, enabled=False):
+            weights, biases = self.target_params(hyper.float())
+            return self.target_net(target_in.float(), weights, biases)
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
         """Also accepts files from the user's original code and from DDP/compiled runs."""

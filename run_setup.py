@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from data_loader import canonical_device
+
 
 class SuggestingParser(argparse.ArgumentParser):
     """argparse that refuses unknown flags with a "did you mean" hint.
@@ -47,7 +49,7 @@ def setup_distributed(device_flag):
     if device_flag == 'auto':
         device_flag = 'cuda' if torch.cuda.is_available() else 'cpu'
     if world == 1:
-        return 0, 1, torch.device(device_flag)
+        return 0, 1, canonical_device(device_flag)
     local_rank = int(os.environ.get('LOCAL_RANK', '0'))
     if device_flag.startswith('cuda'):
         torch.cuda.set_device(local_rank)

@@ -41,7 +41,8 @@ METRIC_COLUMNS = ['round', 'epoch', 'lr_backbone', 'lr_head', 'train_loss', 'tra
                   'spaq_srcc', 'spaq_plcc', 'epoch_seconds', 'train_patches_per_s', 'is_best']
 LOSS_TYPES = ('l1', 'l2', 'srcc', 'rank', 'pairwise', 'hinge', 'fidelity')
 # Flags that describe the machine, not the experiment: a resumed run may change them.
-MACHINE_FLAGS = ('device', 'num_workers', 'cache_dir', 'data_root', 'no_amp', 'compile', 'eval_batch_size')
+MACHINE_FLAGS = ('device', 'num_workers', 'cache_dir', 'data_root', 'no_amp', 'precision', 'compile',
+                 'eval_batch_size', 'images_on')
 
 
 # --------------------------------------------------------------------------- flags
@@ -156,9 +157,29 @@ def build_parser():
     g.add_argument('--device', default='auto', metavar='DEV', help='auto, cpu, cuda, cuda:1, ...')
     g.add_argument('--num_workers', type=int, default=None, metavar='N',
                    help='threads decoding images for the cache; None = all cores')
-    g.add_argument('--no_amp', action='store_true', help='no bf16 autocast on CUDA (on by default there)')
+    g.add_argument('--precision', default='auto', choices=('auto', 'bf16', 'fp32'),
+                   help='bf16: bf16 autocast for the backbone (the target net stays fp32); fp32: true fp32, '
+                        'TF32 off (the original code\'s numerics); auto: bf16 on CUDA, fp32 on the CPU')
+    g.add_argument('--no_amp', action='store_true', help='same as --precision fp32')
     g.add_argument('--compile', action='store_true', help='torch.compile the model (static shapes)')
+    g.add_argument('--images_on', default='auto', choices=('auto', 'gpu', 'cpu'),
+                   help='where the decoded image sets live on a CUDA run: auto = on the GPU as far as a plan '
+                        'made after measuring one training step allows (printed), the rest in host memory')
     return p
+
+
+def use_bf16(precision, device):
+    """--precision -> whether bf16 autocast is on (auto: on CUDA only)."""
+    return precision == 'bf16' or (precision == 'auto' and device.type == 'cuda')
+
+
+def make_optimizer(groups, args, device):
+    """AdamW, fused (one kernel for all parameters) wherever this torch supports it, the CPU
+    included, so the optimizer code the GPU runs is the one the CPU tests run."""
+    try:
+        return torch.optim.AdamW(groups, weight_decay=args.weight_decay, fused=True)
+    except (RuntimeError, ValueError):   # an older torch without fused AdamW on this device
+        return torch.optim.AdamW(groups, weight_decay=args.weight_decay)
 
 
 def check_args(args, warn):
@@ -172,10 +193,18 @@ def check_args(args, warn):
         args.test_crop = 'random'
     # kept in step so that readers of config.json that know only the user's flag read it right
     args.test_random_crop = args.test_crop == 'random'
+    if args.no_amp:
+        if args.precision == 'bf16':
+            errors.append('--no_amp means --precision fp32, which contradicts --precision bf16')
+        args.precision = 'fp32'
     if args.attention_fusion and args.no_multiscale:
         warn('--attention_fusion needs the multi-scale features, which --no_multiscale turns off: '
              'attention fusion is OFF for this run (single-scale model).')
         args.attention_fusion = False
+    if args.compile and args.eval_batch_size != args.batch_size:
+        warn(f'--compile: evaluation runs in batches of --batch_size {args.batch_size} (not --eval_batch_size '
+             f'{args.eval_batch_size}), so the compiled model sees one batch shape and compiles once per mode.')
+        args.eval_batch_size = args.batch_size
     if args.patch_size > min(args.resize):
         errors.append(f'--patch_size {args.patch_size} is larger than the resized image '
                       f'{args.resize[0]}x{args.resize[1]} (--resize): no crop fits')
@@ -364,7 +393,7 @@ def evaluate_split(model, images_u8, mos, direction, args, device, amp, rank, wo
     pred = predict_scores(model, images_u8, patch_size=args.patch_size, patch_num=args.test_patch_num,
                           batch_size=args.eval_batch_size, crop=args.test_crop, seed=seed,
                           device=device, amp=amp, rank=rank, world_size=world, pad_batches=args.compile,
-                          desc=desc)
+                          desc=desc, place=False)
     return iqa_metrics.correlations(pred, direction * np.asarray(mos)), pred
 
 
@@ -376,13 +405,28 @@ def evaluate_split(model, images_u8, mos, direction, args, device, amp, rank, wo
 CHECK_EVERY = 25
 
 
-def check_losses(losses, first_step, epoch):
-    """Raise FloatingPointError at the first non-finite loss of `losses` (device tensors)."""
+def check_losses(losses, first_step, epoch, world=1):
+    """Raise FloatingPointError at the first non-finite loss of `losses` (device tensors).
+
+    With several processes all of them decide together: the first bad step is all-reduced,
+    so every rank raises at the same check. A rank that stopped alone left the others waiting
+    in the next collective until torchrun tore the job down, with no summary written.
+    """
+    if not losses:   # an epoch of a multiple of CHECK_EVERY steps was checked in full already
+        return
     values = torch.stack(losses)
     bad = ~torch.isfinite(values)
-    if bad.any():
-        i = int(bad.nonzero()[0, 0])
-        raise FloatingPointError(f'loss is {values[i].item()} at epoch {epoch + 1}, step {first_step + i + 1}')
+    n = len(losses)
+    first_bad = torch.where(bad.any(), bad.int().argmax(), n).reshape(1)   # stays on the device
+    if world > 1:
+        dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+    i = int(first_bad.item())
+    if i < n:
+        value = values[i].item()
+        where = f'at epoch {epoch + 1}, step {first_step + i + 1}'
+        if math.isfinite(value):
+            raise FloatingPointError(f'loss is not finite on another process {where}')
+        raise FloatingPointError(f'loss is {value} {where}')
 
 
 def train_one_epoch(model, optimizer, sampler, epoch, args, device, amp, rank, world, progress_desc):
@@ -399,7 +443,7 @@ def train_one_epoch(model, optimizer, sampler, epoch, args, device, amp, rank, w
         last_of_group = (step + 1) % args.grad_accum_steps == 0 or step + 1 == len(sampler)
         sync = contextlib.nullcontext() if last_of_group or world == 1 else model.no_sync()
         with sync:
-            with torch.autocast('cuda', dtype=torch.bfloat16, enabled=amp):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 pred = model(patches).float()
             loss = total_loss(pred, mos, args)
             (loss / args.grad_accum_steps).backward()
@@ -414,13 +458,13 @@ def train_one_epoch(model, optimizer, sampler, epoch, args, device, amp, rank, w
         n_patches += patches.shape[0]
         bar.update(1)
         if (step + 1) % CHECK_EVERY == 0:
-            check_losses(losses[checked:], checked, epoch)
+            check_losses(losses[checked:], checked, epoch, world)
             checked = len(losses)
             elapsed = time.perf_counter() - start
             bar.set_postfix(loss=f'{torch.stack(losses).mean().item():.4f}',
                             patches_s=f'{n_patches * world / max(elapsed, 1e-9):.0f}', refresh=False)
     bar.close()
-    check_losses(losses[checked:], checked, epoch)
+    check_losses(losses[checked:], checked, epoch, world)
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
@@ -428,6 +472,52 @@ def train_one_epoch(model, optimizer, sampler, epoch, args, device, amp, rank, w
     mos_all = gather_to_all(torch.cat(targets).cpu().numpy(), world)
     loss_all = gather_to_all(torch.stack(losses).cpu().numpy(), world)
     return float(np.mean(loss_all)), iqa_metrics.srcc(pred_all, mos_all), n_patches * world / seconds, seconds
+
+
+def measure_step_bytes(model, args, device, amp):
+    """GPU memory one training step needs beyond what is allocated now: the peak of a forward +
+    backward on a random batch of --batch_size, minus the current allocation, plus AdamW's two
+    fp32 state tensors per parameter (created at the first optimizer step). 0 off CUDA.
+
+    The probe leaves no trace: RNG states and buffers (BatchNorm statistics) are restored and
+    the gradients dropped, so a run is the same with or without it.
+    """
+    if device.type != 'cuda':
+        return 0
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    with torch.random.fork_rng(devices=[device]):
+        x = torch.randn(args.batch_size, 3, args.patch_size, args.patch_size, device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            pred = model(x).float()
+        total_loss(pred, torch.rand(args.batch_size, device=device), args).backward()
+        torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+    adam_state = 2 * sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    return int(peak - before + adam_state)
+
+
+def plan_and_place(image_sets, args, device, amp, world, raw_model, log):
+    """Measure one step, plan where each image set lives (data_loader.plan_image_memory), print
+    the plan and move the GPU sets there. Returns {name: tensor where it now lives}; the host
+    copies of moved sets are dropped by the caller (they are no longer referenced)."""
+    if device.type != 'cuda':
+        return dict(image_sets)
+    step = measure_step_bytes(raw_model, args, device, amp)
+    free, total = torch.cuda.mem_get_info(device)
+    # memory PyTorch holds in its cache counts as free: it is reused before the card is asked again
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    to_place = [(name, t.numel()) for name, t in image_sets.items() if t.device.type != 'cuda']
+    plan = data_loader.plan_image_memory(free, total, step, to_place, world, args.images_on, str(device))
+    for line in plan['lines']:
+        log(line)
+    return {name: t.to(device) if plan['where'].get(name) == 'gpu' else t for name, t in image_sets.items()}
 
 
 def remap_splits(dataset, kept):
@@ -454,7 +544,32 @@ def write_metrics_csv(path, rows):
     checkpoints.atomic_write_text(path, buf.getvalue())
 
 
-def load_spaq(args, log, device=torch.device('cpu')):
+def decode_once(load, args, rank, world, wait_group):
+    """Run load(num_workers) -> decoded images so that a data set is decoded once per machine.
+
+    With several processes and a cache, rank 0 decodes and writes the cache while the others
+    wait, then they read it. They wait in a barrier of `wait_group`, a gloo group with a long
+    timeout: in the NCCL group a cold cache (KonIQ or SPAQ: minutes) ran into its 10-minute
+    timeout. Rank 0 reaches the barrier even when loading fails, so the others then meet the
+    same error themselves instead of waiting. Without a cache every process decodes its own
+    copy, on its share of the cores.
+    """
+    if world == 1:
+        return load(args.num_workers)
+    if args.cache_dir is None:
+        local = int(os.environ.get('LOCAL_WORLD_SIZE', world))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+        return load(args.num_workers or max(1, cores // local))
+    if rank != 0:
+        dist.barrier(group=wait_group)
+        return load(args.num_workers)
+    try:
+        return load(args.num_workers)
+    finally:
+        dist.barrier(group=wait_group)
+
+
+def load_spaq(args, log, rank=0, world=1, wait_group=None):
     """The SPAQ cross-test set, when spaq-test/ exists and --no_spaq is not given."""
     if args.no_spaq or args.dataset in ('spaq',):
         return None
@@ -463,15 +578,18 @@ def load_spaq(args, log, device=torch.device('cpu')):
         return None
     try:
         spaq = data_loader.load_dataset('spaq', root)
-        images, kept = data_loader.load_images(spaq.paths, resize_hw=tuple(args.resize), cache_dir=args.cache_dir,
-                                               num_workers=args.num_workers, skip_bad=True,
-                                               min_hw=(args.patch_size, args.patch_size))
+        images, kept = decode_once(
+            lambda workers: data_loader.load_images(
+                spaq.paths, resize_hw=tuple(args.resize), cache_dir=args.cache_dir, num_workers=workers,
+                skip_bad=True, min_hw=(args.patch_size, args.patch_size), progress=rank == 0),
+            args, rank, world, wait_group)
     except data_loader.DataError as err:
         # A broken side test must not cost the training run; say so loudly instead.
         log(f'WARNING: SPAQ cross-test skipped, {root} is not readable: {err}')
         return None
     log(f'SPAQ cross-test: {len(kept)} images from {root} (turn off with --no_spaq)')
-    return data_loader.place_images(images, device), spaq.mos[kept], (1 if spaq.higher_is_better else -1)
+    # kept in host memory here: the memory plan of the first round decides where it lives
+    return images, spaq.mos[kept], (1 if spaq.higher_is_better else -1)
 
 
 def run_round(round_idx, args, state, ctx):
@@ -481,15 +599,11 @@ def run_round(round_idx, args, state, ctx):
     dataset = data_loader.load_dataset(args.dataset, args.data_root, seed=round_seed, score=args.score,
                                        val_ratio=args.val_ratio, csv_image_column=args.csv_image_column,
                                        csv_score_column=args.csv_score_column)
-    # With several processes rank 0 decodes (and caches) first; the others then load its cache
-    # instead of decoding every image once per process.
-    if world > 1 and rank != 0:
-        dist.barrier()
-    images, kept = data_loader.load_images(dataset.paths, resize_hw=tuple(args.resize), cache_dir=args.cache_dir,
-                                           num_workers=args.num_workers, skip_bad=args.skip_bad_images,
-                                           min_hw=(args.patch_size, args.patch_size), progress=rank == 0)
-    if world > 1 and rank == 0:
-        dist.barrier()
+    images, kept = decode_once(
+        lambda workers: data_loader.load_images(
+            dataset.paths, resize_hw=tuple(args.resize), cache_dir=args.cache_dir, num_workers=workers,
+            skip_bad=args.skip_bad_images, min_hw=(args.patch_size, args.patch_size), progress=rank == 0),
+        args, rank, world, ctx.get('wait_group'))
     splits = remap_splits(dataset, kept)
     mos = dataset.mos[kept]
     if 'train' not in splits or len(splits['train']) < 2 or 'test' not in splits:
@@ -521,24 +635,31 @@ def run_round(round_idx, args, state, ctx):
     state['params'] = models_swin.count_parameters(model)
     groups = [{'params': model.backbone_parameters(), 'lr': args.lr},
               {'params': model.head_parameters(), 'lr': args.lr * args.lr_ratio}]
-    optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay, fused=device.type == 'cuda')
+    # One plan for every image set, made now that the model exists (see plan_and_place).
+    image_sets = {'train': images[splits['train']]}
+    image_sets.update({name: images[splits[name]] for name in ('val', 'test') if len(splits.get(name, []))})
+    del images  # the splits hold their own copies; KonIQ's full set is 5.9 GB
+    if ctx['spaq']:
+        image_sets['spaq'] = ctx['spaq'][0]
+    image_sets = plan_and_place(image_sets, args, device, amp, world, raw_model, log)
+    if ctx['spaq']:
+        ctx['spaq'] = (image_sets.pop('spaq'),) + tuple(ctx['spaq'][1:])
+    optimizer = make_optimizer(groups, args, device)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == 'cuda' else None)
     if args.compile:
-        model = torch.compile(model)
+        # Static shapes: training batches are all --batch_size (drop_last) and evaluation is padded
+        # to the same size, so the model compiles twice, at the first training step and the first
+        # evaluation (train and eval mode), and never again (BENCHMARKS.md: what compiles when).
+        model = torch.compile(model, dynamic=False)
 
-    train_images = images[splits['train']]
     sampler = data_loader.TrainPatchSampler(
-        train_images, mos[splits['train']], patch_size=args.patch_size, patch_num=args.train_patch_num,
+        image_sets.pop('train'), mos[splits['train']], patch_size=args.patch_size, patch_num=args.train_patch_num,
         batch_size=args.batch_size, color_jitter=not args.no_color_jitter, seed=round_seed, device=device,
-        rank=rank, world_size=world, drop_last=args.compile)
-    eval_sets = {name: (images[splits[name]], mos[splits[name]]) for name in ('val', 'test') if name in splits
-                 and len(splits[name])}
-    del images  # the splits hold their own copies; KonIQ's full set is 5.9 GB
-    # Moved to the GPU once (when they fit) rather than at every evaluation.
-    eval_sets = {name: (data_loader.place_images(imgs, device), split_mos)
-                 for name, (imgs, split_mos) in eval_sets.items()}
+        rank=rank, world_size=world, drop_last=args.compile, place=False)
+    eval_sets = {name: (imgs, mos[splits[name]]) for name, imgs in image_sets.items()}
+    del image_sets
 
     first_epoch = 0
     best = None
@@ -594,11 +715,15 @@ def run_round(round_idx, args, state, ctx):
         row['train_patches_per_s'] = f'{patches_per_s:.1f}'
 
         score = results[select_on]['srcc']
-        best_so_far = -math.inf if best is None or math.isnan(best['select_srcc']) else best['select_srcc']
-        improved = best is None or (not math.isnan(score) and score > best_so_far + args.early_stopping_min_delta)
+        improved = selectable(results, select_on) and (
+            best is None or math.isnan(best['select_srcc']) or  # a NaN best from an older run's last.pkl
+            score > best['select_srcc'] + args.early_stopping_min_delta)
+        if not selectable(results, select_on):
+            log(f'  note: epoch {epoch + 1} has a NaN SRCC/PLCC (constant predictions?); it is logged '
+                'but never selected')
         if improved:
             bad_epochs = 0
-            best = {'epoch': epoch + 1, 'select_srcc': score,
+            best = {'epoch': epoch + 1, 'select_srcc': score, 'select_on': select_on,
                     'val_srcc': results.get('val', {}).get('srcc'), 'val_plcc': results.get('val', {}).get('plcc'),
                     'test_srcc': results['test']['srcc'], 'test_plcc': results['test']['plcc'],
                     'test_krcc': results['test']['krcc']}
@@ -625,8 +750,11 @@ def run_round(round_idx, args, state, ctx):
                 if path is not None:
                     best['checkpoint'] = path
                     log(f'  new best ({select_on} SRCC {score:.4f}) saved: {path}')
+            # round_complete: --resume from this file starts the next round instead of running this
+            # one past its early stop (and overwriting its best checkpoint).
             checkpoint.update(optimizer=optimizer.state_dict(), rng_state=checkpoints.capture_rng_state(), best=best,
                               early_stopping={'bad_epochs': bad_epochs}, rounds=state['rounds'],
+                              round_complete=bool(stop_now or epoch + 1 == args.epochs),
                               train_seconds=time.time() - state['start_time'] + state.get('seconds_before', 0.0))
             saver.save_last(checkpoint)
             write_metrics_csv(os.path.join(run_dir, 'metrics.csv'), state['rows'])
@@ -636,25 +764,40 @@ def run_round(round_idx, args, state, ctx):
                 f'{args.patience} epochs.')
             status = 'stopped_early'
             break
+    if best is None:
+        log(f'note: no epoch of round {round_idx} had a finite {select_on} SRCC; no best checkpoint')
+        return None, status
     best['select_on'] = select_on
     if no_val:
         best['no_val'] = no_val
-    if 'test' in eval_sets and best is not None and rank == 0:
+    if 'test' in eval_sets and rank == 0:
         # Bootstrap intervals of the selected epoch, from its saved weights.
-        best.update(best_intervals(raw_model, best, eval_sets['test'], args, device, amp,
+        # rank 0 alone: through the DDP wrapper it could enter a collective the others never join
+        best.update(best_intervals(raw_model, model if world == 1 else raw_model, best, eval_sets['test'], args,
+                                   device, amp,
                                    round_seed * 1000 + best['epoch'] - 1 if args.test_crop == 'random' else round_seed))
     return best, status
 
 
-def best_intervals(model, best, test_set, args, device, amp, seed):
-    """95% bootstrap intervals of the selected epoch's test SRCC/PLCC."""
+def selectable(results, select_on):
+    """An epoch can be the best only when its selection SRCC and the test SRCC/PLCC that name
+    its checkpoint are numbers: constant predictions early in training give NaN, an outcome
+    to log, not an improvement (nor a reason to crash)."""
+    values = (results[select_on]['srcc'], results['test']['srcc'], results['test']['plcc'])
+    return all(v is not None and math.isfinite(v) for v in values)
+
+
+def best_intervals(raw_model, model, best, test_set, args, device, amp, seed):
+    """95% bootstrap intervals of the selected epoch's test SRCC/PLCC: the saved weights are loaded
+    into raw_model and scored through `model` (the compiled one under --compile, which shares
+    raw_model's parameters), exactly as every evaluation during training was."""
     path = best.get('checkpoint')
     if not path or not os.path.exists(path):
         return {}
-    model.load_state_dict(checkpoints.load_checkpoint(path)['state_dict'])
+    raw_model.load_state_dict(checkpoints.load_checkpoint(path)['state_dict'])
     pred = predict_scores(model, test_set[0], patch_size=args.patch_size, patch_num=args.test_patch_num,
                           batch_size=args.eval_batch_size, crop=args.test_crop, seed=seed,
-                          device=device, amp=amp)
+                          device=device, amp=amp, pad_batches=args.compile, place=False)
     mos = test_set[1]
     return {'test_srcc_ci': list(iqa_metrics.bootstrap_ci(pred, mos, 'srcc')),
             'test_plcc_ci': list(iqa_metrics.bootstrap_ci(pred, mos, 'plcc'))}
@@ -719,10 +862,12 @@ def main(argv=None):
     args = check_args(args, warnings.append)
 
     rank, world, device = setup_distributed(args.device)
-    amp = device.type == 'cuda' and not args.no_amp
+    amp = use_bf16(args.precision, device)
     if device.type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers outside autocast
-        torch.backends.cudnn.allow_tf32 = True
+        # TF32 off in both modes: fp32 then means fp32 (the original code's numerics), and under
+        # bf16 the parts kept in fp32 on purpose (generated weights, target net) stay exact.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     if args.cache_dir in ('none', ''):
         args.cache_dir = None
 
@@ -781,7 +926,7 @@ def main(argv=None):
             config['command'] = resume['config'].get('command', config['command'])
         log('=' * 72)
         log(f'Run {run_name}  ({"resumed" if resume else "new"}, {world} process(es), device {device}, '
-            f'bf16 autocast {"on" if amp else "off"})')
+            f'precision {"bf16 autocast (target net fp32)" if amp else "fp32"})')
         for key in sorted(vars(args)):
             log(f'  {key:<26} {getattr(args, key)}')
         log('=' * 72)
@@ -790,7 +935,13 @@ def main(argv=None):
         if resume is not None:
             state['rounds'] = resume.get('rounds') or []
             first_round = resume['round']
-            state['resume_checkpoint'] = resume
+            if resume.get('round_complete'):   # the round had ended (early stop or last epoch)
+                state['rounds'] = state['rounds'] + [resume['best']]
+                first_round += 1
+                log(f'Round {resume["round"]} had ended at epoch {resume["epoch"]}; resuming with round '
+                    f'{first_round}')
+            else:
+                state['resume_checkpoint'] = resume
             state['seconds_before'] = float(resume.get('train_seconds') or 0.0)
             metrics_path = os.path.join(run_dir, 'metrics.csv')
             if os.path.exists(metrics_path):
@@ -798,9 +949,12 @@ def main(argv=None):
                     for row in csv.DictReader(f):
                         if (int(row['round']), int(row['epoch'])) <= (resume['round'], resume['epoch']):
                             state['rows'].append(row)
+        # decode_once waits here (gloo, no NCCL timeout) while rank 0 decodes a cold cache
+        wait_group = dist.new_group(backend='gloo', timeout=datetime.timedelta(days=1)) if world > 1 else None
         ctx = {'log': log, 'rank': rank, 'world': world, 'device': device, 'amp': amp, 'run_dir': run_dir,
-               'spaq': load_spaq(args, log, device)}
-        status = 'finished'
+               'wait_group': wait_group, 'spaq': load_spaq(args, log, rank, world, wait_group)}
+        # the run's status is its last round's: a resumed, already ended last round keeps its own
+        status = 'stopped_early' if resume is not None and resume['epoch'] < args.epochs else 'finished'
         best = None
         ctx['config'] = config
         for round_idx in range(first_round, args.train_test_num + 1):
@@ -810,7 +964,12 @@ def main(argv=None):
             state['rounds'].append(best)
         if rank == 0:
             final = 'diverged' if status == 'diverged' else status
-            if status != 'diverged':
+            if status != 'diverged' and not any(state['rounds']):
+                write_summary(run_dir, args, state, None, args.select_on, final)
+                log(f'Run folder: {run_dir}')
+                log('No epoch had a finite SRCC: nothing was selected (see metrics.csv)')
+            elif status != 'diverged':
+                best = best or next(r for r in reversed(state['rounds']) if r)
                 write_summary(run_dir, args, state, best, best['select_on'], final)
                 finished = [r for r in state['rounds'] if r]
                 label = 'selected on val' if best['select_on'] == 'val' else 'selected on test'

@@ -1,0 +1,373 @@
+"""Self-check of every CUDA code path, for the first minutes on a GPU box.
+
+    python benchmarks/gpu_check.py            # about 2 minutes on one GPU; no download
+    python benchmarks/gpu_check.py --device cpu
+
+Each check prints PASS, FAIL (with the error) or SKIP (with the reason); the exit code is 1 when
+any check failed. Models have random weights and the images are synthetic (random pixels of
+KonIQ's cached size, 512x384), so nothing is downloaded. In order:
+
+  device      'cuda' is made canonical (cuda:<index>) and tensors made there compare equal to it
+  fp32        --precision fp32: forward + backward in true fp32 (TF32 off), finite
+  bf16        --precision bf16: autocast forward + backward, finite; the target net stays fp32
+              (distinct scores near 60, not bf16's 0.25 steps) and agrees with fp32
+  adamw       fused AdamW (train_swin.make_optimizer) takes a step
+  compile     torch.compile(dynamic=False) of the nano model: one training and one evaluation
+              shape, compiled once each (a second pass compiles nothing), scores close to eager
+  memory      one Swin-B training step at batch 32 measured (train_swin.measure_step_bytes), the
+              memory plan for KonIQ + SPAQ made from it, the planned sets allocated on the GPU and
+              training steps run with them there (the plan is printed)
+  resume      train_swin.main on a tiny synthetic data set, interrupted in epoch 2, then --resume:
+              the run finishes and epoch 1 is unchanged
+  ddp         torchrun with 2 processes over NCCL (needs 2 visible GPUs)
+  speed       training and evaluation patches/s of tiny, small and base at batch 32
+
+Without CUDA the CPU versions of device, fp32, bf16, adamw and resume run (nano model), the memory
+plan is shown for a simulated 24 GB card, and the checks that need a GPU say SKIP; compile runs on
+the CPU only with --cpu_compile (inductor compiles for a minute or more on a small CPU).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+import data_loader  # noqa: E402
+import evaluation  # noqa: E402
+import models_swin  # noqa: E402
+import train_swin  # noqa: E402
+
+GIB = 2 ** 30
+KONIQ_HW = (512, 384)
+KONIQ_SETS = (('train', 7058), ('val', 1000), ('test', 2015), ('spaq', 11125))
+
+
+class Skip(Exception):
+    """A check that cannot run here (no GPU, one GPU ...): reported as SKIP with the reason."""
+
+
+def train_args(*argv):
+    """train_swin's own defaults (loss, clipping, lr ...) with a few changes."""
+    return train_swin.check_args(train_swin.build_parser().parse_args(list(argv)), lambda message: None)
+
+
+def small_model(device, size):
+    torch.manual_seed(0)
+    return models_swin.build_model(size, pretrained=False, dropout_rate=0, drop_path_rate=0).to(device)
+
+
+def one_step(model, x, mos, args, device, amp):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        pred = model(x).float()
+    loss = train_swin.total_loss(pred, mos, args)
+    loss.backward()
+    return pred.detach(), loss.detach()
+
+
+# --------------------------------------------------------------------------- checks
+
+def check_device(ctx):
+    device = ctx['device']
+    x = torch.zeros(1, device=device)
+    assert x.device == device, f'a tensor made on {device} is on {x.device}'
+    if device.type == 'cuda':
+        assert data_loader.canonical_device('cuda') == torch.device('cuda', torch.cuda.current_device())
+    return f'{device}'
+
+
+def check_fp32(ctx):
+    device = ctx['device']
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    model = small_model(device, ctx['size'])
+    x = torch.randn(4, 3, 224, 224, device=device, generator=None)
+    pred, loss = one_step(model, x, torch.rand(4, device=device) * 100, train_args(), device, amp=False)
+    assert torch.isfinite(loss), f'loss {loss.item()}'
+    assert pred.dtype == torch.float32
+    return f'loss {loss.item():.3f}'
+
+
+def check_bf16(ctx):
+    device = ctx['device']
+    model = small_model(device, ctx['size']).eval()
+    with torch.no_grad():
+        model.fc5b_fc.bias.fill_(60.0)   # KonIQ's 0-100 scale, where bf16's step is 0.25
+    # eight clearly different inputs (contrast and brightness), so that their scores differ by
+    # more than the bf16 backbone's rounding
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(8, 3, 224, 224, generator=gen) * torch.linspace(0.2, 2, 8).view(8, 1, 1, 1)
+         + torch.linspace(-1, 1, 8).view(8, 1, 1, 1)).to(device)
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            pred = model(x)
+    assert pred.dtype == torch.float32, f'scores come out as {pred.dtype}'
+    assert len(set(pred.tolist())) == 8, f'tied scores under bf16: {pred.tolist()}'
+    corr = float(np.corrcoef(pred.cpu().numpy(), ref.cpu().numpy())[0, 1])
+    assert corr > 0.9, f'bf16 and fp32 scores correlate only {corr:.3f}'
+    model.train()
+    _, loss = one_step(model, x, torch.rand(8, device=device) * 100, train_args(), device, amp=True)
+    assert torch.isfinite(loss), f'loss {loss.item()}'
+    return f'bf16 vs fp32 score correlation {corr:.4f}'
+
+
+def check_adamw(ctx):
+    device = ctx['device']
+    model = small_model(device, ctx['size'])
+    args = train_args()
+    groups = [{'params': model.backbone_parameters(), 'lr': 1e-4}, {'params': model.head_parameters(), 'lr': 1e-3}]
+    opt = train_swin.make_optimizer(groups, args, device)
+    assert opt.defaults.get('fused') is True, 'AdamW is not fused'
+    before = model.fc5b_fc.bias.detach().clone()
+    one_step(model, torch.randn(4, 3, 224, 224, device=device), torch.rand(4, device=device) * 100, args, device,
+             amp=device.type == 'cuda')
+    opt.step()
+    assert not torch.equal(before, model.fc5b_fc.bias.detach()), 'the step changed nothing'
+    assert all(torch.isfinite(p).all() for p in model.parameters()), 'non-finite weights after the step'
+    return 'fused'
+
+
+def check_compile(ctx):
+    device = ctx['device']
+    if device.type != 'cuda' and not ctx['cpu_compile']:
+        raise Skip('no GPU (--cpu_compile runs it on the CPU, slowly)')
+    import torch._dynamo
+    amp = device.type == 'cuda'
+    model = small_model(device, 'nano')   # the same compiler paths as a large model, in seconds
+    compiled = torch.compile(model, dynamic=False)
+    args = train_args('--batch_size', '8')
+    counts = torch._dynamo.utils.counters
+    counts.clear()
+    images = torch.randint(0, 256, (6, 3, 256, 256), dtype=torch.uint8)
+
+    def train_then_eval(steps):
+        for _ in range(steps):
+            one_step(compiled, torch.randn(8, 3, 224, 224, device=device), torch.rand(8, device=device) * 100,
+                     args, device, amp)
+        return evaluation.predict_scores(compiled, images, patch_num=3, batch_size=8, device=device, amp=amp,
+                                         pad_batches=True)
+    first = train_then_eval(1)                 # compiles the training and the evaluation graphs
+    graphs = counts['stats'].get('unique_graphs', 0)
+    again = train_then_eval(2)                 # must reuse them
+    recompiled = counts['stats'].get('unique_graphs', 0) - graphs
+    assert recompiled == 0, f'{recompiled} more graph(s) compiled for the same shapes'
+    eager = evaluation.predict_scores(model, images, patch_num=3, batch_size=8, device=device, amp=amp)
+    corr = float(np.corrcoef(again, eager)[0, 1])
+    assert np.all(np.isfinite(first)) and corr > 0.99, f'compiled and eager scores correlate only {corr:.4f}'
+    return f'{graphs} graph(s) compiled for train + eval, none after; compiled vs eager correlation {corr:.4f}'
+
+
+def check_memory(ctx):
+    device = ctx['device']
+    sets = [(name, n * 3 * KONIQ_HW[0] * KONIQ_HW[1]) for name, n in KONIQ_SETS]
+    if device.type != 'cuda':
+        total = 23.6 * GIB   # a simulated 24 GB card, Swin-B at batch 32 (about 11 GiB a step)
+        plan = data_loader.plan_image_memory(int(total - 0.9 * GIB), int(total), 11 * GIB, sets, 1, 'auto')
+        for line in plan['lines']:
+            print('    ' + line)
+        raise Skip('no GPU: the plan above is for a simulated 24 GB card; nothing was allocated')
+    args = train_args('--batch_size', '32', '--model_size', 'base')
+    model = small_model(device, 'base')
+    step = train_swin.measure_step_bytes(model, args, device, amp=True)
+    free, total = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    plan = data_loader.plan_image_memory(free, total, step, sets, 1, 'auto', str(device))
+    for line in plan['lines']:
+        print('    ' + line)
+    assert plan['fits'], 'the plan does not fit this card'
+    # Allocate what the plan puts on the GPU (zeros: speed and memory do not depend on pixels) and
+    # train with the training images there or on the host, as a run would.
+    placed = {name: torch.zeros((n, 3, *KONIQ_HW), dtype=torch.uint8,
+                                device=device if plan['where'][name] == 'gpu' else 'cpu')
+              for name, n in KONIQ_SETS}
+    sampler = data_loader.TrainPatchSampler(placed['train'], np.zeros(len(placed['train'])), patch_num=1,
+                                            batch_size=32, seed=0, device=device, drop_last=True, place=False)
+    opt = train_swin.make_optimizer(list(model.parameters()), args, device)
+    batches = sampler.batches(0)
+    for _ in range(3):
+        patches, mos, _ = next(batches)
+        one_step(model, patches, mos, args, device, amp=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    del placed, sampler
+    return (f'measured step {step / GIB:.1f} GiB; peak with the planned images {peak / GIB:.1f} GiB '
+            f'of {total / GIB:.1f} GiB')
+
+
+def write_tiny_dataset(folder, n=16):
+    """n random 224x224 PNGs with scores and a train/val/test column (a generic CSV data set)."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    (folder / 'img').mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)).save(folder / 'img' / f'{i}.png')
+        rows.append([f'img/{i}.png', float(rng.uniform(0, 100)), 'train' if i < 10 else ('val' if i < 13 else 'test')])
+    with open(folder / 'scores.csv', 'w', newline='') as f:
+        csv.writer(f).writerows([['image', 'score', 'split'], *rows])
+    return folder / 'scores.csv'
+
+
+def check_resume(ctx):
+    device = ctx['device']
+    with tempfile.TemporaryDirectory(prefix='gpu_check_') as tmp:
+        tmp = Path(tmp)
+        argv = ['--dataset', str(write_tiny_dataset(tmp / 'data')), '--model_size', ctx['size'], '--no_pretrained',
+                '--resize', '224', '224', '--batch_size', '4', '--train_patch_num', '1', '--test_patch_num', '2',
+                '--eval_batch_size', '4', '--epochs', '2', '--cache_dir', 'none', '--num_workers', '1',
+                '--output_dir', str(tmp / 'runs'), '--log_dir', str(tmp / 'logs'), '--no_spaq',
+                '--device', str(device)]
+        real_epoch = train_swin.train_one_epoch
+
+        def interrupted_in_epoch_two(model, optimizer, sampler, epoch, *rest):
+            if epoch == 1:
+                raise KeyboardInterrupt
+            return real_epoch(model, optimizer, sampler, epoch, *rest)
+        quiet = contextlib.redirect_stdout(io.StringIO())
+        train_swin.train_one_epoch = interrupted_in_epoch_two
+        try:
+            with quiet, contextlib.suppress(KeyboardInterrupt):
+                train_swin.main(argv)
+        finally:
+            train_swin.train_one_epoch = real_epoch
+        run_dir = next((tmp / 'runs').iterdir())
+        first = (run_dir / 'metrics.csv').read_text().splitlines()
+        with contextlib.redirect_stdout(io.StringIO()):
+            code = train_swin.main(['--resume', str(run_dir)])
+        rows = (run_dir / 'metrics.csv').read_text().splitlines()
+        assert code == 0, f'--resume exited with {code}'
+        assert len(rows) == 3 and rows[:2] == first, f'metrics after resume: {rows}'
+        assert '"status": "finished"' in (run_dir / 'summary.json').read_text()
+    return 'interrupted in epoch 2, resumed, finished'
+
+
+def check_ddp(ctx):
+    device = ctx['device']
+    if device.type != 'cuda' or torch.cuda.device_count() < 2:
+        raise Skip(f'needs 2 visible GPUs, this machine has {torch.cuda.device_count()}')
+    with tempfile.TemporaryDirectory(prefix='gpu_check_ddp_') as tmp:
+        tmp = Path(tmp)
+        argv = ['--dataset', str(write_tiny_dataset(tmp / 'data')), '--model_size', 'tiny', '--no_pretrained',
+                '--resize', '224', '224', '--batch_size', '4', '--train_patch_num', '1', '--test_patch_num', '2',
+                '--epochs', '2', '--cache_dir', str(tmp / 'cache'), '--output_dir', str(tmp / 'runs'),
+                '--log_dir', str(tmp / 'logs'), '--no_spaq']
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+               str(REPO / 'train_swin.py'), *argv]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-2000:]
+        summary = next((tmp / 'runs').iterdir()) / 'summary.json'
+        assert '"status": "finished"' in summary.read_text()
+    return '2 processes, NCCL, 2 epochs'
+
+
+def speed(ctx):
+    """Training and evaluation patches/s (not a pass/fail check; figures only)."""
+    device = ctx['device']
+    sizes = ('tiny', 'small', 'base') if device.type == 'cuda' else ('nano',)
+    batch, steps = (32, 10) if device.type == 'cuda' else (4, 2)
+    amp = device.type == 'cuda'
+    lines = []
+    images = torch.randint(0, 256, (64, 3, *KONIQ_HW), dtype=torch.uint8)
+    for size in sizes:
+        model = small_model(device, size)
+        args = train_args('--batch_size', str(batch))
+        opt = train_swin.make_optimizer(list(model.parameters()), args, device)
+        sampler = data_loader.TrainPatchSampler(images, np.zeros(64), patch_num=8, batch_size=batch, seed=0,
+                                                device=device, drop_last=True)
+        batches = sampler.batches(0)
+        for i in range(steps + 2):   # two warm-up steps
+            if i == 2:
+                sync(device)
+                start = time.perf_counter()
+            patches, mos, _ = next(batches)
+            one_step(model, patches, mos, args, device, amp)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        sync(device)
+        train = steps * batch / (time.perf_counter() - start)
+        start = time.perf_counter()
+        evaluation.predict_scores(model, images[:16], patch_num=steps * 2 if amp else 2, batch_size=2 * batch,
+                                  device=device, amp=amp)
+        n = 16 * (steps * 2 if amp else 2)
+        lines.append(f'{size:<6} train {train:8.1f} patches/s   eval {n / (time.perf_counter() - start):8.1f} '
+                     f'patches/s   (batch {batch}, {"bf16" if amp else "fp32"})')
+        del model, opt
+    return lines
+
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+CHECKS = (('device', check_device), ('fp32', check_fp32), ('bf16', check_bf16), ('adamw', check_adamw),
+          ('compile', check_compile), ('memory', check_memory), ('resume', check_resume), ('ddp', check_ddp))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument('--device', default='auto', help='auto (CUDA when there is one), cuda, cuda:1, cpu')
+    p.add_argument('--cpu_compile', action='store_true', help='run the compile check on a CPU too (slow)')
+    p.add_argument('--no_speed', action='store_true', help='skip the patches/s figures')
+    args = p.parse_args(argv)
+    flag = ('cuda' if torch.cuda.is_available() else 'cpu') if args.device == 'auto' else args.device
+    device = data_loader.canonical_device(flag)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise SystemExit(f'gpu_check.py: --device {args.device}: this machine has no usable CUDA GPU')
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'
+    print(f'gpu_check.py: {name} ({device}), torch {torch.__version__}', flush=True)
+    ctx = {'device': device, 'size': 'tiny' if device.type == 'cuda' else 'nano', 'cpu_compile': args.cpu_compile}
+    results = {}
+    start = time.perf_counter()
+    for label, check in CHECKS:
+        t0 = time.perf_counter()
+        try:
+            detail = check(ctx)
+            results[label] = 'PASS'
+            print(f'PASS  {label:<8} {detail}  ({time.perf_counter() - t0:.0f} s)', flush=True)
+        except Skip as why:
+            results[label] = 'SKIP'
+            print(f'SKIP  {label:<8} {why}', flush=True)
+        except Exception as err:   # every failure is reported, and the other checks still run
+            results[label] = 'FAIL'
+            print(f'FAIL  {label:<8} {type(err).__name__}: {err}', flush=True)
+            print('      ' + traceback.format_exc().strip().replace('\n', '\n      ')[-2000:], flush=True)
+        finally:
+            if device.type == 'cuda':
+                torch.cuda.empty_cache()
+    if not args.no_speed:
+        try:
+            for line in speed(ctx):
+                print(f'speed {line}', flush=True)
+            if device.type != 'cuda':
+                print('speed tiny/small/base skipped: no GPU (nano only)', flush=True)
+        except Exception as err:
+            results['speed'] = 'FAIL'
+            print(f'FAIL  speed    {type(err).__name__}: {err}', flush=True)
+    failed = [k for k, v in results.items() if v == 'FAIL']
+    skipped = [k for k, v in results.items() if v == 'SKIP']
+    print(f'{len(results) - len(failed) - len(skipped)} passed, {len(failed)} failed'
+          + (f' ({", ".join(failed)})' if failed else '')
+          + (f', {len(skipped)} skipped ({", ".join(skipped)})' if skipped else '')
+          + f' in {time.perf_counter() - start:.0f} s', flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
