@@ -116,21 +116,19 @@ def label_scale(values):
 def prompt_split(prompts, seed, val_ratio=0.1, test_ratio=0.2):
     """{'train', 'val', 'test'} -> image indices, whole prompts on one side, seeded.
 
-    Prompts are shuffled (after sorting, so the split depends only on the seed and the set of
-    prompts) and cut by count of prompts; each side gets at least one prompt when possible."""
-    units = np.unique(np.asarray(prompts, dtype=object).astype(str))
-    if len(units) < 3:
-        raise DataError(f'a train/val/test split by prompt needs at least 3 different prompts, found {len(units)}')
-    order = np.random.default_rng(seed).permutation(len(units))
-    n_test = max(1, int(round(test_ratio * len(units))))
-    n_val = max(1, int(round(val_ratio * len(units)))) if val_ratio > 0 else 0
-    if n_test + n_val >= len(units):
-        raise DataError(f'{len(units)} prompts are too few for val {val_ratio} / test {test_ratio}')
-    side = {}
-    for rank, u in enumerate(units[order]):
-        side[u] = 'test' if rank < n_test else 'val' if rank < n_test + n_val else 'train'
-    sides = np.array([side[str(p)] for p in prompts])
-    return {k: np.flatnonzero(sides == k) for k in ('train', 'val', 'test') if (sides == k).any()}
+    The split is data_loader.split_by_groups with the prompts as groups (the same split the
+    Swin readers make of AGIQA-3K by prompt), so there is one split rule in the toolkit. That
+    rule cuts test off first (train_ratio = 1 - test_ratio of the prompts) and then carves val
+    out of the training side, so val_ratio is turned into its share of the training side:
+    val_ratio / (1 - test_ratio), which keeps the proportions of the whole 70/10/20 by default."""
+    n_units = len(set(map(str, prompts)))
+    if n_units < 3:
+        raise DataError(f'a train/val/test split by prompt needs at least 3 different prompts, found {n_units}')
+    splits = data_loader.split_by_groups(len(prompts), seed, train_ratio=1.0 - test_ratio,
+                                         val_ratio=val_ratio / (1.0 - test_ratio), groups=prompts)
+    if val_ratio > 0 and 'val' not in splits:
+        raise DataError(f'{n_units} prompts are too few for val {val_ratio} / test {test_ratio}')
+    return {k: v for k, v in splits.items() if len(v)}
 
 
 def read_split_file(path, dataset: PromptDataset):

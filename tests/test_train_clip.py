@@ -16,6 +16,7 @@ from PIL import Image
 
 import clip_data
 import clip_eval
+import data_loader
 import models_clip
 import train_clip
 from data_loader import DataError
@@ -305,6 +306,17 @@ def test_split_by_prompt_is_disjoint_and_seeded():
     b = clip_data.prompt_split(prompts, seed=42)
     c = clip_data.prompt_split(prompts, seed=43)
     assert all((a[k] == b[k]).all() for k in a) and not (a['test'].tolist() == c['test'].tolist())
+    # One split rule in the toolkit: data_loader's, with prompts as groups and val as a share of
+    # the training side (0.1 of the whole = 0.125 of the 80% that is not test).
+    same = data_loader.split_by_groups(200, 42, train_ratio=0.8, val_ratio=0.125, groups=prompts)
+    assert all(a[k].tolist() == same[k].tolist() for k in ('train', 'val', 'test'))
+
+
+@pytest.mark.parametrize('n_prompts, val, test', [(2, 0.1, 0.2), (3, 0.1, 0.7)])
+def test_split_by_prompt_stops_when_prompts_are_too_few(n_prompts, val, test):
+    with pytest.raises(DataError, match='too few|at least 3 different prompts'):
+        clip_data.prompt_split([f'p{i % n_prompts}' for i in range(12)], seed=0, val_ratio=val, test_ratio=test)
+    assert set(clip_data.prompt_split([f'p{i % 3}' for i in range(12)], seed=0)) == {'train', 'val', 'test'}
 
 
 def test_split_file_and_shared_prompt_report(tmp_path):
