@@ -57,7 +57,8 @@ def build_parser():
                    help='AGIQA-3K data.csv (name, prompt, mos_quality, mos_align[, explanation]) or any CSV '
                         'with those columns; "demo" = the built-in demo set (no download)')
     g.add_argument('--image_base_dir', default=None, metavar='DIR',
-                   help='folder of the images; None = AGIQA-3K/ next to the CSV, else the CSV\'s folder')
+                   help='folder of the images; None = found next to the CSV (AGIQA-3K/, images/, image/, the '
+                        'CSV\'s folder, else one level below; the folder used is printed)')
     g.add_argument('--quality_column', default='mos_quality', metavar='COL', help='quality score column')
     g.add_argument('--align_column', default='mos_align', metavar='COL', help='consistency score column')
     g.add_argument('--use_explanations', action='store_true',

@@ -291,6 +291,38 @@ def test_bad_input_names_the_row(tmp_path, problem, needle):
         assert 'missing.png' in str(err.value)
 
 
+def test_image_folder_is_found_one_level_down_and_named(tmp_path, capsys):
+    # The user's second project keeps AGIQA-3K's images in ACGIQA-3K/, not AGIQA-3K/.
+    csv_path = make_prompt_csv(tmp_path)
+    (tmp_path / 'AGIQA-3K').rename(tmp_path / 'ACGIQA-3K')
+    ds = clip_data.read_prompt_csv(csv_path)
+    assert len(ds) == 27 and all(os.path.dirname(p) == str(tmp_path / 'ACGIQA-3K') for p in ds.paths)
+    assert f'images found in {tmp_path / "ACGIQA-3K"}' in capsys.readouterr().out
+    # --image_base_dir pointing one level above the images: found below it as well.
+    assert clip_data.read_prompt_csv(csv_path, tmp_path).paths == ds.paths
+
+
+@pytest.mark.parametrize('base_dir', [None, 'elsewhere'])
+def test_images_nowhere_give_one_message_naming_folders_and_flag(tmp_path, base_dir):
+    csv_path = make_prompt_csv(tmp_path)
+    (tmp_path / 'AGIQA-3K').rename(tmp_path / 'unrelated')
+    for f in (tmp_path / 'unrelated').iterdir():
+        f.unlink()
+    if base_dir:
+        (tmp_path / base_dir).mkdir()
+    with pytest.raises(DataError) as err:
+        clip_data.read_prompt_csv(csv_path, tmp_path / base_dir if base_dir else None)
+    text = str(err.value)
+    assert '\n' not in text and 'p0_1.png' not in text            # one message, not one line per image
+    assert 'cannot find the images: p0_0.png' in text and '--image_base_dir' in text
+    if base_dir is None:                                           # the folders searched are named
+        assert f'{tmp_path / "AGIQA-3K"}/ (no such folder)' in text and str(tmp_path / 'unrelated') in text
+    else:
+        assert f'not in {tmp_path / base_dir}/' in text and str(tmp_path / 'unrelated') not in text
+    # clip_eval's prompt lookup (check_images=False) reads the CSV without raising.
+    assert len(clip_data.read_prompt_csv(csv_path, check_images=False)) == 27
+
+
 def test_label_scale_is_automatic_as_in_the_original():
     assert clip_data.label_scale(np.array([0.2, 4.8])) == 5.0
     assert clip_data.label_scale(np.array([0.2, 1.0])) == 1.0
