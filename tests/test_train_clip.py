@@ -515,3 +515,18 @@ def test_demo_set_is_generated_offline_with_prompts_and_both_scores(tmp_path):
     assert ds.prompts[0] == 'a small red circle on a white background'
     assert ds.mos_q.min() < 1.5 and ds.mos_q.max() > 4 and ds.mos_c.min() < 1.5 and ds.mos_c.max() > 4
     assert clip_data.ensure_clip_demo(tmp_path / 'demo') == csv_path   # written once
+
+
+def test_text_lr_ratio_sets_the_text_towers_rate_and_zero_keeps_its_weights(tmp_path):
+    csv_path = make_prompt_csv(tmp_path / 'data')
+    run_dir = run(tmp_path / 'half', csv_path, '--epochs 1 --text_lr_ratio 0.5 --scheduler constant --warmup_ratio 0')
+    groups = torch.load(run_dir / 'last.pkl', weights_only=True)['optimizer']['param_groups']
+    assert [g['initial_lr'] for g in groups] == [1e-3, 1e-3, 5e-4]   # image tower, heads, text tower
+    run_dir = run(tmp_path / 'zero', csv_path, '--epochs 1 --text_lr_ratio 0')
+    trained = torch.load(run_dir / 'last.pkl', weights_only=True)['state_dict']
+    train_clip.seed_everything(42)
+    initial = train_clip.build_model(parse('--clip_model nano --no_pretrained')).state_dict()
+    text = [k for k in initial if k.startswith('clip.') and not k.startswith('clip.visual.')]
+    assert text and all(torch.equal(trained[k], initial[k]) for k in text)
+    assert not torch.equal(trained['clip.visual.conv1.weight'], initial['clip.visual.conv1.weight'])
+    assert len(torch.load(run_dir / 'last.pkl', weights_only=True)['optimizer']['param_groups']) == 2
