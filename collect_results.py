@@ -3,8 +3,9 @@
     python collect_results.py [RUN_DIR_OR_PARENT_OR_LOG ...] [--baseline RUN] [--csv results.csv]
                               [--sort test_srcc]
 
-Replaces `grep "Best test SRCC" logs/*.log`: it reads the run folders train_swin.py writes
-(`checkpoints/<run_name>/` with config.json, metrics.csv, summary.json) and the user's old log
+Replaces `grep "Best test SRCC" logs/*.log`: it reads the run folders train_swin.py and
+train_clip.py write (`checkpoints/<run_name>/` with config.json, metrics.csv, summary.json; a CLIP
+run's row has both heads in the _q / _c columns) and the user's old log
 files, and shows for each run the flags that differ from a baseline run, where it stopped, its best
 epoch and the val/test correlations with their 95% bootstrap intervals. Runs that are still going or
 crashed have no final summary; they are listed with their status and the best epoch so far, never
