@@ -50,10 +50,33 @@ class PromptDataset:
         return len(self.paths)
 
 
-def default_image_dir(csv_path):
-    """The AGIQA-3K/ folder next to the CSV if there is one, else the CSV's own folder."""
+def image_folders(csv_path):
+    """Where a prompt CSV's images are looked for first: as data_loader's AGIQA-3K reader does,
+    the AGIQA-3K/, images/ or image/ folder next to the CSV, or the CSV's own folder."""
     folder = Path(csv_path).parent
-    return folder / 'AGIQA-3K' if (folder / 'AGIQA-3K').is_dir() else folder
+    return [folder / 'AGIQA-3K', folder / 'images', folder / 'image', folder]
+
+
+def find_image_folder(csv_path, names, image_base_dir=None, check=True):
+    """The folder of a prompt CSV's images, found by data_loader's rule, not guessed.
+
+    Why: copies of AGIQA-3K nest their images differently (the user's second project keeps
+    them in ACGIQA-3K/). Without --image_base_dir the usual folders next to the CSV are tried,
+    then the folders one level below, and the one used is printed; with it, that folder and
+    the ones below it. If none holds the images, one DataError names the folders searched and
+    --image_base_dir. check=False: no error, the first usual folder that exists."""
+    csv_path = Path(csv_path)
+    root = Path(image_base_dir) if image_base_dir else csv_path.parent
+    expected = [root] if image_base_dir else image_folders(csv_path)
+    ctx = data_loader._ReadContext(name=csv_path.name, root=root, seed=0, score=None, train_ratio=0.8)
+    hint = ('point --image_base_dir at the folder that holds them' if not image_base_dir else
+            f'--image_base_dir {image_base_dir} does not hold them; point it at the folder that does')
+    try:
+        return data_loader._find_image_folder(ctx, names, expected, csv_path, hint=hint)
+    except DataError:
+        if check:
+            raise
+        return next((d for d in expected if d.is_dir()), expected[-1])
 
 
 def read_prompt_csv(csv_path, image_base_dir=None, *, quality_column='mos_quality', align_column='mos_align',
@@ -73,7 +96,7 @@ def read_prompt_csv(csv_path, image_base_dir=None, *, quality_column='mos_qualit
         image_column = next((c for c in IMAGE_COLUMNS if c in header), 'name')
     required = [image_column, 'prompt', quality_column, align_column] + ([explanation_column] if explanation_column else [])
     header, rows = data_loader._read_csv(csv_path, required)
-    base = Path(image_base_dir) if image_base_dir else default_image_dir(csv_path)
+    base = find_image_folder(csv_path, [r[image_column] for _, r in rows], image_base_dir, check_images)
     paths, prompts, mos_q, mos_c, explanations, lines, missing = [], [], [], [], [], [], []
     for line, r in rows:
         where = f'{csv_path} line {line}'
@@ -116,21 +139,19 @@ def label_scale(values):
 def prompt_split(prompts, seed, val_ratio=0.1, test_ratio=0.2):
     """{'train', 'val', 'test'} -> image indices, whole prompts on one side, seeded.
 
-    Prompts are shuffled (after sorting, so the split depends only on the seed and the set of
-    prompts) and cut by count of prompts; each side gets at least one prompt when possible."""
-    units = np.unique(np.asarray(prompts, dtype=object).astype(str))
-    if len(units) < 3:
-        raise DataError(f'a train/val/test split by prompt needs at least 3 different prompts, found {len(units)}')
-    order = np.random.default_rng(seed).permutation(len(units))
-    n_test = max(1, int(round(test_ratio * len(units))))
-    n_val = max(1, int(round(val_ratio * len(units)))) if val_ratio > 0 else 0
-    if n_test + n_val >= len(units):
-        raise DataError(f'{len(units)} prompts are too few for val {val_ratio} / test {test_ratio}')
-    side = {}
-    for rank, u in enumerate(units[order]):
-        side[u] = 'test' if rank < n_test else 'val' if rank < n_test + n_val else 'train'
-    sides = np.array([side[str(p)] for p in prompts])
-    return {k: np.flatnonzero(sides == k) for k in ('train', 'val', 'test') if (sides == k).any()}
+    The split is data_loader.split_by_groups with the prompts as groups (the same split the
+    Swin readers make of AGIQA-3K by prompt), so there is one split rule in the toolkit. That
+    rule cuts test off first (train_ratio = 1 - test_ratio of the prompts) and then carves val
+    out of the training side, so val_ratio is turned into its share of the training side:
+    val_ratio / (1 - test_ratio), which keeps the proportions of the whole 70/10/20 by default."""
+    n_units = len(set(map(str, prompts)))
+    if n_units < 3:
+        raise DataError(f'a train/val/test split by prompt needs at least 3 different prompts, found {n_units}')
+    splits = data_loader.split_by_groups(len(prompts), seed, train_ratio=1.0 - test_ratio,
+                                         val_ratio=val_ratio / (1.0 - test_ratio), groups=prompts)
+    if val_ratio > 0 and 'val' not in splits:
+        raise DataError(f'{n_units} prompts are too few for val {val_ratio} / test {test_ratio}')
+    return {k: v for k, v in splits.items() if len(v)}
 
 
 def read_split_file(path, dataset: PromptDataset):

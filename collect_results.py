@@ -3,8 +3,9 @@
     python collect_results.py [RUN_DIR_OR_PARENT_OR_LOG ...] [--baseline RUN] [--csv results.csv]
                               [--sort test_srcc]
 
-Replaces `grep "Best test SRCC" logs/*.log`: it reads the run folders train_swin.py writes
-(`checkpoints/<run_name>/` with config.json, metrics.csv, summary.json) and the user's old log
+Replaces `grep "Best test SRCC" logs/*.log`: it reads the run folders train_swin.py and
+train_clip.py write (`checkpoints/<run_name>/` with config.json, metrics.csv, summary.json; a CLIP
+run's row has both heads in the _q / _c columns) and the user's old log
 files, and shows for each run the flags that differ from a baseline run, where it stopped, its best
 epoch and the val/test correlations with their 95% bootstrap intervals. Runs that are still going or
 crashed have no final summary; they are listed with their status and the best epoch so far, never
@@ -32,6 +33,14 @@ METRICS_COLUMNS = (
     'val_srcc', 'val_plcc', 'val_krcc', 'test_srcc', 'test_plcc', 'test_krcc',
     'spaq_srcc', 'spaq_plcc', 'epoch_seconds', 'train_patches_per_s', 'is_best',
 )
+# The per-epoch CSV train_clip.py writes: the same bookkeeping, one set of metrics per head
+# (_q quality, _c consistency) instead of one SRCC/PLCC. A run is read as a CLIP run when its
+# metrics.csv has these columns.
+CLIP_HEAD_METRICS = ('srcc_q', 'plcc_q', 'krcc_q', 'srcc_c', 'plcc_c', 'krcc_c')
+CLIP_METRICS_COLUMNS = (
+    ('round', 'epoch', 'lr_backbone', 'lr_head', 'train_loss', 'train_loss_q', 'train_loss_c', 'train_loss_exp')
+    + tuple(f'val_{m}' for m in CLIP_HEAD_METRICS) + tuple(f'test_{m}' for m in CLIP_HEAD_METRICS)
+    + ('c_base_alpha', 'c_base_beta', 'epoch_seconds', 'train_images_per_s', 'is_best'))
 RUN_FILES = ('config.json', 'metrics.csv', 'summary.json')
 
 # Config keys that say where or how a run was bookkept, not what was trained; two runs that differ
@@ -45,8 +54,13 @@ RESULT_COLUMNS = (
     'val_srcc', 'val_plcc', 'test_srcc', 'test_srcc_lo', 'test_srcc_hi',
     'test_plcc', 'test_plcc_lo', 'test_plcc_hi', 'test_krcc', 'spaq_srcc', 'spaq_plcc',
     'median_test_srcc', 'median_test_plcc', 'train_seconds', 'train_patches_per_s',
+    # CLIP runs (train_clip.py): both heads; the single-score columns above stay empty for them
+    'val_srcc_q', 'val_srcc_c', 'test_srcc_q', 'test_srcc_q_lo', 'test_srcc_q_hi', 'test_plcc_q',
+    'test_srcc_c', 'test_srcc_c_lo', 'test_srcc_c_hi', 'test_plcc_c', 'median_test_srcc_q',
+    'median_test_srcc_c', 'train_images_per_s',
     'run_name', 'path',
 )
+CLIP_RESULT_KEYS = RESULT_COLUMNS[RESULT_COLUMNS.index('val_srcc_q'):RESULT_COLUMNS.index('run_name')]
 
 NUMBER = r'[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf)'
 
@@ -72,7 +86,8 @@ def read_json(path):
 
 
 def read_metrics_csv(path):
-    """Rows of a run's metrics.csv as dicts of numbers (NaN for an empty cell).
+    """Rows of a run's metrics.csv (train_swin.py's or train_clip.py's) as dicts of numbers (NaN
+    for an empty cell).
 
     Strict on purpose: a truncated or hand-edited file should fail here with the row and column,
     not turn into a silently wrong curve in a paper figure.
@@ -86,7 +101,8 @@ def read_metrics_csv(path):
                            f'(expected the header {",".join(METRICS_COLUMNS)})')
     reader = csv.reader(io.StringIO(text))
     header = [h.strip() for h in next(reader)]
-    missing = [c for c in METRICS_COLUMNS if c not in header]
+    columns = CLIP_METRICS_COLUMNS if 'test_srcc_q' in header else METRICS_COLUMNS
+    missing = [c for c in columns if c not in header]
     if missing:
         raise RunReadError(f'{path}: header lacks column(s) {", ".join(missing)}; '
                            f'got {",".join(header)}')
@@ -417,11 +433,19 @@ def find_runs(specs, default_parent='checkpoints'):
 # One run's result
 
 
+def is_clip_rows(rows):
+    return bool(rows) and 'test_srcc_q' in rows[0]
+
+
 def best_row(rows):
     """(row, select_on) for the epoch the trainer kept: its is_best rows, the one highest on the
-    selection metric (val SRCC when the run had a val split, else test SRCC)."""
+    selection metric (val SRCC when the run had a val split, else test SRCC). A CLIP run selects
+    on a mix of its heads (its --select_on), so its last is_best row is the one kept."""
     if not rows:
         return None, ''
+    if is_clip_rows(rows):
+        select_on = 'val' if any(not _nan(r['val_srcc_q']) for r in rows) else 'test'
+        return ([r for r in rows if r['is_best']] or rows)[-1], select_on
     select_on = 'val' if any(not _nan(r['val_srcc']) for r in rows) else 'test'
     key = select_on + '_srcc'
     candidates = [r for r in rows if r['is_best']] or rows
@@ -437,6 +461,8 @@ def run_result(run):
     A finished run is described by its summary.json; one without a summary (running, crashed, an
     old log) by the best epoch so far in its rows.
     """
+    if is_clip_rows(run['rows']) or (run['summary'] or {}).get('system') == 'clip':
+        return clip_run_result(run)
     summary = run['summary'] or {}
     rows = run['rows']
     row, select_on = best_row(rows)
@@ -486,6 +512,46 @@ def run_result(run):
     if speed is None and speeds:
         speed = statistics.mean(speeds)
     result['train_seconds'], result['train_patches_per_s'] = num(train_seconds), num(speed)
+    for key in CLIP_RESULT_KEYS:
+        result[key] = nan
+    return result
+
+
+def clip_run_result(run):
+    """The table row of a train_clip.py run: both heads' val SRCC and test SRCC/PLCC (the test
+    SRCCs with their 95% intervals) in the _q / _c columns; the single-score columns stay empty.
+    select_on is the split that selected (val, or test without one) and the head mix, e.g.
+    'val mean'. From summary.json when there is one, else the last is_best epoch so far."""
+    nan = float('nan')
+    summary, rows = run['summary'] or {}, run['rows']
+    row, select_split = best_row(rows)
+    best, best_epoch = dict(summary.get('best') or {}), summary.get('best_epoch')
+    if not best and row:
+        best, best_epoch = dict(row), row['epoch']
+    result = {k: nan for k in RESULT_COLUMNS} | {
+        'run': run['label'], 'differs': '', 'status': run['status'], 'best_epoch': best_epoch,
+        'epochs_done': len(rows), 'run_name': run['run_name'], 'path': run['path']}
+    split = summary.get('select_split') or select_split
+    mix = summary.get('select_on') or run['config'].get('select_on') or ''
+    result['select_on'] = f'{split} {mix}'.strip()
+
+    def num(value):
+        return nan if value is None else float(value)
+
+    for key in ('val_srcc_q', 'val_srcc_c', 'test_srcc_q', 'test_plcc_q', 'test_srcc_c', 'test_plcc_c'):
+        result[key] = num(best.get(key))
+    for key in ('test_srcc_q', 'test_srcc_c'):
+        lo, hi = best.get(key + '_ci') or (None, None)
+        result[key + '_lo'], result[key + '_hi'] = num(lo), num(hi)
+    round_nums = sorted({r['round'] for r in rows})
+    result['rounds'] = len(summary.get('rounds') or []) or len(round_nums)
+    for head in ('q', 'c'):
+        if summary.get(f'median_test_srcc_{head}') is not None:
+            result[f'median_test_srcc_{head}'] = num(summary[f'median_test_srcc_{head}'])
+    seconds = [r['epoch_seconds'] for r in rows if not _nan(r['epoch_seconds'])]
+    speeds = [r['train_images_per_s'] for r in rows if not _nan(r['train_images_per_s'])]
+    result['train_seconds'] = num(summary.get('train_seconds', sum(seconds) if seconds else None))
+    result['train_images_per_s'] = statistics.mean(speeds) if speeds else nan
     return result
 
 
@@ -570,8 +636,14 @@ def _fmt_seconds(seconds):
 
 
 def markdown_table(results):
+    """The table; with CLIP runs among the results it gains both heads' columns (quality _Q,
+    consistency _C), so a table of Swin runs alone looks as it always did."""
     header = ['run', 'differs from baseline', 'status', 'best ep/done', 'select', 'val SRCC',
               'val PLCC', 'test SRCC [95% CI]', 'test PLCC [95% CI]', 'train time', 'patches/s']
+    clip = any(not _nan(r.get('test_srcc_q')) or not _nan(r.get('val_srcc_q')) for r in results)
+    if clip:
+        header += ['val SRCC_Q / _C', 'test SRCC_Q [95% CI]', 'test PLCC_Q', 'test SRCC_C [95% CI]',
+                   'test PLCC_C']
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     for r in results:
         best_epoch = '-' if r['best_epoch'] is None else str(r['best_epoch'])
@@ -579,6 +651,9 @@ def markdown_table(results):
                  r['select_on'] or '-', _fmt(r['val_srcc']), _fmt(r['val_plcc']),
                  _fmt_ci(r, 'test_srcc'), _fmt_ci(r, 'test_plcc'),
                  _fmt_seconds(r['train_seconds']), _fmt(r['train_patches_per_s'], 0)]
+        if clip:
+            cells += [f'{_fmt(r["val_srcc_q"])} / {_fmt(r["val_srcc_c"])}', _fmt_ci(r, 'test_srcc_q'),
+                      _fmt(r['test_plcc_q']), _fmt_ci(r, 'test_srcc_c'), _fmt(r['test_plcc_c'])]
         lines.append('| ' + ' | '.join(c.replace('|', '\\|') for c in cells) + ' |')
     return '\n'.join(lines)
 

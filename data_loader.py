@@ -362,7 +362,7 @@ def _in_folder(folder: Path, name: str) -> Path:
 
 
 def _find_image_folder(ctx: _ReadContext, names: Sequence[str], expected: Sequence[Path], listed_in: Path,
-                       locate: Callable[[Path, str], Path] = _in_folder) -> Path:
+                       locate: Callable[[Path, str], Path] = _in_folder, hint: str | None = None) -> Path:
     """The folder that holds a data set's images, found from the first listed image.
 
     Why: copies of a data set nest their images differently (the AGIQA-3K inside the user's
@@ -372,7 +372,8 @@ def _find_image_folder(ctx: _ReadContext, names: Sequence[str], expected: Sequen
     folder are searched, and the one used is printed. If the first image is nowhere, the next
     few listed images are tried the same way (one missing file is load_images' to report).
     If none is found, one DataError names the folders searched and the flags that point
-    elsewhere. `locate(folder, name)` is where a listed name would be in a folder.
+    elsewhere (`hint` replaces them for a script with flags of its own, as train_clip.py's
+    --image_base_dir). `locate(folder, name)` is where a listed name would be in a folder.
     """
     expected = list(dict.fromkeys(expected))
     if Path(names[0]).is_absolute():
@@ -403,10 +404,10 @@ def _find_image_folder(ctx: _ReadContext, names: Sequence[str], expected: Sequen
                       f'{_folder_list(expected)}); using that folder', flush=True)
                 return folder
     shown = ', '.join(str(d) for d in below[:8]) + (f' and {len(below) - 8} more' if len(below) > 8 else '')
-    if ctx.name == GENERIC:
+    if hint is None and ctx.name == GENERIC:
         hint = (f'image paths in {listed_in.name} are relative to its folder; '
                 f'fix the paths or move the list next to the images')
-    else:
+    elif hint is None:
         hint = ("put the images in one of these folders, or point at the data set's folder "
                 '(train_swin.py --data_root PATH, cross_dataset_test.py --datasets NAME=PATH)')
     looked_in = [f'{e}/ (no such folder)' for e in expected if not e.is_dir()]

@@ -26,8 +26,8 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from checkpoints import atomic_write_bytes  # noqa: E402
-from collect_results import (RunReadError, best_row, config_diff, find_runs, load_run,  # noqa: E402
-                             pick_baseline, run_result)
+from collect_results import (RunReadError, best_row, config_diff, find_runs, is_clip_rows,  # noqa: E402
+                             load_run, pick_baseline, run_result)
 
 COLUMN_WIDTH_IN = 3.5  # one column of a two-column paper (IEEE/CVPR)
 DPI = 300
@@ -49,6 +49,10 @@ SPLIT_COLORS = {'train': 'tab:blue', 'val': 'tab:orange', 'test': 'tab:green', '
                 'lr': 'tab:purple'}
 METRIC_LABELS = {'test_srcc': 'test SRCC', 'test_plcc': 'test PLCC',
                  'val_srcc': 'val SRCC', 'val_plcc': 'val PLCC'}
+# train_clip.py runs: one metric per head (quality _q, consistency _c)
+METRIC_LABELS.update({f'{split}_{m}_{head}': f'{split} {m.upper()} ({name})'
+                      for split in ('val', 'test') for m in ('srcc', 'plcc')
+                      for head, name in (('q', 'quality'), ('c', 'consistency'))})
 
 
 def save_figure(fig, out_dir, stem):
@@ -102,12 +106,23 @@ def plot_run_curves(run, out_dir, round_num=1, stem=None):
     # would be flattened on a shared 0.6-1 axis.
     held_out = [(f'{split}_{metric}', f'{split} {metric.upper()}', style)
                 for split in ('val', 'test') for metric, style in (('srcc', '-'), ('plcc', '--'))]
-    panels = [('train loss', [('train_loss', 'train loss', '-')]),
-              ('SRCC', [('train_srcc', 'train', '-'), ('val_srcc', 'val', '-'),
-                        ('test_srcc', 'test', '-')]),
-              ('held-out', held_out),
-              ('SPAQ', [('spaq_srcc', 'SPAQ SRCC', '-'), ('spaq_plcc', 'SPAQ PLCC', '--')]),
-              ('learning rate', [('lr_backbone', 'backbone', '-'), ('lr_head', 'head', ':')])]
+    lrs = ('learning rate', [('lr_backbone', 'backbone', '-'), ('lr_head', 'head', ':')])
+    if is_clip_rows(rows_of_round):
+        # train_clip.py: the loss and its parts, then each head's val/test curves in a panel
+        # of its own (quality and consistency sit at different levels).
+        panels = [('train loss', [('train_loss', 'total', '-'), ('train_loss_q', 'quality', '--'),
+                                  ('train_loss_c', 'consistency', ':'),
+                                  ('train_loss_exp', 'explanation', '-.')][:4 if np.nanmax(
+                      cols['train_loss_exp']) > 0 else 3]),   # no explanation loss: no line
+                  ('quality', [(k + '_q', name, style) for k, name, style in held_out]),
+                  ('consistency', [(k + '_c', name, style) for k, name, style in held_out]), lrs]
+    else:
+        panels = [('train loss', [('train_loss', 'train loss', '-')]),
+                  ('SRCC', [('train_srcc', 'train', '-'), ('val_srcc', 'val', '-'),
+                            ('test_srcc', 'test', '-')]),
+                  ('held-out', held_out),
+                  ('SPAQ', [('spaq_srcc', 'SPAQ SRCC', '-'), ('spaq_plcc', 'SPAQ PLCC', '--')]),
+                  lrs]
     panels = [(label, [s for s in series if _has(cols[s[0]])]) for label, series in panels]
     panels = [(label, series) for label, series in panels if series]
     with plt.rc_context(PAPER_RC):
@@ -122,6 +137,9 @@ def plot_run_curves(run, out_dir, round_num=1, stem=None):
             if best is not None:
                 ax.axvline(best['epoch'], color='0.4', linestyle=':', linewidth=1)
             ax.set_ylabel(ylabel)
+            if ylabel == 'train loss' and len(series) > 1 and np.nanmin(
+                    [np.nanmin(cols[k]) for k, _, _ in series]) > 0:
+                ax.set_yscale('log')  # a CLIP run's loss parts span decades
             if len(series) > 1 or ylabel == 'learning rate':  # old logs may have one rate only
                 ax.legend(loc='best', ncol=2 if len(series) > 3 else 1)
         ax.set_xlabel('epoch')
@@ -136,14 +154,26 @@ def plot_run_curves(run, out_dir, round_num=1, stem=None):
 
 
 def plot_overlay(runs, out_dir, metric='test_srcc', round_num=1):
-    """`metric` and training loss per epoch of several runs on shared axes."""
+    """`metric` and training loss per epoch of several runs on shared axes. A CLIP run given a
+    single-score metric (test_srcc) shows both heads: quality solid, consistency dashed."""
     with plt.rc_context(PAPER_RC):
         fig, (ax_metric, ax_loss) = plt.subplots(2, 1, sharex=True, layout='constrained',
                                                  figsize=(COLUMN_WIDTH_IN, 3.2 + 0.18 * len(runs)))
         for run in runs:
             cols = round_columns(run, round_num)
-            line, = ax_metric.plot(cols['epoch'], cols[metric], marker='o', label=run['label'])
-            ax_loss.plot(cols['epoch'], cols['train_loss'], marker='o', color=line.get_color())
+            if metric in cols:
+                series = [(metric, run['label'], '-')]
+            elif metric + '_q' in cols:
+                series = [(metric + '_q', f'{run["label"]} Q', '-'), (metric + '_c', f'{run["label"]} C', '--')]
+            else:
+                raise RunReadError(f'{run["path"]}: its metrics.csv has no {metric} column (--metric: '
+                                   f'{", ".join(k for k in METRIC_LABELS if k in cols) or "none of its columns"})')
+            color = None
+            for key, label, style in series:
+                line, = ax_metric.plot(cols['epoch'], cols[key], marker='o', label=label, linestyle=style,
+                                       color=color)
+                color = line.get_color()
+            ax_loss.plot(cols['epoch'], cols['train_loss'], marker='o', color=color)
         ax_metric.set_ylabel(METRIC_LABELS[metric])
         ax_loss.set_ylabel('train loss')
         ax_loss.set_xlabel('epoch')
@@ -155,7 +185,10 @@ def plot_overlay(runs, out_dir, metric='test_srcc', round_num=1):
 def _value_and_ci(run, metric):
     """(value, lo, hi) of a run's best epoch; lo/hi NaN when summary.json has no interval."""
     result = run_result(run)
-    value = result[metric]
+    value = result.get(metric, float('nan'))
+    if math.isnan(value) and not math.isnan(result.get(metric + '_q', float('nan'))):
+        raise RunReadError(f'{run["path"]}: a CLIP run has one {METRIC_LABELS[metric]} per head; '
+                           f'choose one with --metric {metric}_q (quality) or --metric {metric}_c (consistency)')
     if math.isnan(value):
         raise RunReadError(f'{run["path"]}: no {METRIC_LABELS[metric]} to plot '
                            '(no summary.json best and no such column values)')
@@ -287,7 +320,9 @@ def main(argv=None):
     parser.add_argument('--round', type=int, default=1, metavar='N',
                         help='training round to plot for multi-round runs (default: 1)')
     parser.add_argument('--metric', default='test_srcc', choices=sorted(METRIC_LABELS),
-                        help='number compared across runs and overlaid (default: test_srcc)')
+                        help='number compared across runs and overlaid (default: test_srcc; '
+                             'CLIP runs: test_srcc_q, test_srcc_c ..., or test_srcc for both heads '
+                             'in the overlay)')
     parser.add_argument('--ablation', nargs='+', metavar='RUN',
                         help='bar chart of these runs against --baseline')
     parser.add_argument('--baseline', metavar='RUN',

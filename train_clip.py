@@ -57,7 +57,8 @@ def build_parser():
                    help='AGIQA-3K data.csv (name, prompt, mos_quality, mos_align[, explanation]) or any CSV '
                         'with those columns; "demo" = the built-in demo set (no download)')
     g.add_argument('--image_base_dir', default=None, metavar='DIR',
-                   help='folder of the images; None = AGIQA-3K/ next to the CSV, else the CSV\'s folder')
+                   help='folder of the images; None = found next to the CSV (AGIQA-3K/, images/, image/, the '
+                        'CSV\'s folder, else one level below; the folder used is printed)')
     g.add_argument('--quality_column', default='mos_quality', metavar='COL', help='quality score column')
     g.add_argument('--align_column', default='mos_align', metavar='COL', help='consistency score column')
     g.add_argument('--use_explanations', action='store_true',
@@ -120,6 +121,8 @@ def build_parser():
     g.add_argument('--lr', type=float, default=3e-5, metavar='LR', help='learning rate of the CLIP towers (AdamW)')
     g.add_argument('--head_lr_ratio', type=float, default=1.0, metavar='R',
                    help='heads learn at lr x R (1 = the original: one rate for all)')
+    g.add_argument('--text_lr_ratio', type=float, default=1.0, metavar='R',
+                   help='the text tower learns at lr x R (1 = as the image tower; 0 = it keeps its weights)')
     g.add_argument('--weight_decay', type=float, default=1e-4, metavar='WD', help='AdamW weight decay')
     g.add_argument('--scheduler', default='cosine', choices=('cosine', 'linear', 'constant', 'step'),
                    help='per-step cosine/linear decay or constant, after a linear warm-up; step: lr x gamma '
@@ -176,6 +179,8 @@ def check_args(args, warn):
             errors.append(f'--{flag} must be >= 0, got {getattr(args, flag)}')
     if args.lr <= 0 or args.head_lr_ratio <= 0:
         errors.append('--lr and --head_lr_ratio must be positive')
+    if args.text_lr_ratio < 0:
+        errors.append(f'--text_lr_ratio must be >= 0 (0 = the text tower keeps its weights), got {args.text_lr_ratio}')
     if args.w_q == 0 and args.w_c == 0 and not (args.use_explanations and args.w_exp > 0):
         errors.append('--w_q 0 and --w_c 0: nothing would be learned')
     if not 0 <= args.dropout < 1:
@@ -417,9 +422,23 @@ def run_round(round_idx, args, state, ctx):
         f'{models_clip.count_parameters(model, trainable_only=True):,} trainable')
     state['params'] = models_clip.count_parameters(model)
     state['trainable_params'] = models_clip.count_parameters(model, trainable_only=True)
-    groups = [{'params': model.backbone_parameters(), 'lr': args.lr, 'initial_lr': args.lr},
+    backbone = model.backbone_parameters()
+    text = []
+    if args.text_lr_ratio != 1:
+        # A third group, after the two every run has (lr_backbone / lr_head in metrics.csv stay
+        # the image tower's and the heads'): why, see "The CLIP demo" in the README.
+        text_ids = {id(p) for n, p in model.clip.named_parameters() if not n.startswith('visual.')}
+        text = [p for p in backbone if id(p) in text_ids]
+        backbone = [p for p in backbone if id(p) not in text_ids]
+        if args.text_lr_ratio == 0:   # kept as it is: frozen, so its embeddings are computed once
+            for p in text:
+                p.requires_grad_(False)
+            text = []
+    groups = [{'params': backbone, 'lr': args.lr, 'initial_lr': args.lr},
               {'params': model.head_parameters(), 'lr': args.lr * args.head_lr_ratio,
                'initial_lr': args.lr * args.head_lr_ratio}]
+    if text:
+        groups.append({'params': text, 'lr': args.lr * args.text_lr_ratio, 'initial_lr': args.lr * args.text_lr_ratio})
     optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay, fused=device.type == 'cuda')
     text_frozen = not any(p.requires_grad for n, p in model.clip.named_parameters() if not n.startswith('visual.'))
     data['text_cache'] = data['explanation_cache'] = None

@@ -224,3 +224,90 @@ def test_missing_run_and_empty_log_are_clear_errors(tmp_path, capsys):
     log.write_text('Random seed set to 42\n')
     assert plot_training_curve.main([str(log), '--out', str(tmp_path)]) == 2
     assert f'{log}: no per-epoch lines to plot' in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- CLIP runs
+
+def write_clip_run(folder, epochs, finished=True):
+    """A run folder as train_clip.py writes it: metrics.csv with its exact header (one set of
+    metrics per head), config.json and summary.json with 'system': 'clip'. `epochs` are
+    (test_srcc_q, test_srcc_c, is_best)."""
+    import train_clip
+    folder.mkdir(parents=True)
+    (folder / 'config.json').write_text(json.dumps({'name': folder.name.upper(), 'run_name': folder.name,
+                                                    'system': 'clip', 'lr': 1e-3, 'seed': 42,
+                                                    'select_on': 'mean'}))
+    rows = []
+    for epoch, (q, c, is_best) in enumerate(epochs, start=1):
+        row = {'round': 1, 'epoch': epoch, 'lr_backbone': 1e-3 / epoch, 'lr_head': 5e-3 / epoch,
+               'train_loss': 0.05 / epoch, 'train_loss_q': 0.06 / epoch, 'train_loss_c': 0.04 / epoch,
+               'train_loss_exp': 0.0, 'c_base_alpha': 1.0, 'c_base_beta': 0.0, 'epoch_seconds': 10.0,
+               'train_images_per_s': 200.0, 'is_best': is_best}
+        for split, shift in (('val', 0.01), ('test', 0.0)):
+            row.update({f'{split}_srcc_q': q + shift, f'{split}_plcc_q': q + 0.02, f'{split}_krcc_q': q - 0.2,
+                        f'{split}_srcc_c': c + shift, f'{split}_plcc_c': c + 0.03, f'{split}_krcc_c': c - 0.2})
+        rows.append(row)
+    with open(folder / 'metrics.csv', 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=train_clip.METRIC_COLUMNS, lineterminator='\n')
+        writer.writeheader()
+        writer.writerows(rows)
+    best = max((r for r in rows if r['is_best']), key=lambda r: r['epoch'])
+    summary = {'run_name': folder.name, 'name': folder.name.upper(), 'system': 'clip',
+               'status': 'finished' if finished else 'running', 'select_on': 'mean', 'select_split': 'val',
+               'best_epoch': best['epoch'],
+               'best': {k: best[k] for k in best if k.startswith(('val_', 'test_'))}
+               | {'epoch': best['epoch'], 'test_srcc_q_ci': [0.85, 0.93], 'test_srcc_c_ci': [0.61, 0.75]},
+               'rounds': [], 'median_test_srcc_q': best['test_srcc_q'], 'median_test_srcc_c': best['test_srcc_c'],
+               'train_seconds': 30.0}
+    (folder / 'summary.json').write_text(json.dumps(summary))
+    return folder
+
+
+def test_clip_runs_get_both_heads_in_the_table_and_swin_rows_keep_theirs(two_runs, tmp_path, capsys):
+    import train_clip
+    assert collect_results.CLIP_METRICS_COLUMNS == tuple(train_clip.METRIC_COLUMNS)
+    parent = two_runs[0].parent
+    write_clip_run(parent / 'clip1', [(0.80, 0.60, 1), (0.89, 0.70, 1), (0.90, 0.65, 0)])
+    csv_path = tmp_path / 'results.csv'
+    assert collect_results.main([str(parent), '--baseline', 'E3', '--csv', str(csv_path)]) == 0
+    table = capsys.readouterr().out
+    assert 'test SRCC_Q [95% CI]' in table and 'test SRCC_C [95% CI]' in table
+    clip_line = next(line for line in table.splitlines() if line.startswith('| CLIP1 |'))
+    assert ('| finished | 2/3 | val mean |' in clip_line and '| 0.9000 / 0.7100 | 0.8900 [0.850, 0.930] | 0.9100 '
+            '| 0.7000 [0.610, 0.750] | 0.7300 |' in clip_line)
+    assert '| E3 | (baseline) | finished | 2/3 | test |' in table and '0.9378 [0.934, 0.941]' in table
+    with open(csv_path, newline='') as f:
+        rows = {r['run']: r for r in csv.DictReader(f)}
+    clip, swin = rows['CLIP1'], rows['E3']
+    assert (clip['test_srcc_q'], clip['test_srcc_q_lo'], clip['test_srcc_c'], clip['test_plcc_c']) == (
+        '0.89', '0.85', '0.7', '0.73')
+    assert clip['test_srcc'] == '' and clip['status'] == 'finished' and clip['train_images_per_s'] == '200'
+    assert swin['test_srcc'] == '0.9378' and swin['test_srcc_q'] == ''
+    # A Swin-only table keeps its columns.
+    collect_results.main([str(two_runs[0]), '--csv', str(tmp_path / 'swin.csv')])
+    assert 'SRCC_Q' not in capsys.readouterr().out
+
+
+def test_clip_run_curves_show_both_heads(tmp_path):
+    run = write_clip_run(tmp_path / 'runs' / 'clip1', [(0.80, 0.60, 1), (0.89, 0.70, 1)], finished=False)
+    other = write_clip_run(tmp_path / 'runs' / 'clip2', [(0.70, 0.50, 1), (0.75, 0.66, 1)])
+    out = tmp_path / 'figs'
+    assert plot_training_curve.main([str(run), str(other), '--out', str(out)]) == 0
+    for stem in ('CLIP1_curves', 'CLIP2_curves', 'curves_overlay'):
+        assert png_size(out / f'{stem}.png')[1] > 300
+    assert plot_training_curve.main(['--ablation', str(run), str(other), '--metric', 'test_srcc_c',
+                                     '--out', str(out)]) == 0
+    assert png_size(out / 'ablation.png')[1] > 300
+
+
+def test_clip_curve_panels(tmp_path, monkeypatch):
+    run = collect_results.load_run(str(write_clip_run(tmp_path / 'clip1', [(0.8, 0.6, 1), (0.9, 0.7, 1)])))
+    drawn = []
+    monkeypatch.setattr(plot_training_curve, 'save_figure',
+                        lambda fig, out, stem: drawn.append([(ax.get_ylabel(), [t.get_text() for t in ax.get_legend().texts])
+                                                             for ax in fig.axes]) or [])
+    plot_training_curve.plot_run_curves(run, str(tmp_path))
+    panels = dict(drawn[0])
+    assert list(panels) == ['train loss', 'quality', 'consistency', 'learning rate']
+    assert panels['train loss'] == ['total', 'quality', 'consistency']     # no explanation loss: no line
+    assert panels['quality'] == panels['consistency'] == ['val SRCC', 'val PLCC', 'test SRCC', 'test PLCC']

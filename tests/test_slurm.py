@@ -22,8 +22,8 @@ import pytest
 import collect_results
 import slurm_task
 from slurm_cluster import one_node_cluster, unavailable, wait_until
-from test_run_experiments import (STUB_TRAINER, calls, fake_nvidia_smi, process_alive, run_queue, script_env,
-                                  write_stub)
+from test_run_experiments import (STUB_TRAINER, calls, fake_nvidia_smi, process_alive, run_queue, run_script,
+                                  script_env, write_stub)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'run_experiments.sh')
@@ -420,3 +420,69 @@ def test_tiny_cpu_plan_on_a_real_slurm_cluster(cluster, tmp_path):
     for name in ('T1', 'T2', 'T3'):
         assert f'skip {name} (finished)' in again.stdout
     assert 'nothing to submit' in again.stdout and not squeue(env)
+
+
+def test_a_clip_plan_runs_in_the_local_queue_and_a_stopped_clip_task_resumes_its_run(sandbox):
+    """A '# script: train_clip.py' plan with the real trainer (nano CLIP, 27 tiny images): the
+    local queue runs it to the end; as a SLURM task it is stopped (SIGUSR1) after its first
+    epoch, and the requeued attempt finds the run folder by its --name in config.json and
+    continues it with --resume RUN_DIR to the last epoch, in the same folder."""
+    from pathlib import Path
+
+    import train_clip
+    from test_train_clip import make_prompt_csv
+    work, bin_dir = sandbox / 'work', sandbox / 'bin'
+    csv_path = make_prompt_csv(work / 'data')
+    common = (f'--data_csv_path {csv_path} --clip_model nano --no_pretrained --batch_size 8 --lr 1e-3 '
+              f'--log_dir runlogs --cache_dir cache --num_workers 1 --output_dir ckpt')
+    plan = f'# script: train_clip.py\nC1 {common} --epochs 1\n'
+    (work / 'exps.txt').write_text(plan)
+    out = run_script(['exps.txt', '--python', sys.executable, '--gpus', 'cpu'], work, bin_dir, SCRIPT, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert (work / 'logs' / 'experiments' / 'C1.done').exists()
+    run_dir = slurm_task.find_run_dir(str(work / 'ckpt'), 'C1', 0)   # what a SLURM task would resume
+    assert run_dir and slurm_task.has_last_checkpoint(run_dir)
+    [row], _ = collect_results.collect([str(run_dir)])
+    assert row['run'] == 'C1' and row['status'] == 'finished' and row['test_srcc_q'] == row['test_srcc_q']
+
+    # Without --output_dir a task looks where train_clip.py writes by default.
+    (work / 'exps.txt').write_text('# script: train_clip.py\nC0 --epochs 1\n')
+    out = run_script(['exps.txt', '--python', sys.executable, '--slurm', '--dry-run'], work, bin_dir, SCRIPT)
+    default_dir = train_clip.build_parser().get_default('output_dir')
+    assert f'OUTPUT_DIR={shlex.quote(default_dir)}' in out.stdout, out.stdout
+
+    fake_commands(bin_dir, scontrol='echo "$*" >> scontrol.calls\n')
+    (work / 'exps.txt').write_text(f'# script: train_clip.py\nC2 {common} --epochs 8\n')
+    out = run_script(['exps.txt', '--python', sys.executable, '--slurm', '--dry-run'], work, bin_dir, SCRIPT)
+    assert out.returncode == 0 and f"SCRIPT={shlex.quote(os.path.join(ROOT, 'train_clip.py'))}" in out.stdout
+    (work / 'task.sbatch').write_text(batch_script(out.stdout))
+    env = script_env(bin_dir, SLURM_ARRAY_JOB_ID='41', SLURM_ARRAY_TASK_ID='0', SLURM_JOB_ID='42')
+    task = subprocess.Popen(['bash', 'task.sbatch'], cwd=work, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        def first_epoch_saved():
+            found = slurm_task.find_run_dir(str(work / 'ckpt'), 'C2', 0)
+            return found if found and slurm_task.has_last_checkpoint(found) else None
+        run_dir = Path(wait_until(first_epoch_saved, 60, 'the first last.pkl', interval=0.05))
+        task.send_signal(signal.SIGUSR1)
+        task.communicate(timeout=60)
+    finally:
+        if task.poll() is None:
+            task.kill()
+    assert task.returncode == 0 and (work / 'scontrol.calls').read_text() == 'requeue 41_0\n'
+    logs = work / 'logs' / 'experiments'
+    # killed after its first last.pkl: metrics.csv (written just after it) may hold one row less
+    stopped = collect_results.read_metrics_csv(str(run_dir / 'metrics.csv')) if (run_dir / 'metrics.csv').exists() else []
+    assert len(stopped) < 8 and not (logs / 'C2.done').exists()
+
+    done = run_task(sandbox, (work / 'task.sbatch').read_text(), 0)
+    assert done.returncode == 0, done.stdout + done.stderr
+    log = (logs / 'C2.log').read_text()
+    assert f'--resume ckpt/{run_dir.name}' in log and f'resuming ckpt/{run_dir.name} (its last.pkl)' in log
+    rows = collect_results.read_metrics_csv(str(run_dir / 'metrics.csv'))
+    assert [r['epoch'] for r in rows] == list(range(1, 9))     # continued, not started over
+    assert [(r['epoch'], r['test_srcc_q'], r['train_loss']) for r in rows[:len(stopped)]] == [
+        (r['epoch'], r['test_srcc_q'], r['train_loss']) for r in stopped]
+    assert json.loads((run_dir / 'summary.json').read_text())['status'] == 'finished'
+    assert json.loads((logs / 'C2.task').read_text())['state'] == 'done' and (logs / 'C2.done').exists()
+    assert len([d for d in (work / 'ckpt').iterdir() if json.loads((d / 'config.json').read_text())['name'] == 'C2']) == 1

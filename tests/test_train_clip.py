@@ -16,6 +16,7 @@ from PIL import Image
 
 import clip_data
 import clip_eval
+import data_loader
 import models_clip
 import train_clip
 from data_loader import DataError
@@ -290,6 +291,38 @@ def test_bad_input_names_the_row(tmp_path, problem, needle):
         assert 'missing.png' in str(err.value)
 
 
+def test_image_folder_is_found_one_level_down_and_named(tmp_path, capsys):
+    # The user's second project keeps AGIQA-3K's images in ACGIQA-3K/, not AGIQA-3K/.
+    csv_path = make_prompt_csv(tmp_path)
+    (tmp_path / 'AGIQA-3K').rename(tmp_path / 'ACGIQA-3K')
+    ds = clip_data.read_prompt_csv(csv_path)
+    assert len(ds) == 27 and all(os.path.dirname(p) == str(tmp_path / 'ACGIQA-3K') for p in ds.paths)
+    assert f'images found in {tmp_path / "ACGIQA-3K"}' in capsys.readouterr().out
+    # --image_base_dir pointing one level above the images: found below it as well.
+    assert clip_data.read_prompt_csv(csv_path, tmp_path).paths == ds.paths
+
+
+@pytest.mark.parametrize('base_dir', [None, 'elsewhere'])
+def test_images_nowhere_give_one_message_naming_folders_and_flag(tmp_path, base_dir):
+    csv_path = make_prompt_csv(tmp_path)
+    (tmp_path / 'AGIQA-3K').rename(tmp_path / 'unrelated')
+    for f in (tmp_path / 'unrelated').iterdir():
+        f.unlink()
+    if base_dir:
+        (tmp_path / base_dir).mkdir()
+    with pytest.raises(DataError) as err:
+        clip_data.read_prompt_csv(csv_path, tmp_path / base_dir if base_dir else None)
+    text = str(err.value)
+    assert '\n' not in text and 'p0_1.png' not in text            # one message, not one line per image
+    assert 'cannot find the images: p0_0.png' in text and '--image_base_dir' in text
+    if base_dir is None:                                           # the folders searched are named
+        assert f'{tmp_path / "AGIQA-3K"}/ (no such folder)' in text and str(tmp_path / 'unrelated') in text
+    else:
+        assert f'not in {tmp_path / base_dir}/' in text and str(tmp_path / 'unrelated') not in text
+    # clip_eval's prompt lookup (check_images=False) reads the CSV without raising.
+    assert len(clip_data.read_prompt_csv(csv_path, check_images=False)) == 27
+
+
 def test_label_scale_is_automatic_as_in_the_original():
     assert clip_data.label_scale(np.array([0.2, 4.8])) == 5.0
     assert clip_data.label_scale(np.array([0.2, 1.0])) == 1.0
@@ -305,6 +338,17 @@ def test_split_by_prompt_is_disjoint_and_seeded():
     b = clip_data.prompt_split(prompts, seed=42)
     c = clip_data.prompt_split(prompts, seed=43)
     assert all((a[k] == b[k]).all() for k in a) and not (a['test'].tolist() == c['test'].tolist())
+    # One split rule in the toolkit: data_loader's, with prompts as groups and val as a share of
+    # the training side (0.1 of the whole = 0.125 of the 80% that is not test).
+    same = data_loader.split_by_groups(200, 42, train_ratio=0.8, val_ratio=0.125, groups=prompts)
+    assert all(a[k].tolist() == same[k].tolist() for k in ('train', 'val', 'test'))
+
+
+@pytest.mark.parametrize('n_prompts, val, test', [(2, 0.1, 0.2), (3, 0.1, 0.7)])
+def test_split_by_prompt_stops_when_prompts_are_too_few(n_prompts, val, test):
+    with pytest.raises(DataError, match='too few|at least 3 different prompts'):
+        clip_data.prompt_split([f'p{i % n_prompts}' for i in range(12)], seed=0, val_ratio=val, test_ratio=test)
+    assert set(clip_data.prompt_split([f'p{i % 3}' for i in range(12)], seed=0)) == {'train', 'val', 'test'}
 
 
 def test_split_file_and_shared_prompt_report(tmp_path):
@@ -471,3 +515,18 @@ def test_demo_set_is_generated_offline_with_prompts_and_both_scores(tmp_path):
     assert ds.prompts[0] == 'a small red circle on a white background'
     assert ds.mos_q.min() < 1.5 and ds.mos_q.max() > 4 and ds.mos_c.min() < 1.5 and ds.mos_c.max() > 4
     assert clip_data.ensure_clip_demo(tmp_path / 'demo') == csv_path   # written once
+
+
+def test_text_lr_ratio_sets_the_text_towers_rate_and_zero_keeps_its_weights(tmp_path):
+    csv_path = make_prompt_csv(tmp_path / 'data')
+    run_dir = run(tmp_path / 'half', csv_path, '--epochs 1 --text_lr_ratio 0.5 --scheduler constant --warmup_ratio 0')
+    groups = torch.load(run_dir / 'last.pkl', weights_only=True)['optimizer']['param_groups']
+    assert [g['initial_lr'] for g in groups] == [1e-3, 1e-3, 5e-4]   # image tower, heads, text tower
+    run_dir = run(tmp_path / 'zero', csv_path, '--epochs 1 --text_lr_ratio 0')
+    trained = torch.load(run_dir / 'last.pkl', weights_only=True)['state_dict']
+    train_clip.seed_everything(42)
+    initial = train_clip.build_model(parse('--clip_model nano --no_pretrained')).state_dict()
+    text = [k for k in initial if k.startswith('clip.') and not k.startswith('clip.visual.')]
+    assert text and all(torch.equal(trained[k], initial[k]) for k in text)
+    assert not torch.equal(trained['clip.visual.conv1.weight'], initial['clip.visual.conv1.weight'])
+    assert len(torch.load(run_dir / 'last.pkl', weights_only=True)['optimizer']['param_groups']) == 2
