@@ -17,6 +17,7 @@ Checkpoint format (also in README.md, "Outputs"): {"format": "swin-iqa-checkpoin
 """
 import collections
 import datetime
+import glob
 import json
 import math
 import os
@@ -206,6 +207,42 @@ def code_version(folder=None):
     if out.returncode != 0 or not version:
         return 'unknown'
     return version
+
+
+def make_run_dir(output_dir, run_name):
+    """Create the run's folder and return (run_dir, run_name); a name already taken (two runs
+    started in the same second, one per GPU) gets a _2, _3 ... suffix instead of sharing it."""
+    base, suffix = run_name, 1
+    while True:
+        run_dir = os.path.join(output_dir, run_name)
+        try:
+            os.makedirs(run_dir)
+            return run_dir, run_name
+        except FileExistsError:
+            suffix += 1
+            run_name = f'{base}_{suffix}'
+
+
+def find_resume_file(path, flag='--resume'):
+    """The last.pkl to resume from: `path` itself, or in a run folder its last.pkl (a
+    multi-round run keeps one per round in round<k>/: the newest). Stops with a message that
+    names `flag` when there is none (a run folder holds last.pkl after its first epoch)."""
+    ckpt_path = path
+    if os.path.isdir(path):
+        candidates = glob.glob(os.path.join(path, 'last.pkl')) + glob.glob(os.path.join(path, 'round*', 'last.pkl'))
+        ckpt_path = max(candidates, key=os.path.getmtime) if candidates else os.path.join(path, 'last.pkl')
+    if not os.path.exists(ckpt_path):
+        raise SystemExit(f'{flag} {path}: {ckpt_path} does not exist (a run folder holds last.pkl '
+                         'after its first epoch)')
+    return ckpt_path
+
+
+def resumed_run_dir(ckpt_path, train_test_num):
+    """The run folder a last.pkl belongs to (round<k>/last.pkl of a multi-round run: its parent)."""
+    run_dir = os.path.dirname(os.path.abspath(ckpt_path))
+    if os.path.basename(run_dir).startswith('round') and train_test_num > 1:
+        run_dir = os.path.dirname(run_dir)
+    return run_dir
 
 
 # --------------------------------------------------------------------------- RNG state

@@ -5,6 +5,7 @@ Checkpoint format (train_clip.py writes it): {"format": "clip-iqa-checkpoint/1",
 "model_config" (rebuilds the model offline, models_clip.build_from_config), "config" (the run's
 flags), "label_scales", "epoch", "round", "metrics", ...}.
 """
+import glob
 import math
 import os
 
@@ -22,7 +23,7 @@ CLIP_CHECKPOINT_FORMAT = 'clip-iqa-checkpoint/1'
 def encode_texts(model, token_ids, device, batch_size=256, amp=False):
     """Normalised text embeddings (N, d) of tokenised texts, without gradients."""
     out = []
-    with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16, enabled=amp):
+    with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
         for i in range(0, len(token_ids), batch_size):
             out.append(model.encode_text(token_ids[i:i + batch_size].to(device)).float())
     return torch.cat(out)
@@ -39,7 +40,7 @@ def predict(model, images_u8, prompt_ids, prompt_index, *, batch_size=64, device
     txt_all = encode_texts(model, prompt_ids, device, amp=amp)
     prompt_index = torch.as_tensor(np.asarray(prompt_index), dtype=torch.long)
     qs, cs, coss = [], [], []
-    with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16, enabled=amp):
+    with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
         for i in range(0, images_u8.shape[0], batch_size):
             pixels = clip_pixels(images_u8[i:i + batch_size].to(device))
             img = model.encode_image(pixels)
@@ -137,7 +138,6 @@ def run_checkpoint(args, device, amp, specs):
     print(f'CLIP checkpoint {args.checkpoint}: {model.config["clip_model"]}, epoch {ckpt.get("epoch")}, '
           f'{models_clip.count_parameters(model) / 1e6:.2f} M params, device {device}', flush=True)
     if args.images:
-        rows = []
         if len(args.images) == 1 and args.images[0].lower().endswith('.csv'):
             header, table = data_loader._read_csv(args.images[0], ['prompt'])
             column = next((c for c in ('image', 'path', 'name') if c in header), None)
@@ -147,7 +147,6 @@ def run_checkpoint(args, device, amp, specs):
             paths = [r[column] if os.path.isabs(r[column]) else os.path.join(base, r[column]) for _, r in table]
             prompts = [r['prompt'] for _, r in table]
         else:
-            import glob
             paths = [p for spec in args.images for p in (sorted(glob.glob(spec)) or [spec])]
             prompts = None
         q, c, kept = _score_paths(model, paths, prompts, tokenizer, device, amp, batch, cache_dir, args.num_workers)

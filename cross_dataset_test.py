@@ -158,14 +158,14 @@ def build_parser():
 def resolve_device(flag):
     """torch.device for --device; 'auto' picks CUDA when there is one."""
     if flag == 'auto':
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+        return data_loader.canonical_device('cuda' if torch.cuda.is_available() else 'cpu')
     try:
         device = torch.device(flag)
     except RuntimeError as err:
         raise UsageError(f'--device {flag}: {err}') from None
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise UsageError(f'--device {flag}: this machine has no usable CUDA GPU (try --device cpu)')
-    return device
+    return data_loader.canonical_device(device)   # 'cuda' -> cuda:0: compared with tensors' devices
 
 
 # --------------------------------------------------------------------------- model

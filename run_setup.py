@@ -91,3 +91,28 @@ class Tee(io.TextIOBase):
     def flush(self):
         self.stream.flush()
         self.log_file.flush()
+
+
+def use_bf16(precision, device):
+    """--precision -> whether bf16 autocast is on (auto: on CUDA only)."""
+    return precision == 'bf16' or (precision == 'auto' and device.type == 'cuda')
+
+
+def set_precision(precision, device):
+    """Process-wide numerics for --precision; returns whether bf16 autocast is on.
+
+    TF32 is off on CUDA in both modes: fp32 then means fp32 (the original code's numerics, so
+    --no_amp reproduces them), and under bf16 the parts kept in fp32 on purpose stay exact."""
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return use_bf16(precision, device)
+
+
+def make_optimizer(groups, args, device):
+    """AdamW, fused (one kernel for all parameters) wherever this torch supports it, the CPU
+    included, so the optimizer code the GPU runs is the one the CPU tests run."""
+    try:
+        return torch.optim.AdamW(groups, weight_decay=args.weight_decay, fused=True)
+    except (RuntimeError, ValueError):   # an older torch without fused AdamW on this device
+        return torch.optim.AdamW(groups, weight_decay=args.weight_decay)

@@ -31,7 +31,7 @@ import clip_eval
 import data_loader
 import iqa_metrics
 import models_clip
-from run_setup import SuggestingParser, Tee, seed_everything
+from run_setup import SuggestingParser, Tee, make_optimizer, seed_everything, set_precision
 
 SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
 HEAD_METRICS = ('srcc_q', 'plcc_q', 'krcc_q', 'srcc_c', 'plcc_c', 'krcc_c')
@@ -40,7 +40,7 @@ METRIC_COLUMNS = (['round', 'epoch', 'lr_backbone', 'lr_head', 'train_loss', 'tr
                   + ['c_base_alpha', 'c_base_beta', 'epoch_seconds', 'train_images_per_s', 'is_best'])
 # the original program's training_log.csv (its s_q ... p_c were on its only held-out split: ours is val)
 LOG_CSV_COLUMNS = ['epoch', 'train_loss', 'lq', 'lc', 'le', 's_q', 'p_q', 's_c', 'p_c', 'best_s_c', 'lr']
-MACHINE_FLAGS = ('device', 'num_workers', 'cache_dir', 'no_amp', 'eval_batch_size', 'pin_memory', 'no_pin_memory')
+MACHINE_FLAGS = ('device', 'num_workers', 'cache_dir', 'no_amp', 'precision', 'eval_batch_size', 'pin_memory', 'no_pin_memory')
 BEST_PATTERN = 'best_model_srccq_*_srccc_*.pkl'
 
 
@@ -158,13 +158,20 @@ def build_parser():
     g = p.add_argument_group('Misc')
     g.add_argument('--seed', type=int, default=42, metavar='N', help='split, data order, augmentation, initialisation')
     g.add_argument('--device', default='auto', metavar='DEV', help='auto, cpu, cuda, cuda:1, ...')
-    g.add_argument('--no_amp', action='store_true', help='no bf16 autocast on CUDA (on by default there)')
+    g.add_argument('--precision', default='auto', choices=('auto', 'bf16', 'fp32'),
+                   help='auto = bf16 autocast on CUDA, fp32 on the CPU; bf16 also runs on the CPU (slow; for '
+                        'checking the CUDA numerics there); fp32 has TF32 off')
+    g.add_argument('--no_amp', action='store_true', help='the card\'s spelling of --precision fp32')
     return p
 
 
 def check_args(args, warn):
     """Explain contradictory or out-of-range flags before any work starts; return the args."""
     errors = []
+    if args.no_amp:
+        if args.precision == 'bf16':
+            errors.append('--no_amp means --precision fp32, which contradicts --precision bf16')
+        args.precision = 'fp32'
     try:
         args.clip_model = models_clip.canonical_name(args.clip_model)
     except ValueError as err:
@@ -279,7 +286,7 @@ def train_one_epoch(model, optimizer, data, epoch, round_seed, args, device, amp
         pidx = torch.as_tensor(data['prompt_index'][idx], device=device)
         q_t = torch.as_tensor(data['mos_q'][idx] / data['scale_q'], dtype=torch.float32, device=device)
         c_t = torch.as_tensor(data['mos_c'][idx] / data['scale_c'], dtype=torch.float32, device=device)
-        with torch.autocast('cuda', dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             img = model.encode_image(pixels)
             if data['text_cache'] is not None:          # text tower frozen: embeddings computed once per run
                 txt = data['text_cache'][pidx]
@@ -439,7 +446,7 @@ def run_round(round_idx, args, state, ctx):
                'initial_lr': args.lr * args.head_lr_ratio}]
     if text:
         groups.append({'params': text, 'lr': args.lr * args.text_lr_ratio, 'initial_lr': args.lr * args.text_lr_ratio})
-    optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay, fused=device.type == 'cuda')
+    optimizer = make_optimizer(groups, args, device)
     text_frozen = not any(p.requires_grad for n, p in model.clip.named_parameters() if not n.startswith('visual.'))
     data['text_cache'] = data['explanation_cache'] = None
     if text_frozen:
@@ -560,14 +567,8 @@ def write_summary(run_dir, args, state, best, select_split, status):
 # --------------------------------------------------------------------------- main
 
 def resolve_resume(path):
-    """RUN_DIR/last.pkl (or the newest round*/last.pkl), or the file given."""
-    ckpt_path = path
-    if os.path.isdir(path):
-        candidates = glob.glob(os.path.join(path, 'last.pkl')) + glob.glob(os.path.join(path, 'round*', 'last.pkl'))
-        ckpt_path = max(candidates, key=os.path.getmtime) if candidates else os.path.join(path, 'last.pkl')
-    if not os.path.exists(ckpt_path):
-        raise SystemExit(f'--resume_from {path}: {ckpt_path} does not exist (a run folder holds last.pkl '
-                         'after its first epoch)')
+    """The checkpoint to resume from (RUN_DIR/last.pkl or the file given), loaded."""
+    ckpt_path = checkpoints.find_resume_file(path, '--resume_from')
     ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get('format') != clip_eval.CLIP_CHECKPOINT_FORMAT or 'optimizer' not in ckpt:
         raise SystemExit(f'--resume_from {ckpt_path}: not a train_clip.py last.pkl with training state '
@@ -623,31 +624,19 @@ def main(argv=None):
     args = check_args(args, warnings.append)
 
     device_name = args.device if args.device != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
-    device = torch.device(device_name)
-    amp = device.type == 'cuda' and not args.no_amp   # bf16 autocast: no GradScaler needed (that is fp16's)
-    if device.type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = True
+    device = data_loader.canonical_device(device_name)   # 'cuda' -> cuda:0, so device checks compare equal
+    amp = set_precision(args.precision, device)   # bf16 autocast needs no GradScaler (that is fp16's)
     if args.cache_dir in ('none', ''):
         args.cache_dir = None
 
     if resume is not None:
-        run_dir = os.path.dirname(os.path.abspath(resume_path))
-        if os.path.basename(run_dir).startswith('round') and args.train_test_num > 1:
-            run_dir = os.path.dirname(run_dir)
+        run_dir = checkpoints.resumed_run_dir(resume_path, args.train_test_num)
         run_name = os.path.basename(run_dir)
     else:
         label = 'demo' if args.data_csv_path == 'demo' else (
             os.path.basename(os.path.dirname(os.path.abspath(args.data_csv_path))) or 'data')
         run_name = f'{label}-clip_{datetime.datetime.now():%Y%m%d_%H%M%S}'
-        run_dir = os.path.join(args.output_dir, run_name)
-        suffix, base_dir, base_name = 1, run_dir, run_name
-        while True:
-            try:
-                os.makedirs(run_dir)
-                break
-            except FileExistsError:   # two runs started in the same second
-                suffix += 1
-                run_dir, run_name = f'{base_dir}_{suffix}', f'{base_name}_{suffix}'
+        run_dir, run_name = checkpoints.make_run_dir(args.output_dir, run_name)
     os.makedirs(args.log_dir, exist_ok=True)
     log_file = open(os.path.join(args.log_dir, f'{run_name}.log'), 'a', encoding='utf-8')
     console = (sys.stdout, sys.stderr)
@@ -668,7 +657,7 @@ def main(argv=None):
             config.update({k: resume['config'][k] for k in ('code_version', 'command') if k in resume['config']})
         checkpoints.atomic_write_json(os.path.join(run_dir, 'config.json'), config)
         log('=' * 72)
-        log(f'Run {run_name}  ({"resumed" if resume else "new"}, device {device}, bf16 autocast {"on" if amp else "off"})')
+        log(f'Run {run_name}  ({"resumed" if resume else "new"}, device {device}, precision {"bf16 autocast" if amp else "fp32"})')
         for key in sorted(vars(args)):
             log(f'  {key:<26} {getattr(args, key)}')
         log('=' * 72)

@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import csv
 import datetime
-import glob
 import io
 import json
 import math
@@ -33,7 +32,8 @@ import data_loader
 import iqa_metrics
 import models_swin
 from evaluation import predict_scores
-from run_setup import SuggestingParser, Tee, gather_to_all, seed_everything, setup_distributed
+from run_setup import (SuggestingParser, Tee, gather_to_all, make_optimizer, seed_everything, set_precision,
+                       setup_distributed)
 
 SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
 METRIC_COLUMNS = ['round', 'epoch', 'lr_backbone', 'lr_head', 'train_loss', 'train_srcc',
@@ -166,20 +166,6 @@ def build_parser():
                    help='where the decoded image sets live on a CUDA run: auto = on the GPU as far as a plan '
                         'made after measuring one training step allows (printed), the rest in host memory')
     return p
-
-
-def use_bf16(precision, device):
-    """--precision -> whether bf16 autocast is on (auto: on CUDA only)."""
-    return precision == 'bf16' or (precision == 'auto' and device.type == 'cuda')
-
-
-def make_optimizer(groups, args, device):
-    """AdamW, fused (one kernel for all parameters) wherever this torch supports it, the CPU
-    included, so the optimizer code the GPU runs is the one the CPU tests run."""
-    try:
-        return torch.optim.AdamW(groups, weight_decay=args.weight_decay, fused=True)
-    except (RuntimeError, ValueError):   # an older torch without fused AdamW on this device
-        return torch.optim.AdamW(groups, weight_decay=args.weight_decay)
 
 
 def check_args(args, warn):
@@ -823,15 +809,8 @@ def write_summary(run_dir, args, state, best, select_on, status):
 
 
 def resolve_resume(path):
-    """The checkpoint to resume from: RUN_DIR/last.pkl or the file given."""
-    ckpt_path = path
-    if os.path.isdir(path):
-        # a multi-round run keeps each round's last.pkl in round<k>/: continue the newest
-        candidates = glob.glob(os.path.join(path, 'last.pkl')) + glob.glob(os.path.join(path, 'round*', 'last.pkl'))
-        ckpt_path = max(candidates, key=os.path.getmtime) if candidates else os.path.join(path, 'last.pkl')
-    if not os.path.exists(ckpt_path):
-        raise SystemExit(f'--resume {path}: {ckpt_path} does not exist (a run folder holds last.pkl '
-                         'after its first epoch)')
+    """The checkpoint to resume from (RUN_DIR/last.pkl or the file given), loaded."""
+    ckpt_path = checkpoints.find_resume_file(path, '--resume')
     ckpt = checkpoints.load_checkpoint(ckpt_path)
     if ckpt.get('optimizer') is None or ckpt.get('config') is None:
         raise SystemExit(f'--resume {ckpt_path}: this checkpoint has no training state (optimizer, RNG); '
@@ -862,19 +841,12 @@ def main(argv=None):
     args = check_args(args, warnings.append)
 
     rank, world, device = setup_distributed(args.device)
-    amp = use_bf16(args.precision, device)
-    if device.type == 'cuda':
-        # TF32 off in both modes: fp32 then means fp32 (the original code's numerics), and under
-        # bf16 the parts kept in fp32 on purpose (generated weights, target net) stay exact.
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+    amp = set_precision(args.precision, device)
     if args.cache_dir in ('none', ''):
         args.cache_dir = None
 
     if resume is not None:
-        run_dir = os.path.dirname(os.path.abspath(resume_path))
-        if os.path.basename(run_dir).startswith('round') and args.train_test_num > 1:
-            run_dir = os.path.dirname(run_dir)
+        run_dir = checkpoints.resumed_run_dir(resume_path, args.train_test_num)
         run_name = os.path.basename(run_dir)
     else:
         run_name = checkpoints.run_name(args.dataset if os.sep not in args.dataset else
@@ -890,15 +862,7 @@ def main(argv=None):
     console = (sys.stdout, sys.stderr)
     if rank == 0:
         if resume is None:
-            suffix = 1
-            base_dir, base_name = run_dir, run_name
-            while True:
-                try:
-                    os.makedirs(run_dir)
-                    break
-                except FileExistsError:  # two runs started in the same second (two GPUs)
-                    suffix += 1
-                    run_dir, run_name = f'{base_dir}_{suffix}', f'{base_name}_{suffix}'
+            run_dir, run_name = checkpoints.make_run_dir(args.output_dir, run_name)
         os.makedirs(args.log_dir, exist_ok=True)
         log_file = open(os.path.join(args.log_dir, f'{run_name}.log'), 'a', encoding='utf-8')
         sys.stdout = Tee(console[0], log_file)

@@ -349,3 +349,26 @@ def test_file_with_python_objects_needs_explicit_trust(tmp_path):
     with pytest.raises(ValueError, match=r'numpy\.pkl contains a Python object.*weights_only=False'):
         load_checkpoint(path)
     assert torch.equal(load_checkpoint(path, weights_only=False)['state_dict']['w'], torch.zeros(1))
+
+
+def test_run_dir_gets_a_suffix_when_two_runs_start_in_the_same_second(tmp_path):
+    first = checkpoints.make_run_dir(str(tmp_path / 'out'), 'koniq-10k-swin_20260101_000000')
+    second = checkpoints.make_run_dir(str(tmp_path / 'out'), 'koniq-10k-swin_20260101_000000')
+    third = checkpoints.make_run_dir(str(tmp_path / 'out'), 'koniq-10k-swin_20260101_000000')
+    assert [name for _, name in (first, second, third)] == [
+        'koniq-10k-swin_20260101_000000', 'koniq-10k-swin_20260101_000000_2', 'koniq-10k-swin_20260101_000000_3']
+    assert all(os.path.isdir(path) and os.path.basename(path) == name for path, name in (first, second, third))
+
+
+def test_resume_file_is_found_in_the_run_folder_or_its_newest_round(tmp_path):
+    run = tmp_path / 'run'
+    (run / 'round1').mkdir(parents=True)
+    (run / 'round2').mkdir()
+    (run / 'round1' / 'last.pkl').write_bytes(b'1')
+    os.utime(run / 'round1' / 'last.pkl', (1, 1))
+    (run / 'round2' / 'last.pkl').write_bytes(b'2')
+    found = checkpoints.find_resume_file(str(run), '--resume_from')
+    assert found == str(run / 'round2' / 'last.pkl')
+    assert checkpoints.resumed_run_dir(found, train_test_num=2) == str(run)
+    with pytest.raises(SystemExit, match=r'--resume_from .*empty.*does not exist.*after its first epoch'):
+        checkpoints.find_resume_file(str(tmp_path / 'empty'), '--resume_from')

@@ -100,7 +100,7 @@ def test_precision_flag_and_no_amp():
 
     def resolved(*argv):
         args = train_swin.check_args(parser.parse_args(list(argv)), lambda m: None)
-        return args.precision, train_swin.use_bf16(args.precision, cpu), train_swin.use_bf16(args.precision, cuda)
+        return args.precision, run_setup.use_bf16(args.precision, cpu), run_setup.use_bf16(args.precision, cuda)
     assert resolved() == ('auto', False, True)
     assert resolved('--precision', 'bf16') == ('bf16', True, True)
     assert resolved('--no_amp') == ('fp32', False, False)
@@ -396,3 +396,18 @@ def test_ddp_start_up_waits_for_a_slow_cold_cache_without_a_group_timeout(koniq_
     results = run_two_ranks(script, argv, tmp_path, timeout=240)
     assert [code for code, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
     assert 'decoding on rank 0' in results[0][1] and 'decoding on rank' not in results[1][1]
+
+
+def test_precision_sets_true_fp32_on_cuda_and_leaves_the_cpu_alone():
+    # the flags are plain process-wide switches, so the CUDA branch runs (and is checked) here
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        assert run_setup.set_precision('auto', torch.device('cpu')) is False
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32   # CPU: untouched
+        assert run_setup.set_precision('fp32', torch.device('cuda', 0)) is False
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert run_setup.set_precision('auto', torch.device('cuda', 0)) is True
+        assert run_setup.set_precision('bf16', torch.device('cpu')) is True
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -530,3 +530,20 @@ def test_text_lr_ratio_sets_the_text_towers_rate_and_zero_keeps_its_weights(tmp_
     assert text and all(torch.equal(trained[k], initial[k]) for k in text)
     assert not torch.equal(trained['clip.visual.conv1.weight'], initial['clip.visual.conv1.weight'])
     assert len(torch.load(run_dir / 'last.pkl', weights_only=True)['optimizer']['param_groups']) == 2
+
+
+def test_bf16_autocast_and_fused_adamw_run_on_the_cpu_as_on_cuda(tmp_path):
+    # the CUDA code path (bf16 autocast, fused AdamW) is device-agnostic, so it runs here
+    csv_path = make_prompt_csv(tmp_path / 'data')
+    run_dir = run(tmp_path, csv_path, '--epochs 1 --precision bf16')
+    config = json.loads((run_dir / 'config.json').read_text())
+    assert config['precision'] == 'bf16'
+    assert 'precision bf16 autocast' in (tmp_path / 'logs' / f'{run_dir.name}.log').read_text()
+    row = read_rows(run_dir / 'metrics.csv')[0]
+    assert math.isfinite(float(row['train_loss'])) and row['test_srcc_q'] != ''
+    ckpt = torch.load(run_dir / 'last.pkl', weights_only=True)
+    assert all(group['fused'] for group in ckpt['optimizer']['param_groups'])
+    # --no_amp is the card's spelling of fp32, and contradicts an explicit bf16
+    assert train_clip.check_args(parse('--no_amp'), print).precision == 'fp32'
+    with pytest.raises(SystemExit, match='contradicts --precision bf16'):
+        train_clip.check_args(parse('--no_amp --precision bf16'), print)
