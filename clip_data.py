@@ -221,7 +221,7 @@ def clip_pixels(images_u8, train=False, generator=None, scale=(0.8, 1.0)):
 # Built-in demo: AIGC-style images whose prompts describe them (or deliberately do not)
 # ----------------------------------------------------------------------------------------
 
-DEMO_VERSION = 8
+DEMO_VERSION = 9
 DEMO_ROOT = SCRIPT_DIR / '.cache' / 'demo-clip'
 DEMO_SIZE = 64
 DEMO_COLORS = {'red': (220, 30, 30), 'green': (40, 180, 50), 'blue': (40, 70, 220), 'yellow': (235, 220, 40),
@@ -231,7 +231,7 @@ DEMO_OBJECT_SIZES = {'small': (0.13, 0.19), 'large': (0.30, 0.40)}   # radius as
 # no gray background: an under-exposed white one must not look like another background
 DEMO_BACKGROUNDS = {'white': (235, 235, 235), 'black': (20, 20, 20), 'pink': (250, 170, 200),
                     'cyan': (140, 225, 230)}
-DEMO_IMAGES_PER_PROMPT = 2
+DEMO_IMAGES_PER_PROMPT = 4   # at most 5: each image of a prompt matches a different number of attributes
 DEMO_DISTORTIONS = ('dark',)
 
 
@@ -277,13 +277,16 @@ def _degrade(im, level, kind, rng):
 
 
 def ensure_clip_demo(root=None, seed=0):
-    """Write the demo set once (640 small PNGs and data.csv); return its data.csv path.
+    """Write the demo set once (1280 small PNGs and data.csv); return its data.csv path.
 
-    Each of the 320 prompts 'a <size> <color> <shape> on a <background> background' gets two
+    Each of the 320 prompts 'a <size> <color> <shape> on a <background> background' gets four
     images. An image matches 0-4 of the prompt's four attributes (the others are drawn with a
-    different value), and mos_align grows with the matches; mos_quality falls with the level of
-    under-exposure. Both scores get a little rater noise. No download: everything is drawn here.
-    Many prompts, few images each: a model must learn the words, not memorise the prompts.
+    different value; the four images of one prompt match different numbers of them), and
+    mos_align grows with the matches; mos_quality falls with the level of under-exposure. Both
+    scores get a little rater noise. No download: everything is drawn here. Many prompts, few
+    images each: a model must learn the words, not memorise the prompts. `seed` draws another
+    set of images and scores for the same prompts (give it its own `root`: a folder is written
+    once and then reused whatever the seed), data a model tuned on seed 0 never saw.
     """
     root = Path(root) if root else DEMO_ROOT
     if _demo_is_current(root):
@@ -320,8 +323,12 @@ def _write_demo(root, seed):
     rows = []
     for size, color, shape, background in itertools.product(sizes, colors, DEMO_SHAPES, backgrounds):
         prompt = _demo_prompt(size, color, shape, background)
+        # The images of one prompt match different numbers of its attributes (0-4, drawn without
+        # replacement): within every prompt the label changes with the image, so the text has to
+        # be read word by word rather than memorised as a whole.
+        match_counts = rng.permutation(5)
         for k in range(DEMO_IMAGES_PER_PROMPT):
-            matches = int(rng.integers(0, 5))
+            matches = int(match_counts[k])
             keep = set(rng.choice(4, size=matches, replace=False).tolist())
             z = size if 0 in keep else next(x for x in sizes if x != size)
             c = color if 1 in keep else rng.choice([x for x in colors if x != color])

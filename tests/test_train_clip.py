@@ -511,10 +511,17 @@ def test_frozen_towers_direct_heads_and_a_zero_weight_in_one_run(tmp_path):
 def test_demo_set_is_generated_offline_with_prompts_and_both_scores(tmp_path):
     csv_path = clip_data.ensure_clip_demo(tmp_path / 'demo')
     ds = clip_data.read_prompt_csv(csv_path)
-    assert len(ds) == 640 and len(set(ds.prompts)) == 320
+    assert len(ds) == 1280 and len(set(ds.prompts)) == 320
     assert ds.prompts[0] == 'a small red circle on a white background'
     assert ds.mos_q.min() < 1.5 and ds.mos_q.max() > 4 and ds.mos_c.min() < 1.5 and ds.mos_c.max() > 4
+    # the four images of a prompt match different numbers of its words: consistency levels 1..5
+    # (rater noise 0.15) never repeat within a prompt
+    levels = np.rint(ds.mos_c).reshape(320, 4)
+    assert all(len(set(row)) == 4 for row in levels.tolist())
     assert clip_data.ensure_clip_demo(tmp_path / 'demo') == csv_path   # written once
+    # another generator seed draws other images and scores for the same prompts (the unseen-data check)
+    other = clip_data.read_prompt_csv(clip_data.ensure_clip_demo(tmp_path / 'demo-seed1', seed=1))
+    assert other.prompts == ds.prompts and not np.allclose(other.mos_c, ds.mos_c)
 
 
 def test_text_lr_ratio_sets_the_text_towers_rate_and_zero_keeps_its_weights(tmp_path):
