@@ -16,8 +16,10 @@ Checkpoint format (also in README.md, "Outputs"): {"format": "swin-iqa-checkpoin
 "best", "early_stopping"}. The user's older files are a bare model state_dict; both load.
 """
 import collections
+import csv
 import datetime
 import glob
+import io
 import json
 import math
 import os
@@ -130,6 +132,17 @@ def atomic_write_json(path, obj):
     atomic_write_text(path, text + '\n')
 
 
+def atomic_write_csv(path, columns, rows):
+    """A per-epoch CSV (metrics.csv, training_log.csv) in `columns` order, written whole each
+    epoch so a crash never leaves half a row; None is written as an empty cell."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator='\n', extrasaction='ignore')
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ('' if row.get(k) is None else row[k]) for k in columns})
+    atomic_write_text(path, buf.getvalue())
+
+
 def _oserror_in_chain(e):
     """The OSError that caused e, if any (torch wraps it in a RuntimeError, see below)."""
     seen = set()
@@ -235,6 +248,21 @@ def find_resume_file(path, flag='--resume'):
         raise SystemExit(f'{flag} {path}: {ckpt_path} does not exist (a run folder holds last.pkl '
                          'after its first epoch)')
     return ckpt_path
+
+
+def resume_args(args, parser, stored, machine_flags, resume_flag):
+    """Turn `args` into the resumed run's: its stored configuration, except the flags that describe
+    the machine (`machine_flags`), which may change between attempts. Returns the experiment
+    flags given now that differ from the run's: they are ignored, and the caller says so."""
+    given = {k: v for k, v in vars(args).items() if k in machine_flags and v != parser.get_default(k)}
+    ignored = sorted(k for k, v in vars(args).items() if k not in machine_flags and k != resume_flag
+                     and v != parser.get_default(k) and stored.get(k) != v)
+    for key in list(vars(args)):
+        if key in stored:
+            setattr(args, key, stored[key])
+    for key, value in given.items():
+        setattr(args, key, value)
+    return ignored
 
 
 def resumed_run_dir(ckpt_path, train_test_num):

@@ -12,10 +12,8 @@ best_model_srccq_X_srccc_Y.pkl, last.pkl) and logs/<run>.log, whose last line is
 "Best test SRCC_Q ... SRCC_C ...".
 """
 import argparse
-import csv
 import datetime
 import glob
-import io
 import math
 import os
 import sys
@@ -332,15 +330,6 @@ def fmt(x, spec='.4f'):
     return '' if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-def write_csv(path, columns, rows):
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator='\n', extrasaction='ignore')
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ('' if row.get(k) is None else row[k]) for k in columns})
-    checkpoints.atomic_write_text(path, buf.getvalue())
-
-
 def original_log_row(row, best_s_c):
     """One training_log.csv row in the original's columns and number formats."""
     def f6(key):
@@ -351,13 +340,13 @@ def original_log_row(row, best_s_c):
 
 
 def write_logs(run_dir, args, rows):
-    write_csv(os.path.join(run_dir, 'metrics.csv'), METRIC_COLUMNS, rows)
+    checkpoints.atomic_write_csv(os.path.join(run_dir, 'metrics.csv'), METRIC_COLUMNS, rows)
     log_rows, best_s_c = [], -1.0   # the original's running best of s_c starts at -1
     for row in rows:
         if row['val_srcc_c'] not in ('', None):
             best_s_c = max(best_s_c, float(row['val_srcc_c']))
         log_rows.append(original_log_row(row, best_s_c))
-    write_csv(os.path.join(run_dir, args.log_csv), LOG_CSV_COLUMNS, log_rows)
+    checkpoints.atomic_write_csv(os.path.join(run_dir, args.log_csv), LOG_CSV_COLUMNS, log_rows)
 
 
 def best_checkpoint_name(srcc_q, srcc_c):
@@ -610,15 +599,7 @@ def main(argv=None):
     ignored = []
     if args.resume_from:
         resume_path, resume = resolve_resume(args.resume_from)
-        stored = dict(resume['config'])
-        given = {k: v for k, v in vars(args).items() if k in MACHINE_FLAGS and v != parser.get_default(k)}
-        ignored = sorted(k for k, v in vars(args).items() if k not in MACHINE_FLAGS and k != 'resume_from'
-                         and v != parser.get_default(k) and stored.get(k) != v)
-        for key in vars(args):
-            if key in stored:
-                setattr(args, key, stored[key])
-        for key, value in given.items():
-            setattr(args, key, value)
+        ignored = checkpoints.resume_args(args, parser, dict(resume['config']), MACHINE_FLAGS, 'resume_from')
         args.resume_from = resume_path
     warnings = []
     args = check_args(args, warnings.append)

@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import csv
 import datetime
-import io
 import json
 import math
 import os
@@ -521,15 +520,6 @@ def fmt(x, spec='.4f'):
     return '' if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-def write_metrics_csv(path, rows):
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, lineterminator='\n')
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ('' if row.get(k) is None else row[k]) for k in METRIC_COLUMNS})
-    checkpoints.atomic_write_text(path, buf.getvalue())
-
-
 def decode_once(load, args, rank, world, wait_group):
     """Run load(num_workers) -> decoded images so that a data set is decoded once per machine.
 
@@ -743,7 +733,7 @@ def run_round(round_idx, args, state, ctx):
                               round_complete=bool(stop_now or epoch + 1 == args.epochs),
                               train_seconds=time.time() - state['start_time'] + state.get('seconds_before', 0.0))
             saver.save_last(checkpoint)
-            write_metrics_csv(os.path.join(run_dir, 'metrics.csv'), state['rows'])
+            checkpoints.atomic_write_csv(os.path.join(run_dir, 'metrics.csv'), METRIC_COLUMNS, state['rows'])
             write_summary(run_dir, args, state, best, select_on, 'running')
         if stop_now:
             log(f'Early stopping: no {select_on} SRCC gain > {args.early_stopping_min_delta} for '
@@ -826,16 +816,9 @@ def main(argv=None):
     if args.resume:
         resume_path, resume = resolve_resume(args.resume)
         stored = dict(resume['config'])
-        given = {k: v for k, v in vars(args).items() if k in MACHINE_FLAGS and v != parser.get_default(k)}
-        ignored = sorted(k for k, v in vars(args).items() if k not in MACHINE_FLAGS and k != 'resume'
-                         and v != parser.get_default(k) and stored.get(k) != v)
-        for key in [k for k in vars(args)]:
-            if key in stored:
-                setattr(args, key, stored[key])
+        ignored = checkpoints.resume_args(args, parser, stored, MACHINE_FLAGS, 'resume')
         if 'val_ratio' not in stored:
             args.val_ratio = 0.0  # a run from before validation splits: keep its training images
-        for key, value in given.items():
-            setattr(args, key, value)
         args.resume = resume_path
     warnings = []
     args = check_args(args, warnings.append)

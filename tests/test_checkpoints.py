@@ -372,3 +372,17 @@ def test_resume_file_is_found_in_the_run_folder_or_its_newest_round(tmp_path):
     assert checkpoints.resumed_run_dir(found, train_test_num=2) == str(run)
     with pytest.raises(SystemExit, match=r'--resume_from .*empty.*does not exist.*after its first epoch'):
         checkpoints.find_resume_file(str(tmp_path / 'empty'), '--resume_from')
+
+
+def test_resume_args_take_the_runs_config_except_machine_flags():
+    import argparse
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--lr', type=float, default=1e-3)
+    parser.add_argument('--device', default='auto')
+    parser.add_argument('--resume', default=None)
+    args = parser.parse_args(['--lr', '0.5', '--device', 'cpu', '--resume', 'run'])
+    ignored = checkpoints.resume_args(args, parser, {'lr': 2e-5, 'device': 'cuda', 'resume': None},
+                                      machine_flags=('device',), resume_flag='resume')
+    assert args.lr == 2e-5            # the experiment is the stored one ...
+    assert args.device == 'cpu'       # ... on the machine given now
+    assert ignored == ['lr']          # and the caller reports the experiment flag it ignored
