@@ -35,12 +35,12 @@ import torch
 from tqdm import tqdm
 
 import checkpoints
-import clip_eval
 import data_loader
-import evaluation
-import iqa_metrics
 import models_swin
 import run_setup
+from iqa import evaluation
+from iqa import metrics as iqa_metrics
+from iqa.clip import evaluation as clip_eval
 
 SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATASETS = ('koniq', 'spaq', 'kadid', 'agiqa')

@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 
 import checkpoints
-import clip_data
-import clip_eval
 import data_loader
-import iqa_metrics
-import models_clip
+from iqa import metrics as iqa_metrics
+from iqa.clip import data as clip_data
+from iqa.clip import evaluation as clip_eval
+from iqa.clip import models as models_clip
 from run_setup import SuggestingParser, Tee, make_optimizer, seed_everything, set_precision
 
 SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))

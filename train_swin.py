@@ -28,9 +28,9 @@ from tqdm import tqdm
 
 import checkpoints
 import data_loader
-import iqa_metrics
 import models_swin
-from evaluation import predict_scores
+from iqa import metrics as iqa_metrics
+from iqa.evaluation import predict_scores
 from run_setup import (SuggestingParser, Tee, gather_to_all, make_optimizer, seed_everything, set_precision,
                        setup_distributed)
 

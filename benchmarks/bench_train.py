@@ -43,10 +43,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import checkpoints  # noqa: E402
 import cross_dataset_test  # noqa: E402
 import data_loader  # noqa: E402
-import evaluation  # noqa: E402
 import models_swin  # noqa: E402
 import train_swin  # noqa: E402
 from bench_data import write_jpegs  # noqa: E402  (same synthetic JPEGs as the data benchmark)
+from iqa import evaluation  # noqa: E402
 
 # KonIQ-10k as the user trains on it (their koniq_train.json / koniq_test.json): 7,046 training
 # and 2,010 test images, 20 crops each; the first run builds the cache of all 10,073 images.

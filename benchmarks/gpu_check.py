@@ -45,9 +45,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import data_loader  # noqa: E402
-import evaluation  # noqa: E402
 import models_swin  # noqa: E402
 import train_swin  # noqa: E402
+from iqa import evaluation  # noqa: E402
 
 GIB = 2 ** 30
 KONIQ_HW = (512, 384)

@@ -17,11 +17,11 @@ import torch
 import checkpoints
 import cross_dataset_test as cdt
 import data_loader
-import evaluation
-import iqa_metrics
 import models_swin
 from dataset_fixtures import (make_agiqa, make_csiq, make_json_list, make_kadid, make_koniq, make_spaq,
                               write_csv, write_image, write_png16)
+from iqa import evaluation
+from iqa import metrics as iqa_metrics
 
 FAST = ['--test_patch_num', '2', '--resize', '232', '240', '--batch_size', '8', '--cache_dir', 'none',
         '--n_boot', '200', '--device', 'cpu']

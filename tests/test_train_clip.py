@@ -1,4 +1,4 @@
-"""train_clip.py, models_clip.py, clip_data.py: the user's CLIP baseline on this toolkit's base.
+"""train_clip.py, iqa/clip/models.py, iqa/clip/data.py: the CLIP baseline on this toolkit's base.
 
 Everything runs offline on the random-initialised 'nano' CLIP, on a few tiny images.
 """
@@ -14,12 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-import clip_data
-import clip_eval
 import data_loader
-import models_clip
 import train_clip
 from data_loader import DataError
+from iqa.clip import data as clip_data
+from iqa.clip import evaluation as clip_eval
+from iqa.clip import models as models_clip
 
 # The card's "one-click configurations" A-F and its tuning commands, as the user types them.
 CARD_COMMANDS = [

@@ -16,10 +16,10 @@ import torch
 
 import checkpoints
 import data_loader
-import evaluation
-import iqa_metrics
 import train_swin
 from dataset_fixtures import make_agiqa, make_koniq
+from iqa import evaluation
+from iqa import metrics as iqa_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -553,7 +553,7 @@ def test_two_process_ddp_on_cpu_matches_single_process_evaluation(koniq_root, tm
     images, kept = data_loader.load_images(dataset.paths, resize_hw=(224, 224), cache_dir=None, num_workers=1)
     test = dataset.splits['test']
     pred = evaluation.predict_scores(model, images[test], patch_size=224, patch_num=2, batch_size=8, seed=3)
-    from iqa_metrics import srcc, plcc
+    from iqa.metrics import srcc, plcc
     assert summary['best']['test_srcc'] == pytest.approx(srcc(pred, dataset.mos[test]), abs=1e-6)
     assert summary['best']['test_plcc'] == pytest.approx(plcc(pred, dataset.mos[test]), abs=1e-4)
     # Both ranks trained on disjoint images: every training image was seen once per epoch.

@@ -7,7 +7,8 @@ HyperIQA protocol); the correlations are then taken over images, never over patc
 The metrics return plain Python floats so they can go straight into metrics.csv, summary.json
 and a checkpoint (torch.load(weights_only=True) refuses numpy scalars).
 
-torch is never imported here: plot/collect scripts use these functions without paying for it.
+torch is never imported here: plot_training_curve.py and collect_results.py use these
+functions without paying for it.
 """
 import sys
 
@@ -79,8 +80,8 @@ def srcc(pred, mos):
 def plcc(pred, mos):
     """Pearson linear correlation of raw predictions and MOS.
 
-    No logistic fit first: the user's numbers (and train_swin's) are raw PLCC, so we keep them
-    comparable.
+    No logistic fit first: the reference numbers this toolkit is compared with are raw PLCC,
+    and so is every PLCC it reports, so all of them stay comparable.
     """
     pred, mos = _pair(pred, mos)
     if _undefined(pred, mos):

@@ -2,7 +2,7 @@
 
     img, txt = L2-normalised CLIP image / text embeddings;  cos = img . txt
 
-Residual mode (default, the user's baseline.py):
+Residual mode (default, as in the original baseline.py):
     q      = bound( sigmoid(Linear(img)) + s_q * tanh(MLP_q(img)) )
     c_base = bound( alpha * (cos + 1) / 2 + beta )                 alpha = 1, beta = 0 at start
     c      = bound( c_base + s_c * tanh(MLP_c([img, txt, cos])) )

@@ -2,20 +2,25 @@
 cross_dataset_test.py (saved checkpoints), so both score an image exactly the same way.
 
 Checkpoint format (train_clip.py writes it): {"format": "clip-iqa-checkpoint/1", "state_dict",
-"model_config" (rebuilds the model offline, models_clip.build_from_config), "config" (the run's
+"model_config" (rebuilds the model offline, iqa.clip.models.build_from_config), "config" (the run's
 flags), "label_scales", "epoch", "round", "metrics", ...}.
 """
+import csv
 import glob
+import io
 import math
 import os
+import sys
 
 import numpy as np
 import torch
 
 import checkpoints
-import iqa_metrics
-import models_clip
-from clip_data import clip_pixels
+import data_loader
+from iqa import metrics as iqa_metrics
+from iqa.clip import data as clip_data
+from iqa.clip import models as models_clip
+from iqa.files import atomic_write_json, atomic_write_text
 
 CLIP_CHECKPOINT_FORMAT = 'clip-iqa-checkpoint/1'
 
@@ -42,7 +47,7 @@ def predict(model, images_u8, prompt_ids, prompt_index, *, batch_size=64, device
     qs, cs, coss = [], [], []
     with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
         for i in range(0, images_u8.shape[0], batch_size):
-            pixels = clip_pixels(images_u8[i:i + batch_size].to(device))
+            pixels = clip_data.clip_pixels(images_u8[i:i + batch_size].to(device))
             img = model.encode_image(pixels)
             txt = txt_all[prompt_index[i:i + batch_size].to(device)]
             out = model.heads(img, txt)
@@ -95,7 +100,6 @@ def _image_size(model):
 
 def _score_paths(model, paths, prompts, tokenizer, device, amp, batch_size, cache_dir, num_workers):
     """(quality, consistency, kept indices) for image files with their prompts (None = no prompt)."""
-    import data_loader
     size = _image_size(model)
     images, kept = data_loader.load_images(paths, resize_hw=(size, size), cache_dir=cache_dir,
                                            num_workers=num_workers, skip_bad=True)
@@ -107,7 +111,6 @@ def _score_paths(model, paths, prompts, tokenizer, device, amp, batch_size, cach
 
 def _agiqa_prompts(root):
     """path -> (prompt, mos_align) from an AGIQA-3K data.csv in `root`, or None."""
-    import clip_data
     csv_path = os.path.join(root, 'data.csv') if os.path.isdir(root) else root
     if not (os.path.isfile(csv_path) and csv_path.endswith('.csv')):
         return None
@@ -125,11 +128,6 @@ def run_checkpoint(args, device, amp, specs):
     consistency per image (consistency empty without a prompt). Otherwise each --datasets
     entry: quality SRCC/PLCC (+ 95% intervals) on any IQA set, and consistency where the set
     has prompts and alignment scores (AGIQA-3K's data.csv). Returns the exit code."""
-    import csv as csv_module
-    import io
-    import sys
-
-    import data_loader
     model, ckpt = load_model(args.checkpoint, device)
     tokenizer = models_clip.build_tokenizer(model.config['clip_model'])
     scale_q, scale_c = ckpt.get('label_scales') or (1.0, 1.0)
@@ -152,7 +150,7 @@ def run_checkpoint(args, device, amp, specs):
         q, c, kept = _score_paths(model, paths, prompts, tokenizer, device, amp, batch, cache_dir, args.num_workers)
         scored = dict(zip(kept.tolist(), zip(q, c)))
         buf = io.StringIO()
-        writer = csv_module.writer(buf, lineterminator='\n')
+        writer = csv.writer(buf, lineterminator='\n')
         writer.writerow(['path', 'prompt', 'quality', 'consistency', 'error'])
         for i, path in enumerate(paths):
             qi, ci = scored.get(i, (None, None))
@@ -162,7 +160,7 @@ def run_checkpoint(args, device, amp, specs):
                              '' if qi is not None else 'unreadable or missing'])
         output = args.output or 'scores.csv'
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-        checkpoints.atomic_write_text(output, buf.getvalue())
+        atomic_write_text(output, buf.getvalue())
         print(f'{len(kept)} of {len(paths)} images scored (quality and consistency on the training labels\' '
               f'scale: x{scale_q:g} and x{scale_c:g}); written to {output}')
         return 0 if len(kept) else 1
@@ -200,7 +198,7 @@ def run_checkpoint(args, device, amp, specs):
         stem = f'{os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint)))}_last'
     path = os.path.join(args.output_dir, f'cross_dataset_results_clip_{stem}.json')
     os.makedirs(args.output_dir, exist_ok=True)
-    checkpoints.atomic_write_json(path, {'checkpoint': os.path.abspath(args.checkpoint), 'system': 'clip',
+    atomic_write_json(path, {'checkpoint': os.path.abspath(args.checkpoint), 'system': 'clip',
                                          'model_config': model.config, 'epoch': ckpt.get('epoch'),
                                          'split': args.split, 'results': results})
     print(f'Results written to {path}')

@@ -1,12 +1,12 @@
-"""Data of the CLIP system: prompt/score CSVs, the prompt-disjoint split, CLIP pixels, the demo set.
+"""Data of the CLIP system (train_clip.py): prompt/score CSVs, the prompt-disjoint split, CLIP pixels, the demo set.
 
     data.csv (name, prompt, mos_quality, mos_align[, explanation])   read_prompt_csv()
     images   -> uint8 (N, 3, S, S) through data_loader.load_images   (decoded once, cached on disk)
     uint8    -> normalised CLIP pixels, augmented for training       clip_pixels()
 
-Why a split by prompt: AGIQA-3K has about ten images per prompt. The original program split
-the images at random, so nearly every test prompt had been seen in training and the
-consistency score mostly measured memorised prompts. Here no prompt is on two sides.
+Why a split by prompt: AGIQA-3K has about ten images per prompt. A random split of the images
+puts nearly every test prompt into training as well, and the consistency score then mostly
+measures memorised prompts. Here no prompt is on two sides.
 """
 from __future__ import annotations
 
@@ -24,11 +24,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-import checkpoints
 import data_loader
 from data_loader import DataError
+from iqa.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-SCRIPT_DIR = Path(__file__).resolve().parent
+# The repository root (this file is iqa/clip/data.py): the demo lives in its .cache/, next to
+# the image cache of both trainers.
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CSV = data_loader.DEFAULT_ROOTS['agiqa-3k'] / 'data.csv'
 IMAGE_COLUMNS = ('name', 'image')     # AGIQA-3K calls it name; generic CSVs often image
 CLIP_MEAN = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
@@ -60,8 +62,8 @@ def image_folders(csv_path):
 def find_image_folder(csv_path, names, image_base_dir=None, check=True):
     """The folder of a prompt CSV's images, found by data_loader's rule, not guessed.
 
-    Why: copies of AGIQA-3K nest their images differently (the user's second project keeps
-    them in ACGIQA-3K/). Without --image_base_dir the usual folders next to the CSV are tried,
+    Why: copies of AGIQA-3K nest their images differently (one known copy keeps them in
+    ACGIQA-3K/). Without --image_base_dir the usual folders next to the CSV are tried,
     then the folders one level below, and the one used is printed; with it, that folder and
     the ones below it. If none holds the images, one DataError names the folders searched and
     --image_base_dir. check=False: no error, the first usual folder that exists."""
@@ -222,7 +224,7 @@ def clip_pixels(images_u8, train=False, generator=None, scale=(0.8, 1.0)):
 # ----------------------------------------------------------------------------------------
 
 DEMO_VERSION = 9
-DEMO_ROOT = SCRIPT_DIR / '.cache' / 'demo-clip'
+DEMO_ROOT = REPO_ROOT / '.cache' / 'demo-clip'
 DEMO_SIZE = 64
 DEMO_COLORS = {'red': (220, 30, 30), 'green': (40, 180, 50), 'blue': (40, 70, 220), 'yellow': (235, 220, 40),
                'orange': (245, 140, 20), 'purple': (140, 50, 170), 'brown': (125, 75, 30), 'gray': (128, 128, 128)}
@@ -339,12 +341,12 @@ def _write_demo(root, seed):
             name = f'images/{size}_{color}_{shape}_{background}_{k}.png'
             buf = io.BytesIO()
             im.save(buf, format='PNG')
-            checkpoints.atomic_write_bytes(root / name, buf.getvalue())
+            atomic_write_bytes(root / name, buf.getvalue())
             mos_q = float(np.clip(4.6 - 0.9 * level + rng.normal(0, 0.15), 0, 5))
             mos_c = float(np.clip(1.0 + 1.0 * matches + rng.normal(0, 0.15), 0, 5))
             rows.append([name, prompt, f'{mos_q:.3f}', f'{mos_c:.3f}',
                          f'{"matches" if matches == 4 else "differs from"} the prompt'])
     text = 'name,prompt,mos_quality,mos_align,explanation\n' + ''.join(
         ','.join(f'"{v}"' if ',' in v or ' ' in v else v for v in r) + '\n' for r in rows)
-    checkpoints.atomic_write_text(root / 'data.csv', text)
-    checkpoints.atomic_write_json(root / 'demo_info.json', {'version': DEMO_VERSION, 'images': len(rows)})
+    atomic_write_text(root / 'data.csv', text)
+    atomic_write_json(root / 'demo_info.json', {'version': DEMO_VERSION, 'images': len(rows)})

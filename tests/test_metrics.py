@@ -1,4 +1,4 @@
-"""iqa_metrics: hand-computed correlations, edge cases, bootstrap CIs, per-image averaging."""
+"""iqa.metrics: hand-computed correlations, edge cases, bootstrap CIs, per-image averaging."""
 import time
 import warnings
 
@@ -7,8 +7,8 @@ import pytest
 import scipy.stats
 import torch
 
-import iqa_metrics
-from iqa_metrics import bootstrap_ci, correlations, krcc, mean_per_image, plcc, srcc
+from iqa import metrics as iqa_metrics
+from iqa.metrics import bootstrap_ci, correlations, krcc, mean_per_image, plcc, srcc
 
 
 def test_hand_computed_values():
