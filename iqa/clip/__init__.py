@@ -1,0 +1,1 @@
+"""The CLIP system: towers, quality / consistency heads, data, evaluation, weight import."""
