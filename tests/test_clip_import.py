@@ -32,7 +32,7 @@ def hf_config(text_width=64, text_heads=4, vision_width=64, vision_heads=4, voca
     return CLIPConfig(
         text_config=dict(hidden_size=text_width, intermediate_size=2 * text_width, num_hidden_layers=layers,
                          num_attention_heads=text_heads, max_position_embeddings=context, vocab_size=vocab,
-                         eos_token_id=vocab - 1, hidden_act=act),
+                         bos_token_id=vocab - 2, eos_token_id=vocab - 1, hidden_act=act),
         vision_config=dict(hidden_size=vision_width, intermediate_size=2 * vision_width, num_hidden_layers=layers,
                            num_attention_heads=vision_heads, image_size=image, patch_size=patch, hidden_act=act),
         projection_dim=projection)
@@ -286,6 +286,7 @@ def test_baseline_refinement_file_maps_refinement_module(tmp_path):
     assert (config['refinement_layers'], config['refinement_dim']) == (2, 32)
     assert 'refinement.residual_scale' in heads and not any(k.startswith('refinement_module') for k in heads)
     assert any('use_two_branch' in n for n in notes)
+    assert any('refinement heads not in the weights: 4 used' in n for n in notes)
     assert_same_scores(original, backbone, heads, config)
 
 

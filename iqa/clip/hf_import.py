@@ -460,5 +460,6 @@ def import_baseline_checkpoint(obj, hf_config=None, use_two_branch=None, refinem
         layers = {int(k.split('.')[3]) for k in heads if k.startswith('refinement.transformer.layers.')}
         config.update(refinement_layers=len(layers), refinement_heads=int(refinement_heads),
                       refinement_dim=int(heads['refinement.input_proj.0.weight'].shape[0]))
-        notes.append(f'refinement heads not in the weights: {refinement_heads} assumed (the original\'s default)')
+        notes.append(f'refinement heads not in the weights: {refinement_heads} used'
+                     + (" (the original's default)" if int(refinement_heads) == 8 else ''))
     return backbone, heads, config, notes
