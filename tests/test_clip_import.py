@@ -246,23 +246,27 @@ def save_like_baseline(model, folder):
     """Both files baseline.py writes on a new best: the bare state_dict and the full checkpoint
     (best_sc from scipy's spearmanr: a numpy.float64)."""
     opt = torch.optim.AdamW(model.parameters(), lr=3e-5)   # one step, so the optimizer has state
+    sched = transformers.get_cosine_schedule_with_warmup(opt, num_warmup_steps=1, num_training_steps=10)
     model(pixels(2, 64), *token_ids(2, 32, 49408))[1].sum().backward()
     opt.step()
+    sched.step()
     opt.zero_grad()
     best = os.path.join(folder, 'baseline_residual_best.pt')
     torch.save(model.state_dict(), best)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
-    last = os.path.join(folder, 'baseline_last.pt')
-    torch.save({'model': model.state_dict(), 'optimizer': opt.state_dict(), 'scheduler': sched.state_dict(),
-                'epoch': 3, 'best_sc': np.float64(0.7321), 'timestamp': '2025-01-01T00:00:00'}, last)
-    return best, last
+    full = {'model': model.state_dict(), 'optimizer': opt.state_dict(), 'scheduler': sched.state_dict(),
+            'epoch': 3, 'best_sc': np.float64(0.7321), 'timestamp': '2025-01-01T00:00:00'}
+    paths = [best]
+    for name in ('baseline_last.pt', 'baseline_best.pt'):   # save_checkpoint() writes both
+        paths.append(os.path.join(folder, name))
+        torch.save(full, paths[-1])
+    return paths
 
 
 def test_baseline_residual_files_give_the_original_q_and_c(tmp_path):
     original = baseline_copy()
-    best, last = save_like_baseline(original, str(tmp_path))
+    paths = save_like_baseline(original, str(tmp_path))
     original.eval()
-    for path in (best, last):
+    for path in paths:
         backbone, heads, config, notes = hf_import.import_baseline_checkpoint(path)
         assert config['residual'] and not config['use_refinement'] and config['clip_config']['quick_gelu']
         assert config['clip_model'] is None     # a tiny model, none of the named ones

@@ -354,7 +354,8 @@ def load_hf_folder(path):
 _RESIDUAL_HEADS = ('q_base_head.', 'q_delta_head.', 'c_base_scale', 'c_base_bias', 'c_delta_head.', 'rationale_head.')
 _DIRECT_HEADS = ('q_head.', 'c_head.', 'rationale_head.')
 # built by the original but unused by its forward as main() calls it (the forward's keyword
-# switches are never passed; the delta mixer weights one branch by g / g = 1)
+# switches are never passed; the delta mixer weights its one branch by g / max(g, 1e-6), which is 1
+# unless the gate's logit is below -13.8)
 _UNUSED_HEADS = ('quality_gate.', 'moe_experts.', 'moe_gate.', 'ext_inter_proj.', 'res_seq_proj_img.',
                  'res_seq_proj_txt.', 'tp_img_proj.', 'tp_txt_proj.', 'tp_score_head.', 'tp_cross_img_in.',
                  'tp_cross_txt_in.', 'tp_cross_encoder.', 'tp_cross_delta.', 'delta_gate_mlp.', 'delta_gate_heads.',
