@@ -342,6 +342,10 @@ def test_non_clip_files_are_refused_with_their_name(tmp_path):
         hf_import.import_baseline_checkpoint(str(swin))
     with pytest.raises(CheckpointImportError, match=r'hyperiqa_best\.pt.*not a Hugging Face CLIPModel'):
         hf_import.load_hf_folder(str(swin))
+    baseline = tmp_path / 'baseline_last.pt'
+    torch.save({'model': baseline_copy().state_dict(), 'epoch': 1}, baseline)
+    with pytest.raises(CheckpointImportError, match=r'baseline_last\.pt: a baseline\.py checkpoint'):
+        hf_import.load_hf_folder(str(baseline))
     pickled = tmp_path / 'code.pt'
     torch.save({'model': {}, 'thing': torch.optim.lr_scheduler.LambdaLR}, pickled)
     with pytest.raises(CheckpointImportError, match=r'code\.pt: cannot be read as a weights file'):

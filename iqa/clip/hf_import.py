@@ -334,6 +334,9 @@ def load_hf_folder(path):
     state_dict = {}
     for f in files:
         part = _load_weights_file(f)
+        if isinstance(part, dict) and (isinstance(part.get('model'), dict) or any(k.startswith('clip.') for k in part)):
+            raise CheckpointImportError(f'{f}: a baseline.py checkpoint (CLIP + heads), not a Hugging Face CLIPModel: '
+                                        'import it as a checkpoint (import_baseline_checkpoint)')
         if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
             raise CheckpointImportError(f'{f}: not a state_dict of tensors')
         state_dict.update(part)
