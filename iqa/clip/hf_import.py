@@ -389,7 +389,9 @@ def import_baseline_checkpoint(obj, hf_config=None, use_two_branch=None, refinem
 
     The weights do not record residual_scale_q/c (taken from the arguments, the original's 0.2 by
     default), the refinement's head count (the original's default 8) or --use_two_branch in direct
-    mode (its c_scale/c_bias exist either way; default off, as the original's). Heads the original
+    mode (its c_scale/c_bias exist either way; default off, as the original's). Nor do they record
+    --use_token_patch_cross (its tp_* heads are built either way): such a file is scored without
+    that branch. Heads the original
     builds but its forward never uses are dropped and listed; heads of switches our model lacks
     raise CheckpointImportError."""
     source = None
