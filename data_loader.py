@@ -21,7 +21,7 @@ from iqa.data.formats import find_image_folder, parse_number, read_csv
 from iqa.data.image_cache import load_images
 from iqa.data.patches import (EVAL_CROPS, IMAGENET_MEAN, IMAGENET_STD, TrainPatchSampler, eval_crops_per_image,
                               eval_patch_batches)
-from iqa.data.placement import canonical_device, measure_forward_bytes, place_images, plan_image_memory
+from iqa.data.placement import canonical_device, place_images, plan_image_memory
 from iqa.data.registry import (ANNOTATION_FILES, DATASET_ALIASES, DATASET_NAMES, DEFAULT_ROOTS, DEFAULT_VAL_RATIO,
                                EXPECTED_LAYOUT, GENERIC, SCRIPT_DIR, DatasetRecord, DataError, IQADataset,
                                ReadContext, load_dataset, register, resolve_dataset)
@@ -31,7 +31,7 @@ __all__ = [
     'IMAGENET_MEAN', 'IMAGENET_STD', 'DATASET_NAMES', 'DATASET_ALIASES', 'DEFAULT_ROOTS', 'EXPECTED_LAYOUT',
     'ANNOTATION_FILES', 'GENERIC', 'SCRIPT_DIR', 'DataError', 'IQADataset', 'DatasetRecord', 'register',
     'resolve_dataset', 'load_dataset', 'load_images', 'TrainPatchSampler', 'eval_patch_batches',
-    'eval_crops_per_image', 'EVAL_CROPS', 'place_images', 'measure_forward_bytes', 'ensure_demo_dataset',
+    'eval_crops_per_image', 'EVAL_CROPS', 'place_images', 'ensure_demo_dataset',
     'canonical_device', 'plan_image_memory', 'DEFAULT_VAL_RATIO', 'split_by_groups',
     'ReadContext', 'read_csv', 'find_image_folder', 'parse_number',
 ]

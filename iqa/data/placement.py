@@ -86,15 +86,18 @@ def plan_image_memory(free_bytes: int, total_bytes: int, step_bytes: int,
 
 
 def place_images(images_u8: torch.Tensor, device: str | torch.device, *, step_bytes: int = 0,
-                 images_on: str = 'auto', name: str = 'images', log=None) -> torch.Tensor:
-    """Keep the uint8 images where patches are cut, decided by plan_image_memory for this one set.
+                 images_on: str = 'auto', name: str = 'images') -> torch.Tensor:
+    """Keep the uint8 images where patches are cut, as plan_image_memory decides for this one set.
 
-    `step_bytes` is what the work on the device still needs besides the images (a training
-    step, an evaluation batch: measure_forward_bytes); memory PyTorch holds in its cache counts
-    as free. Images already on a GPU stay where they are, and host images stay unpinned:
-    batches are staged in small pinned buffers, whereas pinning a whole set would lock up to
-    twice its size in page-locked memory (the allocator rounds up). `log` (default print)
-    gets the plan when the set stays in host memory.
+    Every caller that does not plan its sets itself (cross_dataset_test.py through
+    evaluation.predict_scores, TrainPatchSampler and eval_patch_batches with place=True) is
+    placed by this rule, so there is one policy. `step_bytes` is what the work on the device
+    still needs besides the images: 0 for evaluation, whose batches the plan's reserve covers
+    (PLAN_RESERVE_FRACTION); memory PyTorch holds in its cache counts as free.
+
+    Images already on a GPU stay there, and host images stay unpinned: batches are staged in
+    small pinned buffers, whereas pinning a whole set would lock up to twice its size in
+    page-locked memory (the allocator rounds up).
     """
     device = canonical_device(device)
     if device.type != 'cuda' or images_u8.device.type == 'cuda':
@@ -104,26 +107,7 @@ def place_images(images_u8: torch.Tensor, device: str | torch.device, *, step_by
     plan = plan_image_memory(free, total, step_bytes, [(name, images_u8.numel())], 1, images_on, str(device))
     if plan['where'][name] == 'gpu':
         return images_u8.to(device)
-    for line in plan['lines']:
-        (log or _print)(line)
+    print(f'note: {name}: {images_u8.numel() / GIB:.1f} GiB of images stay in host memory: the memory plan '
+          f'leaves {max(plan["budget_bytes"], 0) / GIB:.1f} GiB for images on {device} ({free / GIB:.1f} GiB free); '
+          'batches are staged through pinned buffers', flush=True)
     return images_u8
-
-
-def measure_forward_bytes(model: torch.nn.Module, batch_shape: Sequence[int], device: str | torch.device,
-                          amp: bool = False) -> int:
-    """Peak memory of one no-grad forward of a batch of `batch_shape` zeros beyond what was
-    allocated before: the step_bytes of an evaluation (0 off CUDA). The model is left as it was."""
-    device = canonical_device(device)
-    if device.type != 'cuda':
-        return 0
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16, enabled=amp):
-        model(torch.zeros(tuple(batch_shape), device=device))
-    torch.cuda.synchronize(device)
-    return int(torch.cuda.max_memory_allocated(device) - before)
-
-
-def _print(line: str) -> None:
-    print(line, flush=True)
