@@ -12,7 +12,7 @@ import numpy as np
 from iqa.data.registry import DEFAULT_VAL_RATIO, ReadContext, check_ratios
 
 __all__ = ['DEFAULT_VAL_RATIO', 'split_by_groups', 'random_split', 'val_from_train', 'random_source',
-           'val_source', 'announce_split']
+           'val_source', 'seeded_split', 'announce_split']
 
 
 def split_by_groups(n: int, seed: int, train_ratio: float = 0.8, val_ratio: float = DEFAULT_VAL_RATIO,
@@ -88,6 +88,15 @@ def val_source(ctx: ReadContext, unit: str) -> str:
     if ctx.val_ratio == 0:
         return '; no validation split (val_ratio 0)'
     return f'; val {ctx.val_ratio * 100:g}% of the training side by {unit} (seed {ctx.seed})'
+
+
+def seeded_split(ctx: ReadContext, n: int, unit: str = 'image', groups: Sequence | None = None,
+                 label: str | None = None) -> tuple[dict, str]:
+    """(splits, source) of a random split by `unit` (whole `groups`), printed under `label`."""
+    source = random_source(ctx, unit)
+    splits = random_split(ctx, n, groups)
+    announce_split(label or ctx.name, source, splits)
+    return splits, source
 
 
 def announce_split(name: str, source: str, splits: dict, why: str = 'no official split') -> None:

@@ -5,7 +5,7 @@ from iqa.data.datasets.generic import read_json_list
 from iqa.data.formats import find_image_folder, parse_number, pick_score, read_csv
 from iqa.data.registry import (SCRIPT_DIR, DatasetRecord, IQADataset, ReadContext, make_dataset,
                                missing_annotation, register)
-from iqa.data.splits import announce_split, random_source, random_split
+from iqa.data.splits import seeded_split
 
 def read_agiqa(ctx: ReadContext) -> IQADataset:
     """AGIQA-3K: agiqa_test.json (a test-only list), else data.csv (mos_quality by default,
@@ -29,9 +29,7 @@ def read_agiqa(ctx: ReadContext) -> IQADataset:
         groups, unit = [r['prompt'] for _, r in rows], 'prompt'
     else:
         groups, unit = None, 'image'
-    source = random_source(ctx, unit)
-    splits = random_split(ctx, len(paths), groups)
-    announce_split(ctx.name, source, splits)
+    splits, source = seeded_split(ctx, len(paths), unit, groups)
     return make_dataset(ctx, paths, mos, splits, source, column, (0.0, 5.0))
 
 

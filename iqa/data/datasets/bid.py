@@ -4,7 +4,7 @@ from __future__ import annotations
 from iqa.data.formats import find_image_folder, parse_number, pick_score, read_xlsx
 from iqa.data.registry import (SCRIPT_DIR, DataError, DatasetRecord, IQADataset, ReadContext, make_dataset,
                                missing_annotation, register)
-from iqa.data.splits import announce_split, random_source, random_split
+from iqa.data.splits import seeded_split
 
 def read_bid(ctx: ReadContext) -> IQADataset:
     """BID as in HyperIQA: DatabaseGrades.xlsx, column A the image number, column B the MOS
@@ -26,9 +26,7 @@ def read_bid(ctx: ReadContext) -> IQADataset:
         mos.append(parse_number(r.get(mos_col), f'{xlsx} row {row_no}, column B (MOS)'))
     image_dir = find_image_folder(ctx, names, [ctx.root], xlsx)
     paths = [image_dir / n for n in names]
-    source = random_source(ctx, 'image')
-    splits = random_split(ctx, len(paths))
-    announce_split(ctx.name, source, splits)
+    splits, source = seeded_split(ctx, len(paths))
     return make_dataset(ctx, paths, mos, splits, source, 'MOS', (0.0, 5.0))
 
 

@@ -41,12 +41,10 @@ DEMO_REFERENCES = (
     ('clouds2', 'procedural', 'test'),
 )
 # Three distortion kinds at five levels; level k of every kind gets the same score, a single
-# perceptual scale from 'barely visible' to 'very strong'. They are the kinds a randomly
-# initialised model learns within CPU minutes from ten training references. Version 2 also
-# had blur and JPEG: judging how blurred or blocky an unseen picture is depends on its content,
-# and neither nano nor a plain 4-layer CNN learned it from ten references (within-kind test
-# SRCC about 0.3 for blur and 0.0 for JPEG after 600-1000 steps), which held the whole demo
-# near SRCC 0.3. Over-exposure was tried as a fourth kind and learned worst (about 0.65).
+# perceptual scale from 'barely visible' to 'very strong'. They are kinds a randomly
+# initialised model learns within CPU minutes from ten training references; blur and JPEG are
+# not (how blurred or blocky an unseen picture is depends on its content: within-kind test
+# SRCC about 0.3 and 0.0 after 600-1000 steps), nor over-exposure (about 0.65).
 DEMO_DISTORTIONS = {
     'noise': (8.0, 15.0, 25.0, 38.0, 56.0),          # white noise standard deviation (0-255)
     'haze': (0.2, 0.35, 0.5, 0.65, 0.8),             # weight of a blend towards light gray (200)

@@ -12,7 +12,7 @@ import numpy as np
 from iqa.data.formats import find_image_folder, listed_image_path, parse_number, read_csv, read_score_list
 from iqa.data.registry import (EXPECTED_LAYOUT, GENERIC, DataError, DatasetRecord, IQADataset, ReadContext,
                                make_dataset, register)
-from iqa.data.splits import announce_split, random_source, random_split, val_from_train, val_source
+from iqa.data.splits import announce_split, seeded_split, val_from_train, val_source
 
 
 def read_annotation_file(ctx: ReadContext) -> IQADataset:
@@ -41,9 +41,7 @@ def read_json_list(ctx: ReadContext, json_file: Path, *, test_only: bool,
     if test_only:
         splits, source = {'test': np.arange(len(paths))}, f'{json_file.name} (test only)'
     else:
-        source = random_source(ctx, 'image')
-        splits = random_split(ctx, len(paths))
-        announce_split(ctx.name, source, splits)
+        splits, source = seeded_split(ctx, len(paths))
     if score_range is None:
         score_range = (float(mos.min()), float(mos.max()))
     ds = make_dataset(ctx, paths, mos, splits, source, 'score', score_range)
@@ -81,9 +79,7 @@ def read_generic_csv(ctx: ReadContext, csv_file: Path) -> IQADataset:
             if 'val' in splits:
                 announce_split(csv_file.stem, source, splits, f'no val rows in column {split_column!r}')
     else:
-        source = random_source(ctx, 'image')
-        splits = random_split(ctx, len(paths))
-        announce_split(csv_file.stem, source, splits)
+        splits, source = seeded_split(ctx, len(paths), label=csv_file.stem)
     ds = make_dataset(ctx, paths, mos, splits, source, column, (float(mos.min()), float(mos.max())))
     if ctx.name == GENERIC:
         ds.name = csv_file.stem

@@ -8,7 +8,7 @@ import numpy as np
 from iqa.data.formats import find_image_folder, parse_number, pick_score, read_csv, read_score_list
 from iqa.data.registry import (SCRIPT_DIR, DataError, DatasetRecord, IQADataset, ReadContext, make_dataset,
                                missing_annotation, register)
-from iqa.data.splits import announce_split, random_source, random_split, val_from_train, val_source
+from iqa.data.splits import announce_split, seeded_split, val_from_train, val_source
 
 KONIQ_SCORES = 'koniq10k_scores_and_distributions.csv'
 KONIQ_SETS = 'koniq10k_distributions_sets.csv'
@@ -99,9 +99,7 @@ def read_koniq(ctx: ReadContext) -> IQADataset:
         if 'val' in splits:
             announce_split(ctx.name, source, splits, 'no validation split in koniq_train/test.json')
     else:
-        source = random_source(ctx, 'image')
-        splits = random_split(ctx, len(names))
-        announce_split(ctx.name, source, splits)
+        splits, source = seeded_split(ctx, len(names))
     return make_dataset(ctx, paths, mos, splits, source, score_name, score_range)
 
 

@@ -6,7 +6,7 @@ import numpy as np
 from iqa.data.formats import find_image_folder, load_mat, mat_str, pick_score
 from iqa.data.registry import (SCRIPT_DIR, DataError, DatasetRecord, IQADataset, ReadContext, make_dataset,
                                missing_annotation, register)
-from iqa.data.splits import announce_split, random_source, random_split
+from iqa.data.splits import seeded_split
 
 # LIVE (release 2): the images of each distortion folder, in the order of dmos_realigned.mat.
 LIVE_FOLDERS = (('jp2k', 227), ('jpeg', 233), ('wn', 174), ('gblur', 174), ('fastfading', 174))
@@ -33,9 +33,7 @@ def read_live(ctx: ReadContext) -> IQADataset:
     image_dir = find_image_folder(ctx, names, [ctx.root], dmos_mat)
     paths = [image_dir / n for n in names]
     groups = [refs[i] for i in keep]
-    source = random_source(ctx, 'reference image')
-    splits = random_split(ctx, len(paths), groups)
-    announce_split(ctx.name, source, splits)
+    splits, source = seeded_split(ctx, len(paths), 'reference image', groups)
     return make_dataset(ctx, paths, dmos[keep], splits, source, 'DMOS', (0.0, 100.0),
                     higher_is_better=False)
 

@@ -6,7 +6,7 @@ import numpy as np
 from iqa.data.formats import find_image_folder, load_mat, mat_str, pick_score
 from iqa.data.registry import (SCRIPT_DIR, DataError, DatasetRecord, IQADataset, ReadContext, make_dataset,
                                missing_annotation, register)
-from iqa.data.splits import announce_split, random_source, random_split
+from iqa.data.splits import seeded_split
 
 LIVEC_SKIP = 7          # AllImages_release.mat starts with the 7 images used to train raters
 
@@ -28,9 +28,7 @@ def read_livec(ctx: ReadContext) -> IQADataset:
     names, mos = names[LIVEC_SKIP:], mos[LIVEC_SKIP:]
     image_dir = find_image_folder(ctx, names, [ctx.root / 'Images'], images_mat)
     paths = [image_dir / n for n in names]
-    source = random_source(ctx, 'image')
-    splits = random_split(ctx, len(paths))
-    announce_split(ctx.name, source, splits)
+    splits, source = seeded_split(ctx, len(paths))
     return make_dataset(ctx, paths, mos, splits, source, 'MOS', (0.0, 100.0))
 
 

@@ -7,7 +7,7 @@ from iqa.data.datasets.generic import read_json_list
 from iqa.data.formats import find_image_folder, parse_number, pick_score, read_xlsx, require_columns
 from iqa.data.registry import (SCRIPT_DIR, DataError, DatasetRecord, IQADataset, ReadContext, make_dataset,
                                missing_annotation, register)
-from iqa.data.splits import announce_split, random_source, random_split
+from iqa.data.splits import seeded_split
 
 SPAQ_XLSX = Path('Annotations') / 'MOS and Image attribute scores.xlsx'
 
@@ -33,9 +33,7 @@ def read_spaq(ctx: ReadContext) -> IQADataset:
         mos.append(parse_number(r.get(column), f'{xlsx} row {row_no}, column {column!r}'))
     image_dir = find_image_folder(ctx, names, [ctx.root / 'TestImage'], xlsx)
     paths = [image_dir / n for n in names]
-    source = random_source(ctx, 'image')
-    splits = random_split(ctx, len(paths))
-    announce_split(ctx.name, source, splits)
+    splits, source = seeded_split(ctx, len(paths))
     score_range = (0.0, 100.0) if column == 'MOS' else (float(min(mos)), float(max(mos)))
     return make_dataset(ctx, paths, mos, splits, source, column, score_range)
 

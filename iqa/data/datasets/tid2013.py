@@ -4,7 +4,7 @@ from __future__ import annotations
 from iqa.data.formats import find_image_folder, pick_score, read_name_score_lines
 from iqa.data.registry import (SCRIPT_DIR, DatasetRecord, IQADataset, ReadContext, make_dataset,
                                missing_annotation, register)
-from iqa.data.splits import announce_split, random_source, random_split
+from iqa.data.splits import seeded_split
 
 def read_tid2013(ctx: ReadContext) -> IQADataset:
     """TID2013 as in HyperIQA: mos_with_names.txt lines '<MOS> <name>' (0-9), split at
@@ -17,9 +17,7 @@ def read_tid2013(ctx: ReadContext) -> IQADataset:
     image_dir = find_image_folder(ctx, [name for name, _ in pairs], [ctx.root / 'distorted_images'], label_file)
     paths = [image_dir / name for name, _ in pairs]
     groups = [name.split('_')[0][1:].lower() for name, _ in pairs]
-    source = random_source(ctx, 'reference image')
-    splits = random_split(ctx, len(paths), groups)
-    announce_split(ctx.name, source, splits)
+    splits, source = seeded_split(ctx, len(paths), 'reference image', groups)
     return make_dataset(ctx, paths, [s for _, s in pairs], splits, source, 'MOS', (0.0, 9.0))
 
 
