@@ -195,6 +195,7 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, *, seed: int 
 
 
 def check_ratios(train_ratio: float, val_ratio: float) -> None:
+    """Both sides of every split must be able to hold images: 0 < train_ratio < 1, 0 <= val_ratio < 1."""
     if not 0.0 < train_ratio < 1.0:
         raise DataError(f'train_ratio must be between 0 and 1 (exclusive), got {train_ratio}')
     if not 0.0 <= val_ratio < 1.0:
@@ -231,6 +232,7 @@ def check_dataset(ds: IQADataset) -> None:
 
 def make_dataset(ctx: ReadContext, paths, mos, splits, source, score_name, score_range,
                  higher_is_better=True) -> IQADataset:
+    """A reader's result under ctx's name and root, with scores as float64 (checked by load_dataset)."""
     return IQADataset(name=ctx.name, root=ctx.root, paths=[str(p) for p in paths],
                       mos=np.asarray(mos, dtype=np.float64), splits=splits, split_source=source,
                       score_name=score_name, score_range=tuple(float(v) for v in score_range),
@@ -238,5 +240,6 @@ def make_dataset(ctx: ReadContext, paths, mos, splits, source, score_name, score
 
 
 def missing_annotation(ctx: ReadContext) -> DataError:
+    """The error of a root without the data set's annotation files, quoting its record's layout."""
     return DataError(f'{ctx.name}: no annotation file in {ctx.root}: expected '
                      f'{EXPECTED_LAYOUT[ctx.name]}')
