@@ -20,6 +20,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import data_loader as dl  # noqa: E402
+from iqa.data import image_cache, patches as patch_module  # noqa: E402
 import dataset_fixtures as fx  # noqa: E402
 
 MEAN = torch.tensor(dl.IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -493,15 +494,15 @@ def test_cache_hit_and_invalidation(tmp_path, monkeypatch, capsys):
 
     def no_decode(*args, **kwargs):
         raise AssertionError('decoded although the cache should have been used')
-    real_decode = dl._decode
-    monkeypatch.setattr(dl, '_decode', no_decode)
+    real_decode = image_cache._decode
+    monkeypatch.setattr(image_cache, '_decode', no_decode)
     capsys.readouterr()
     second, kept = dl.load_images(paths, (24, 16), cache_dir=cache, progress=False)
     assert torch.equal(first, second) and kept.tolist() == [0, 1, 2, 3]
     assert 'image cache hit' in capsys.readouterr().out
 
     calls = []
-    monkeypatch.setattr(dl, '_decode', lambda *a: calls.append(a) or real_decode(*a))
+    monkeypatch.setattr(image_cache, '_decode', lambda *a: calls.append(a) or real_decode(*a))
     time.sleep(0.01)
     fx.write_image(paths[2], seed=99)              # the file changes: new size/mtime, new key
     third, _ = dl.load_images(paths, (24, 16), cache_dir=cache, progress=False)
@@ -643,7 +644,7 @@ def test_color_jitter_range():
     images[0] = 128
     images[1, 0], images[1, 1], images[1, 2] = 150, 110, 80
     sampler = dl.TrainPatchSampler(images, np.zeros(n), patch_size=8, patch_num=300, batch_size=100, seed=5)
-    yiq = torch.tensor(dl._RGB_TO_YIQ, dtype=torch.float64)
+    yiq = torch.tensor(patch_module._RGB_TO_YIQ, dtype=torch.float64)
     ratios, y_ratios, chroma_ratios, angles = [], [], [], []
     base = {i: images[i, :, 0, 0].double() / 255 for i in range(n)}
     for patches, _, index in sampler.batches(0):
@@ -819,9 +820,9 @@ def test_gpu_path_arithmetic_matches_cpu_path():
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (4, 3, 40, 48), dtype=torch.uint8, generator=g)
     index, top, left, flip = [0, 3, 1, 2, 3] * 2, [0, 24, 5, 9, 1] * 2, [0, 32, 7, 3, 30] * 2, [True, False] * 5
-    maps = dl._jitter_maps(dl._jitter_factors(g, 10), torch.device('cpu'))
+    maps = patch_module._jitter_maps(patch_module._jitter_factors(g, 10), torch.device('cpu'))
     for f in (None, maps):
-        cpu = dl._cut_normalized_cpu(images, index, top, left, flip, 16, f)
-        batch = dl._normalize_batch(dl._cut_uint8(images, index, top, left, flip, 16), f)
+        cpu = patch_module._cut_normalized_cpu(images, index, top, left, flip, 16, f)
+        batch = patch_module._normalize_batch(patch_module._cut_uint8(images, index, top, left, flip, 16), f)
         assert cpu.shape == batch.shape == (10, 3, 16, 16)
         assert torch.allclose(cpu, batch, atol=1e-5)

@@ -15,6 +15,7 @@ import torch
 import checkpoints
 import data_loader
 import run_setup
+from iqa.data import patches as patch_module
 import train_swin
 from test_train_swin import (free_port, koniq_root, only_run_dir, read_metrics,  # noqa: F401 (fixture)
                              scripted_evaluation, tiny_args, without_timing)
@@ -160,10 +161,10 @@ def test_colour_jitter_makes_no_per_batch_copies(monkeypatch):
     assert calls == []
     # the GPU path's whole-batch normalisation, with and without jitter
     crops = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
-    maps = data_loader._jitter_maps(data_loader._jitter_factors(torch.Generator().manual_seed(0), 4), 'cpu')
+    maps = patch_module._jitter_maps(patch_module._jitter_factors(torch.Generator().manual_seed(0), 4), 'cpu')
     del calls[:]
-    data_loader._normalize_batch(crops, maps)
-    data_loader._normalize_batch(crops, None)
+    patch_module._normalize_batch(crops, maps)
+    patch_module._normalize_batch(crops, None)
     for _ in data_loader.eval_patch_batches(images, patch_size=16, patch_num=2, batch_size=4):
         pass
     assert calls.count('tensor') == 0
@@ -378,8 +379,9 @@ def test_ddp_start_up_waits_for_a_slow_cold_cache_without_a_group_timeout(koniq_
         import datetime, os, sys, time
         sys.path.insert(0, {ROOT!r})
         import torch.distributed as dist
-        import data_loader, train_swin
-        real_init, real_decode = dist.init_process_group, data_loader._decode_all
+        import train_swin
+        from iqa.data import image_cache
+        real_init, real_decode = dist.init_process_group, image_cache._decode_all
 
         def short_timeout(*a, **k):
             return real_init(*a, **dict(k, timeout=datetime.timedelta(seconds=3)))
@@ -389,7 +391,7 @@ def test_ddp_start_up_waits_for_a_slow_cold_cache_without_a_group_timeout(koniq_
             time.sleep(8)
             return real_decode(*a, **k)
         dist.init_process_group = short_timeout
-        data_loader._decode_all = slow_decode
+        image_cache._decode_all = slow_decode
         sys.exit(train_swin.main(sys.argv[1:]))
     '''))
     argv = [*tiny_args(koniq_root, tmp_path, epochs=1), '--device', 'cpu', '--cache_dir', str(tmp_path / 'cache')]

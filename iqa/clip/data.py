@@ -70,11 +70,11 @@ def find_image_folder(csv_path, names, image_base_dir=None, check=True):
     csv_path = Path(csv_path)
     root = Path(image_base_dir) if image_base_dir else csv_path.parent
     expected = [root] if image_base_dir else image_folders(csv_path)
-    ctx = data_loader._ReadContext(name=csv_path.name, root=root, seed=0, score=None, train_ratio=0.8)
+    ctx = data_loader.ReadContext(name=csv_path.name, root=root, seed=0, score=None, train_ratio=0.8)
     hint = ('point --image_base_dir at the folder that holds them' if not image_base_dir else
             f'--image_base_dir {image_base_dir} does not hold them; point it at the folder that does')
     try:
-        return data_loader._find_image_folder(ctx, names, expected, csv_path, hint=hint)
+        return data_loader.find_image_folder(ctx, names, expected, csv_path, hint=hint)
     except DataError:
         if check:
             raise
@@ -97,7 +97,7 @@ def read_prompt_csv(csv_path, image_base_dir=None, *, quality_column='mos_qualit
     if image_column is None:
         image_column = next((c for c in IMAGE_COLUMNS if c in header), 'name')
     required = [image_column, 'prompt', quality_column, align_column] + ([explanation_column] if explanation_column else [])
-    header, rows = data_loader._read_csv(csv_path, required)
+    header, rows = data_loader.read_csv(csv_path, required)
     base = find_image_folder(csv_path, [r[image_column] for _, r in rows], image_base_dir, check_images)
     paths, prompts, mos_q, mos_c, explanations, lines, missing = [], [], [], [], [], [], []
     for line, r in rows:
@@ -107,8 +107,8 @@ def read_prompt_csv(csv_path, image_base_dir=None, *, quality_column='mos_qualit
         if not r['prompt']:
             raise DataError(f'{where}, column \'prompt\': empty prompt (image {r[image_column]}); '
                             'every image needs the prompt it was generated from')
-        mos_q.append(data_loader._number(r[quality_column], f'{where}, column {quality_column!r}'))
-        mos_c.append(data_loader._number(r[align_column], f'{where}, column {align_column!r}'))
+        mos_q.append(data_loader.parse_number(r[quality_column], f'{where}, column {quality_column!r}'))
+        mos_c.append(data_loader.parse_number(r[align_column], f'{where}, column {align_column!r}'))
         if explanation_column:
             if not r[explanation_column]:
                 raise DataError(f'{where}, column {explanation_column!r}: empty explanation '
@@ -171,7 +171,7 @@ def read_split_file(path, dataset: PromptDataset):
             raise DataError(f'--split_file {path}: expected an object {{"train": [...], "test": [...]}}')
         assign = {str(name): side for side, names in spec.items() for name in names}
     else:
-        _, rows = data_loader._read_csv(path, ['name', 'split'])
+        _, rows = data_loader.read_csv(path, ['name', 'split'])
         assign = {r['name']: r['split'].lower() for _, r in rows}
     by_name = {}
     for i, p in enumerate(dataset.paths):

@@ -137,7 +137,7 @@ def run_checkpoint(args, device, amp, specs):
           f'{models_clip.count_parameters(model) / 1e6:.2f} M params, device {device}', flush=True)
     if args.images:
         if len(args.images) == 1 and args.images[0].lower().endswith('.csv'):
-            header, table = data_loader._read_csv(args.images[0], ['prompt'])
+            header, table = data_loader.read_csv(args.images[0], ['prompt'])
             column = next((c for c in ('image', 'path', 'name') if c in header), None)
             if column is None:
                 raise data_loader.DataError(f'{args.images[0]}: no image column (image, path or name)')
