@@ -244,6 +244,9 @@ class Setup:
             self.trainer = self.trainer_name
 
 
+_held_locks = []
+
+
 def take_lock(log_dir):
     """Two runners on one log dir would run the same experiments twice; the lock is taken before
     the .done markers are read so the skip list is not stale. The kernel releases it at exit."""
@@ -267,7 +270,7 @@ def take_lock(log_dir):
     lock.truncate()
     lock.write(f'{os.getpid()}\n')
     lock.flush()
-    return lock
+    _held_locks.append(lock)   # held open until this process exits
 
 
 def pending_experiments(plan, log_dir, outcome):
@@ -581,15 +584,14 @@ def main(argv=None):
         plan = read_plan(opts.exp_file, PROG)
         setup = Setup(opts, plan, script_dir)
         setup.check()
-        lock = None if opts.dry_run else take_lock(opts.log_dir)
+        if not opts.dry_run:
+            take_lock(opts.log_dir)
         outcome = {}   # name -> skipped | done | failed | interrupted; none: not started
         pending, skip_lines = pending_experiments(plan, opts.log_dir, outcome)
         if opts.slurm:
             from iqa.slurm_submit import submit
             return submit(setup, plan, pending, skip_lines)
-        status = run_local(setup, plan, pending, skip_lines, outcome, opts.gpu_spec)
-        del lock
-        return status
+        return run_local(setup, plan, pending, skip_lines, outcome, opts.gpu_spec)
     except (UsageError, PlanError) as e:
         print(f'{PROG}: error: {e}', file=sys.stderr)
         return 2

@@ -183,6 +183,8 @@ def batch_script(setup, plan, submit, request, gpus, gpu_line, stem):
         # One case branch per array task: data (words quoted as bash's printf %q quotes them).
         tasks.append(f'    {k}) NAME={exp.name}; LINE={exp.line}; OUTPUT_DIR={quote_word(output_dir)}\n'
                      f'       FLAGS=({quote_words(exp.flags)}) ;;')
+    # --ntasks as well as --ntasks-per-node: SLURM >= 23.11 refuses --gpus-per-task without a
+    # task count (the trainer runs in the batch step, one per node).
     signal_line = '' if request.signal_set else f'#SBATCH --signal=B:USR1@{SIGNAL_BEFORE_S}\n'
     with open(TEMPLATE, encoding='utf-8') as f:
         template = BatchTemplate(f.read())

@@ -22,8 +22,8 @@ import pytest
 import collect_results
 from iqa import slurm_task
 from slurm_cluster import one_node_cluster, unavailable, wait_until
-from test_run_experiments import (STUB_TRAINER, calls, copy_launcher, fake_nvidia_smi, process_alive, run_queue, run_script,
-                                  script_env, write_stub)
+from test_run_experiments import (STUB_TRAINER, calls, copy_launcher, fake_nvidia_smi, process_alive, run_queue,
+                                  run_script, script_env, write_stub)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'run_experiments.sh')
