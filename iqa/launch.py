@@ -372,12 +372,12 @@ class Queue:
         self.started = 0
         self.force_kill = False
 
-    def command(self, slot, exp):
+    def command(self, exp):
         return [self.setup.python, self.setup.trainer, '--name', exp.name] + exp.flags
 
     def command_line(self, slot, exp):
         """The exact command, pasteable into a shell."""
-        return f'CUDA_VISIBLE_DEVICES={quote_words([slot.gpu])} {quote_words(self.command(slot, exp))}'
+        return f'CUDA_VISIBLE_DEVICES={quote_words([slot.gpu])} {quote_words(self.command(exp))}'
 
     def start(self, slot, exp):
         log = os.path.join(self.log_dir, exp.name + '.log')
@@ -388,7 +388,7 @@ class Queue:
         with open(log, 'ab') as out:
             # Its own process group (session): a stop reaches its DataLoader workers too, and a
             # Ctrl-C at the terminal reaches only this launcher.
-            slot.proc = subprocess.Popen(self.command(slot, exp), stdin=subprocess.DEVNULL, stdout=out,
+            slot.proc = subprocess.Popen(self.command(exp), stdin=subprocess.DEVNULL, stdout=out,
                                          stderr=subprocess.STDOUT, env=slot.env(), start_new_session=True)
         slot.exp, slot.t0 = exp, time.monotonic()
         say(f'start {exp.name} on {slot.label}{slot.notice()} ({self.started}/{len(self.pending)}), log {log}')
