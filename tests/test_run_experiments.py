@@ -261,13 +261,20 @@ def write_stub(folder, who):
     (folder / 'train_swin.py').write_text(f'WHO = {who!r}\n' + STUB_TRAINER)
 
 
+def copy_launcher(repo):
+    """The launcher run_experiments.sh calls (python -m iqa.launch) lives in iqa/ next to it."""
+    shutil.copytree(os.path.join(ROOT, 'iqa'), repo / 'iqa', ignore=shutil.ignore_patterns('__pycache__'))
+
+
 @pytest.fixture
 def sandbox(tmp_path):
-    """repo/ holds a copy of the script and a stub trainer; work/ is where it is run from."""
+    """repo/ holds a copy of the script (with its launcher, iqa/) and a stub trainer; work/ is
+    where it is run from."""
     repo, work = tmp_path / 'repo', tmp_path / 'work'
     repo.mkdir()
     work.mkdir()
     shutil.copy(SCRIPT, repo / 'run_experiments.sh')
+    copy_launcher(repo)
     write_stub(repo, 'script_dir')
     fake_nvidia_smi(tmp_path, NO_GPU)
     return tmp_path

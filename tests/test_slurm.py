@@ -20,10 +20,10 @@ import time
 import pytest
 
 import collect_results
-import slurm_task
+from iqa import slurm_task
 from slurm_cluster import one_node_cluster, unavailable, wait_until
-from test_run_experiments import (STUB_TRAINER, calls, fake_nvidia_smi, process_alive, run_queue, run_script,
-                                  script_env, write_stub)
+from test_run_experiments import (STUB_TRAINER, calls, copy_launcher, fake_nvidia_smi, process_alive, run_queue,
+                                  run_script, script_env, write_stub)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'run_experiments.sh')
@@ -31,12 +31,13 @@ SCRIPT = os.path.join(ROOT, 'run_experiments.sh')
 
 @pytest.fixture
 def sandbox(tmp_path):
-    """repo/ holds the scripts (stub trainer, the real slurm_task.py); work/ is where it runs."""
+    """repo/ holds the scripts (stub trainer, the real launcher and iqa/slurm_task.py); work/ is
+    where it runs."""
     repo, work = tmp_path / 'repo', tmp_path / 'work'
     repo.mkdir()
     work.mkdir()
-    for name in ('run_experiments.sh', 'slurm_task.py'):
-        shutil.copy(os.path.join(ROOT, name), repo / name)
+    shutil.copy(os.path.join(ROOT, 'run_experiments.sh'), repo / 'run_experiments.sh')
+    copy_launcher(repo)
     write_stub(repo, 'script_dir')
     fake_nvidia_smi(tmp_path, 'exit 6\n')
     return tmp_path

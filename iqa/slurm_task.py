@@ -1,8 +1,9 @@
-"""Bookkeeping of one SLURM array task of run_experiments.sh --slurm (called from its batch script).
+"""Bookkeeping of one SLURM array task of run_experiments.sh --slurm (called from its batch
+script, iqa/slurm_batch.sh.template; `submitted` is called in-process by iqa/slurm_submit.py).
 
-    python slurm_task.py submitted TASK_FILE JOB NAME
-    python slurm_task.py start     TASK_FILE JOB NAME OUTPUT_DIR HOST   -> prints the run to resume
-    python slurm_task.py finish    TASK_FILE NAME OUTPUT_DIR STATE EXIT_CODE LOG
+    python -m iqa.slurm_task submitted TASK_FILE JOB NAME
+    python -m iqa.slurm_task start     TASK_FILE JOB NAME OUTPUT_DIR HOST   -> prints the run to resume
+    python -m iqa.slurm_task finish    TASK_FILE NAME OUTPUT_DIR STATE EXIT_CODE LOG
 
 A cluster stops a task at its time limit or when it is pre-empted, and starts it again later on
 any node. The task has to find the run folder its earlier attempt made (the trainer names run
@@ -16,6 +17,8 @@ run folder as slurm_task.json, where collect_results.py reads which task failed 
 A new submission continues the run of an earlier one only when that one was stopped from outside
 (time limit, pre-emption, scancel): a task that failed by itself starts over, as a re-launch of
 the local queue does.
+
+Imports neither torch nor numpy: it runs several times per task, on login and compute nodes.
 """
 import glob
 import json
@@ -24,8 +27,11 @@ import re
 import sys
 import time
 
+from iqa.files import atomic_write_text
+
 # States a new submission resumes from: the task was stopped, not broken.
 RESUMABLE = ('stopped', 'requeued', 'running', 'starting')
+# The files a trainer writes into a run folder (kept here until iqa/runs.py owns that list).
 RUN_FILES = ('config.json', 'metrics.csv', 'summary.json', 'slurm_task.json')
 
 
@@ -36,19 +42,6 @@ def read_task(path):
         return info if isinstance(info, dict) else {}
     except (OSError, ValueError):
         return {}
-
-
-def atomic_write_text(path, text):
-    """All or nothing, as checkpoints.atomic_write_text; not imported from there because that
-    module loads torch, seconds per call on a login node, and this runs several times a task."""
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f'.{os.path.basename(path)}.{os.getpid()}.tmp')
-    try:
-        with open(tmp, 'w', encoding='utf-8') as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def write_task(path, info):
@@ -175,7 +168,7 @@ def main(argv):
     elif command == 'finish' and len(args) == 6:
         finish(args[0], args[1], args[2], args[3], int(args[4]), args[5])
     else:
-        raise SystemExit(f'slurm_task.py: bad arguments {argv}\nusage:\n{usage}')
+        raise SystemExit(f'iqa.slurm_task: bad arguments {argv}\nusage:\n{usage}')
     return 0
 
 
