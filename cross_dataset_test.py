@@ -792,8 +792,7 @@ def main(argv=None):
         if args.complexity:
             return run_complexity(args, device, amp)
         if clip_eval.is_clip_checkpoint(args.checkpoint):  # train_clip.py: quality + consistency
-            return clip_eval.run_checkpoint(args, device, args.eval_precision == 'bf16',
-                                            None if args.images else parse_dataset_specs(args.datasets))
+            return clip_eval.run_checkpoint(args, device, None if args.images else parse_dataset_specs(args.datasets))
         if args.images:
             return run_images(args, device, amp)
         return run_cross_dataset(args, device, amp)

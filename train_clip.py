@@ -216,8 +216,8 @@ def check_args(args, warn):
                       f'{args.refinement_heads}')
     if args.pin_memory and args.no_pin_memory:
         errors.append('--pin_memory and --no_pin_memory contradict each other')
-    if args.no_pretrained and args.pretrained_path:
-        errors.append('--no_pretrained and --pretrained_path contradict each other')
+    if args.no_pretrained and (args.pretrained_path or models_clip.is_local_weights(args.clip_model)):
+        errors.append('--no_pretrained and --pretrained_path (or a local folder as --clip_model) contradict each other')
     if args.pretrained_path and not os.path.exists(args.pretrained_path):
         errors.append(f'--pretrained_path {args.pretrained_path}: no such file')
     if errors:

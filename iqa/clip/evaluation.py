@@ -143,13 +143,15 @@ def _agiqa_prompts(root):
     return {os.path.abspath(p): (t, float(a)) for p, t, a in zip(ds.paths, ds.prompts, ds.mos_c)}
 
 
-def run_checkpoint(args, device, amp, specs):
-    """cross_dataset_test.py with a train_clip.py checkpoint.
+def run_checkpoint(args, device, specs):
+    """cross_dataset_test.py with a train_clip.py checkpoint or a file of baseline.py, evaluated at
+    --eval_precision (fp32 unless bf16 is asked for: the original evaluated in fp32).
 
     --images a CSV with image and prompt columns (or plain images): a CSV of quality and
     consistency per image (consistency empty without a prompt). Otherwise each --datasets
     entry: quality SRCC/PLCC (+ 95% intervals) on any IQA set, and consistency where the set
     has prompts and alignment scores (AGIQA-3K's data.csv). Returns the exit code."""
+    amp = args.eval_precision == 'bf16'
     try:
         model, ckpt = load_model(args.checkpoint, device, clip_model=getattr(args, 'clip_model', None))
     except (hf_import.CheckpointImportError, ValueError) as err:
