@@ -199,6 +199,13 @@ def test_init_from_a_baseline_file_starts_a_new_run_from_its_scores(tmp_path):
         assert abs(float(row[f'val_{m}']) - expected[m]) < 1e-3, m
     config = (run_dir / 'config.json').read_text()
     assert '"init_from"' in config
+    # a train_clip.py checkpoint starts a new run the same way; its first evaluation is the file's
+    argv2 = [a if a != str(last) else str(run_dir / 'last.pkl') for a in argv]
+    argv2[argv2.index(str(tmp_path / 'runs'))] = str(tmp_path / 'runs2')
+    assert train_clip.main(argv2) == 0
+    row2 = read_rows(next((tmp_path / 'runs2').iterdir()) / 'metrics.csv')[0]
+    for m in ('srcc_q', 'plcc_q', 'srcc_c', 'plcc_c'):
+        assert abs(float(row2[f'val_{m}']) - expected[m]) < 1e-3, m
 
 
 def test_resume_from_a_baseline_file_points_to_init_from(tmp_path):
