@@ -150,6 +150,7 @@ def build_parser():
     g = p.add_argument_group('Misc')
     g.add_argument('--device', default='auto', metavar='DEV', help='auto, cpu, cuda, cuda:1, ...')
     g.add_argument('--no_amp', action='store_true', help='no bf16 autocast on CUDA (on by default there)')
+    clip_eval.add_eval_flags(p.add_argument_group('CLIP checkpoints (train_clip.py, baseline.py)'))
     g.add_argument('--num_workers', type=int, default=None, metavar='N',
                    help='threads decoding images (default: all cores)')
     return p
@@ -791,7 +792,7 @@ def main(argv=None):
         if args.complexity:
             return run_complexity(args, device, amp)
         if clip_eval.is_clip_checkpoint(args.checkpoint):  # train_clip.py: quality + consistency
-            return clip_eval.run_checkpoint(args, device, amp, None if args.images else parse_dataset_specs(args.datasets))
+            return clip_eval.run_checkpoint(args, device, None if args.images else parse_dataset_specs(args.datasets))
         if args.images:
             return run_images(args, device, amp)
         return run_cross_dataset(args, device, amp)

@@ -29,6 +29,7 @@ from iqa import metrics as iqa_metrics
 from iqa.clip import data as clip_data
 from iqa.clip import evaluation as clip_eval
 from iqa.clip import models as models_clip
+from iqa.clip import weights as clip_weights
 from run_setup import SuggestingParser, Tee, make_optimizer, seed_everything, set_precision
 
 SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -84,8 +85,16 @@ def build_parser():
                    metavar='NAME', help='nano (tiny, tests/demo), ViT-B/32, ViT-B/16, ViT-L/14 (also the Hugging '
                                         'Face names); default: $CLIP_MODEL_NAME, else ViT-L/14')
     g.add_argument('--no_pretrained', action='store_true', help='random initialisation (no OpenAI CLIP weights)')
-    g.add_argument('--pretrained_path', default=None, metavar='FILE',
-                   help='open_clip weights from a local file instead of the hub (offline clusters)')
+    g.add_argument('--pretrained_path', default=None, metavar='FILE_OR_DIR',
+                   help='local weights instead of the hub (offline clusters): an open_clip weights file, or a '
+                        'Hugging Face CLIPModel folder (config.json + weights) or weights file, as the original '
+                        'loaded. OpenAI weights (hub or file) build QuickGELU towers, as OpenAI trained them; '
+                        '--no_pretrained and nano keep GELU')
+    g.add_argument('--init_from', default=None, metavar='FILE',
+                   help='start a NEW run from these weights: a baseline.py file (bare best state_dict, '
+                        'baseline_best.pt, baseline_last.pt) or a train_clip.py checkpoint. The architecture is '
+                        'the file\'s; its optimizer state is not carried over (to continue a train_clip.py run, '
+                        'use --resume_from)')
     g.add_argument('--no_residual_learning', action='store_true',
                    help='direct heads q = sigmoid(Linear(img)), c = sigmoid(MLP([img, txt, cos])) instead of '
                         'CLIP base score + bounded residual')
@@ -116,6 +125,9 @@ def build_parser():
     g.add_argument('--epochs', type=int, default=20, metavar='N', help='epochs per round')
     g.add_argument('--batch_size', type=int, default=32, metavar='N', help='images per step')
     g.add_argument('--eval_batch_size', type=int, default=64, metavar='N', help='images per evaluation forward')
+    g.add_argument('--eval_precision', default='fp32', choices=('fp32', 'bf16'),
+                   help='evaluation: fp32 (as the original evaluated) or bf16 autocast for the towers (faster on '
+                        'CUDA; the heads always run in fp32)')
     g.add_argument('--lr', type=float, default=3e-5, metavar='LR', help='learning rate of the CLIP towers (AdamW)')
     g.add_argument('--head_lr_ratio', type=float, default=1.0, metavar='R',
                    help='heads learn at lr x R (1 = the original: one rate for all)')
@@ -171,7 +183,8 @@ def check_args(args, warn):
             errors.append('--no_amp means --precision fp32, which contradicts --precision bf16')
         args.precision = 'fp32'
     try:
-        args.clip_model = models_clip.canonical_name(args.clip_model)
+        if not (models_clip.is_local_weights(args.clip_model) or args.init_from):   # else: read from the files
+            args.clip_model = models_clip.canonical_name(args.clip_model)
     except ValueError as err:
         errors.append(f'--clip_model (or $CLIP_MODEL_NAME): {err}')
     for flag in ('epochs', 'batch_size', 'eval_batch_size', 'grad_accum_steps', 'train_test_num',
@@ -203,9 +216,9 @@ def check_args(args, warn):
                       f'{args.refinement_heads}')
     if args.pin_memory and args.no_pin_memory:
         errors.append('--pin_memory and --no_pin_memory contradict each other')
-    if args.no_pretrained and args.pretrained_path:
-        errors.append('--no_pretrained and --pretrained_path contradict each other')
-    if args.pretrained_path and not os.path.isfile(args.pretrained_path):
+    if args.no_pretrained and (args.pretrained_path or models_clip.is_local_weights(args.clip_model)):
+        errors.append('--no_pretrained and --pretrained_path (or a local folder as --clip_model) contradict each other')
+    if args.pretrained_path and not os.path.exists(args.pretrained_path):
         errors.append(f'--pretrained_path {args.pretrained_path}: no such file')
     if errors:
         raise SystemExit('train_clip.py: error: ' + '\n  '.join([''] + errors).lstrip('\n') + '\nNothing was run.')
@@ -374,7 +387,12 @@ def selection_score(metrics, select_on):
 
 # --------------------------------------------------------------------------- one round
 
-def build_model(args):
+def build_model(args, log=None):
+    if args.init_from:   # the file's architecture; flags that disagree are set to it and named
+        model, notes = clip_weights.init_model(args.init_from, args)
+        for note in notes if log else ():
+            log(note)
+        return model
     return models_clip.ClipQualityModel(
         args.clip_model, pretrained=not args.no_pretrained, pretrained_path=args.pretrained_path,
         residual=not args.no_residual_learning, residual_scale_q=args.residual_scale_q,
@@ -480,7 +498,8 @@ def run_round(round_idx, args, state, ctx):
         results = {}
         for name, idx in eval_sets.items():
             q, c, _ = clip_eval.predict(model, data['images'][idx], data['prompt_ids'], data['prompt_index'][idx],
-                                        batch_size=args.eval_batch_size, device=device, amp=amp)
+                                        batch_size=args.eval_batch_size, device=device,
+                                        amp=args.eval_precision == 'bf16')
             results[name] = clip_eval.head_metrics(q, c, ds.mos_q[idx], ds.mos_c[idx])
             for m in HEAD_METRICS:
                 row[f'{name}_{m}'] = fmt(results[name][m])
@@ -531,7 +550,7 @@ def run_round(round_idx, args, state, ctx):
         model.load_state_dict(torch.load(best['checkpoint'], map_location='cpu', weights_only=True)['state_dict'])
         idx = splits['test']
         q, c, _ = clip_eval.predict(model, data['images'][idx], data['prompt_ids'], data['prompt_index'][idx],
-                                    batch_size=args.eval_batch_size, device=device, amp=amp)
+                                    batch_size=args.eval_batch_size, device=device, amp=args.eval_precision == 'bf16')
         best['test_srcc_q_ci'] = list(iqa_metrics.bootstrap_ci(q, ds.mos_q[idx], 'srcc'))
         best['test_srcc_c_ci'] = list(iqa_metrics.bootstrap_ci(c, ds.mos_c[idx], 'srcc'))
     return best, status
@@ -558,6 +577,7 @@ def write_summary(run_dir, args, state, best, select_split, status):
 def resolve_resume(path):
     """The checkpoint to resume from (RUN_DIR/last.pkl or the file given), loaded."""
     ckpt_path = checkpoints.find_resume_file(path, '--resume_from')
+    clip_weights.refuse_foreign_resume(ckpt_path)
     ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get('format') != clip_eval.CLIP_CHECKPOINT_FORMAT or 'optimizer' not in ckpt:
         raise SystemExit(f'--resume_from {ckpt_path}: not a train_clip.py last.pkl with training state '
@@ -565,18 +585,19 @@ def resolve_resume(path):
     return ckpt_path, ckpt
 
 
-def load_data(args, log):
-    """The CSV, every image decoded once (cache), prompts and explanations tokenised once."""
+def load_data(args, log, model):
+    """The CSV, every image decoded once (cache) at the model's input size, prompts and
+    explanations tokenised once with its tokenizer."""
     csv_path = args.data_csv_path
     if csv_path == 'demo':
         csv_path = str(clip_data.ensure_clip_demo())
     ds = clip_data.read_prompt_csv(csv_path, args.image_base_dir, quality_column=args.quality_column,
                                    align_column=args.align_column,
                                    explanation_column=args.explanation_column if args.use_explanations else None)
-    size = models_clip.NANO_CONFIG['vision_cfg']['image_size'] if args.clip_model == 'nano' else 224
+    size = model.image_size
     images, kept = data_loader.load_images(ds.paths, resize_hw=(size, size), cache_dir=args.cache_dir,
                                            num_workers=args.num_workers)
-    tokenizer = models_clip.build_tokenizer(args.clip_model)
+    tokenizer = model.tokenizer
     prompts, prompt_index = np.unique(np.array(ds.prompts, dtype=object).astype(str), return_inverse=True)
     data = {'dataset': ds, 'images': images, 'prompt_ids': tokenizer(list(prompts)), 'prompt_index': prompt_index,
             'mos_q': ds.mos_q, 'mos_c': ds.mos_c,
@@ -645,8 +666,11 @@ def main(argv=None):
         # The model first: a missing pretrained model must stop the run before minutes of image decoding.
         first_round = resume['round'] if resume is not None else 1
         seed_everything(args.seed + first_round - 1)
-        first_model = build_model(args)
-        data = load_data(args, log)
+        first_model = build_model(args, log)
+        if args.init_from:   # the weights may have set model flags: config.json describes what trains
+            config.update(vars(args))
+            checkpoints.atomic_write_json(os.path.join(run_dir, 'config.json'), config)
+        data = load_data(args, log, first_model)
         state = {'run_name': run_name, 'rows': [], 'rounds': [], 'start_time': time.time(), 'seconds_before': 0.0,
                  'scale_q': data['scale_q'], 'scale_c': data['scale_c']}
         if resume is not None:

@@ -224,10 +224,9 @@ def our_model(backbone, heads, config):
     kw = {k: config[k] for k in ('residual', 'use_two_branch', 'use_refinement', 'residual_scale_q',
                                  'residual_scale_c', 'refinement_layers', 'refinement_heads',
                                  'refinement_dim') if k in config}
-    model = models_clip.ClipQualityModel('nano', pretrained=False, **kw)
-    # the imported architecture and activation replace nano's towers (see the report: build_backbone
-    # needs a clip_config argument for this)
-    model.clip = hf_import.build_open_clip(config['clip_config'])
+    # the imported architecture and activation, built from the config the importer read
+    model = models_clip.ClipQualityModel('custom', pretrained=False, clip_config=config['clip_config'], **kw)
+    assert model.config['quick_gelu'] == config['clip_config']['quick_gelu']
     model.load_state_dict({**{'clip.' + k: v for k, v in backbone.items()}, **heads}, strict=True)
     return model.eval()
 

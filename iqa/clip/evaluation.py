@@ -19,7 +19,9 @@ import checkpoints
 import data_loader
 from iqa import metrics as iqa_metrics
 from iqa.clip import data as clip_data
+from iqa.clip import hf_import
 from iqa.clip import models as models_clip
+from iqa.clip import weights as clip_weights
 from iqa.files import atomic_write_json, atomic_write_text
 
 CLIP_CHECKPOINT_FORMAT = 'clip-iqa-checkpoint/1'
@@ -69,21 +71,41 @@ def head_metrics(q, c, mos_q, mos_c):
 
 
 def is_clip_checkpoint(path):
-    """True when `path` is a file train_clip.py wrote (memory-mapped: the weights are not read)."""
+    """True when `path` is a file train_clip.py wrote, or one the user's baseline.py wrote (both
+    scored by run_checkpoint); memory-mapped: the weights are not read."""
     if not os.path.isfile(path):
         return False
     try:
         obj = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-    except Exception:
-        return False
-    return isinstance(obj, dict) and obj.get('format') == CLIP_CHECKPOINT_FORMAT
+    except Exception:   # baseline.py's full checkpoints hold a numpy scalar: read with its allow-list
+        return clip_weights.is_baseline_file(path)
+    if isinstance(obj, dict) and obj.get('format') == CLIP_CHECKPOINT_FORMAT:
+        return True
+    return clip_weights.is_baseline_file(path)
 
 
-def load_model(path, device='cpu'):
-    """(model, checkpoint dict) from a train_clip.py checkpoint; no download (the backbone's
-    architecture comes from the stored model_config, its weights from the file)."""
+def add_eval_flags(group):
+    """The CLIP-only flags of cross_dataset_test.py, defined here with their meaning."""
+    group.add_argument('--clip_model', default=os.environ.get('CLIP_MODEL_NAME'), metavar='NAME_OR_DIR',
+                       help='baseline.py checkpoints: the CLIP it was trained from (ViT-B/32, ViT-B/16, '
+                            'ViT-L/14, a Hugging Face name, or a local Hugging Face folder, whose config.json '
+                            'gives the head counts). The architecture is read from the weights; a name is '
+                            'checked against them (default: $CLIP_MODEL_NAME, else from the weights alone)')
+    group.add_argument('--eval_precision', default='fp32', choices=('fp32', 'bf16'),
+                       help='CLIP checkpoints: fp32 (as the original evaluated) or bf16 autocast for the towers '
+                            '(faster on CUDA; the heads stay fp32). HyperIQA checkpoints: see --no_amp '
+                            '(default: fp32)')
+
+
+def load_model(path, device='cpu', clip_model=None):
+    """(model, checkpoint dict) from a train_clip.py checkpoint, or from a file of the user's
+    baseline.py (imported: iqa.clip.weights; the dict then holds 'epoch' None and the import's
+    'notes'); no download (the architecture comes from the stored model_config or the weights)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'checkpoint not found: {path}')
+    if clip_weights.is_baseline_file(path):
+        model, notes = clip_weights.import_baseline_model(path, clip_model=clip_model)
+        return model.to(device).eval(), {'epoch': None, 'notes': notes, 'source': 'baseline.py'}
     ckpt = torch.load(path, map_location='cpu', weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get('format') != CLIP_CHECKPOINT_FORMAT:
         raise ValueError(f'{path} is not a CLIP checkpoint of train_clip.py (format {CLIP_CHECKPOINT_FORMAT!r})')
@@ -121,20 +143,29 @@ def _agiqa_prompts(root):
     return {os.path.abspath(p): (t, float(a)) for p, t, a in zip(ds.paths, ds.prompts, ds.mos_c)}
 
 
-def run_checkpoint(args, device, amp, specs):
-    """cross_dataset_test.py with a train_clip.py checkpoint.
+def run_checkpoint(args, device, specs):
+    """cross_dataset_test.py with a train_clip.py checkpoint or a file of baseline.py, evaluated at
+    --eval_precision (fp32 unless bf16 is asked for: the original evaluated in fp32).
 
     --images a CSV with image and prompt columns (or plain images): a CSV of quality and
     consistency per image (consistency empty without a prompt). Otherwise each --datasets
     entry: quality SRCC/PLCC (+ 95% intervals) on any IQA set, and consistency where the set
     has prompts and alignment scores (AGIQA-3K's data.csv). Returns the exit code."""
-    model, ckpt = load_model(args.checkpoint, device)
-    tokenizer = models_clip.build_tokenizer(model.config['clip_model'])
+    amp = args.eval_precision == 'bf16'
+    try:
+        model, ckpt = load_model(args.checkpoint, device, clip_model=getattr(args, 'clip_model', None))
+    except (hf_import.CheckpointImportError, ValueError) as err:
+        print(f'cross_dataset_test.py: error: {err}', file=sys.stderr, flush=True)
+        return 2
+    tokenizer = model.tokenizer
     scale_q, scale_c = ckpt.get('label_scales') or (1.0, 1.0)
     cache_dir = None if args.cache_dir is not None and args.cache_dir.lower() in ('none', '') else args.cache_dir
     batch = args.batch_size or 64
     print(f'CLIP checkpoint {args.checkpoint}: {model.config["clip_model"]}, epoch {ckpt.get("epoch")}, '
-          f'{models_clip.count_parameters(model) / 1e6:.2f} M params, device {device}', flush=True)
+          f'{models_clip.count_parameters(model) / 1e6:.2f} M params, device {device}, '
+          f'{"bf16 autocast" if amp else "fp32"}', flush=True)
+    for note in ckpt.get('notes') or ():
+        print(f'  {ckpt.get("source")}: {note}', flush=True)
     if args.images:
         if len(args.images) == 1 and args.images[0].lower().endswith('.csv'):
             header, table = data_loader.read_csv(args.images[0], ['prompt'])

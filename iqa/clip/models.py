@@ -88,9 +88,68 @@ def _hub_unreachable():
     return False
 
 
-def build_backbone(name, pretrained=True, pretrained_path=None):
-    """(open_clip CLIP model, tokenizer, image size) for one of CLIP_MODELS."""
+def _load_into(clip, state_dict, source):
+    missing, unexpected = clip.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        raise PretrainedWeightsError(f'{source}: the weights do not fit the model (missing {sorted(missing)[:5]}, '
+                                     f'unexpected {sorted(unexpected)[:5]})')
+    return clip
+
+
+def is_local_weights(path):
+    """True when `path` names a local folder or file (a Hugging Face CLIPModel folder, its weights
+    file, or an open_clip weights file), not a model name."""
+    return bool(path) and os.path.exists(os.path.expanduser(str(path)))
+
+
+def hf_weights(path):
+    """(open_clip state_dict, clip_config) when `path` is a local Hugging Face CLIPModel folder or
+    weights file, None when it is another file (an open_clip weights file)."""
+    from iqa.clip import hf_import
+    if os.path.isdir(path):
+        return hf_import.load_hf_folder(path)
+    try:
+        if path.endswith('.safetensors'):
+            from safetensors import safe_open
+            with safe_open(path, framework='pt') as f:
+                keys = set(f.keys())
+        else:   # memory-mapped: only the keys are read here
+            with torch.serialization.safe_globals(hf_import._numpy_safe_globals()):
+                keys = set(torch.load(path, map_location='cpu', weights_only=True, mmap=True))
+    except Exception:   # not a zip/safetensors state_dict: let open_clip read it (and say what is wrong)
+        return None
+    return hf_import.load_hf_folder(path) if hf_import.is_hf_clip_state_dict(keys) else None
+
+
+def build_backbone(name, pretrained=True, pretrained_path=None, quick_gelu=None, clip_config=None):
+    """(open_clip CLIP model, tokenizer, image size, clip_config) for one of CLIP_MODELS, or for
+    an architecture given as open_clip kwargs (`clip_config`, as iqa.clip.hf_import builds them).
+
+    quick_gelu: the MLP activation of both towers. None = QuickGELU when OpenAI's weights are
+    loaded (pretrained, or --pretrained_path), GELU otherwise: OpenAI trained with QuickGELU, while
+    'nano' and --no_pretrained runs keep the GELU they were always built with, so their numbers do
+    not change. pretrained_path: an open_clip weights file, or a local Hugging Face CLIPModel folder
+    or weights file (its architecture and activation then come from its config.json / weights).
+    The returned clip_config is None for a named model, else the architecture that was built."""
     import open_clip
+    from iqa.clip import hf_import
+    if pretrained_path:
+        path = os.path.expanduser(str(pretrained_path))
+        if not os.path.exists(path):
+            raise PretrainedWeightsError(f'--pretrained_path {pretrained_path}: no such file or folder')
+        imported = hf_weights(path)
+        if imported is not None:
+            state_dict, clip_config = imported
+            if quick_gelu is not None:
+                clip_config = dict(clip_config, quick_gelu=bool(quick_gelu))
+            clip = _load_into(hf_import.build_open_clip(clip_config), state_dict, path)
+            return (clip, build_tokenizer(name, clip_config['text_cfg']['context_length']),
+                    _image_size(clip), clip_config)
+    if clip_config:
+        clip_config = dict(clip_config, quick_gelu=bool(clip_config.get('quick_gelu', False)
+                                                        if quick_gelu is None else quick_gelu))
+        clip = hf_import.build_open_clip(clip_config)
+        return clip, build_tokenizer(name, clip_config['text_cfg']['context_length']), _image_size(clip), clip_config
     name = canonical_name(name)
     if name == 'nano':
         if pretrained or pretrained_path:
@@ -98,13 +157,13 @@ def build_backbone(name, pretrained=True, pretrained_path=None):
                                          'demo): pass --no_pretrained')
         from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
         clip = CLIP(embed_dim=NANO_CONFIG['embed_dim'], vision_cfg=CLIPVisionCfg(**NANO_CONFIG['vision_cfg']),
-                    text_cfg=CLIPTextCfg(**NANO_CONFIG['text_cfg']))
+                    text_cfg=CLIPTextCfg(**NANO_CONFIG['text_cfg']), quick_gelu=bool(quick_gelu))
         context = NANO_CONFIG['text_cfg']['context_length']
     else:
-        oc_name = CLIP_MODELS[name]
+        if quick_gelu is None:
+            quick_gelu = bool(pretrained or pretrained_path)
+        oc_name = hf_import.openai_model_name(name) if quick_gelu else CLIP_MODELS[name]
         if pretrained_path:
-            if not os.path.isfile(pretrained_path):
-                raise PretrainedWeightsError(f'--pretrained_path {pretrained_path}: no such file')
             clip = open_clip.create_model(oc_name, pretrained=pretrained_path)
         elif pretrained:
             import huggingface_hub.constants as hub
@@ -120,15 +179,24 @@ def build_backbone(name, pretrained=True, pretrained_path=None):
         else:
             clip = open_clip.create_model(oc_name, pretrained=None)
         context = clip.context_length
-    tokenizer = build_tokenizer(name, context)
-    image_size = clip.visual.image_size
-    image_size = image_size[0] if isinstance(image_size, (tuple, list)) else int(image_size)
-    return clip, tokenizer, image_size
+    return clip, build_tokenizer(name, context), _image_size(clip), None
+
+
+def _image_size(clip):
+    size = clip.visual.image_size
+    return size[0] if isinstance(size, (tuple, list)) else int(size)
+
+
+def uses_quick_gelu(clip):
+    """True when the towers' MLPs run QuickGELU (what OpenAI's weights were trained with)."""
+    from open_clip.transformer import QuickGELU
+    return isinstance(clip.transformer.resblocks[0].mlp.gelu, QuickGELU)
 
 
 def build_tokenizer(name, context_length=None):
     """open_clip's BPE tokenizer (its vocabulary ships with the package: works offline). All our
-    models share OpenAI CLIP's vocabulary; only the context length differs (nano: 32, else 77)."""
+    models share OpenAI CLIP's vocabulary; only the context length differs (nano: 32, else 77;
+    an imported architecture: its own)."""
     import open_clip
     if context_length is None:
         context_length = NANO_CONFIG['text_cfg']['context_length'] if canonical_name(name) == 'nano' else 77
@@ -172,17 +240,32 @@ class ClipQualityModel(nn.Module):
     def __init__(self, clip_model='nano', pretrained=True, pretrained_path=None, residual=True,
                  residual_scale_q=0.2, residual_scale_c=0.2, dropout=0.1, use_two_branch=False,
                  use_refinement=False, refinement_layers=4, refinement_heads=8, refinement_dim=256,
-                 bound='clamp'):
+                 bound='clamp', quick_gelu=None, clip_config=None):
+        """clip_model: a name of CLIP_MODELS or a local Hugging Face CLIPModel folder / weights file
+        (then loaded as --pretrained_path). quick_gelu, clip_config: see build_backbone."""
         super().__init__()
         if bound not in BOUNDS:
             raise ValueError(f'bound must be one of {BOUNDS}, got {bound!r}')
-        self.config = dict(clip_model=canonical_name(clip_model), residual=bool(residual),
+        if is_local_weights(clip_model) and clip_model not in CLIP_MODELS:
+            if pretrained_path:
+                raise PretrainedWeightsError(f'the model {clip_model} is a local folder or file and '
+                                             f'--pretrained_path {pretrained_path} another: give one')
+            pretrained_path, clip_model = clip_model, None
+        elif not clip_config:
+            clip_model = canonical_name(clip_model)
+        self.clip, self.tokenizer, self.image_size, clip_config = build_backbone(
+            clip_model, pretrained, pretrained_path, quick_gelu=quick_gelu, clip_config=clip_config)
+        if clip_config:
+            from iqa.clip import hf_import
+            clip_model = hf_import.named_model(clip_config) or 'custom'
+        self.config = dict(clip_model=clip_model, residual=bool(residual),
                            residual_scale_q=float(residual_scale_q), residual_scale_c=float(residual_scale_c),
                            dropout=float(dropout), use_two_branch=bool(use_two_branch),
                            use_refinement=bool(use_refinement), refinement_layers=int(refinement_layers),
                            refinement_heads=int(refinement_heads), refinement_dim=int(refinement_dim),
-                           bound=bound)
-        self.clip, self.tokenizer, self.image_size = build_backbone(clip_model, pretrained, pretrained_path)
+                           bound=bound, quick_gelu=uses_quick_gelu(self.clip))
+        if clip_config:
+            self.config['clip_config'] = clip_config
         self.clip.logit_scale.requires_grad_(False)  # the contrastive temperature is unused here
         d = self.clip.text_projection.shape[1]
         self.embed_dim = d
@@ -229,6 +312,13 @@ class ClipQualityModel(nn.Module):
         return torch.clamp(x, 0.0, 1.0) if self.config['bound'] == 'clamp' else smooth_bound(x)
 
     def heads(self, img, txt):
+        """Scores from the embeddings, always in float32: under bf16 autocast (8 mantissa bits) the
+        quality head's output would take only a few dozen distinct values near its sigmoid's
+        middle, so the heads run with autocast off, as the original's fp32 evaluation did."""
+        with torch.autocast(img.device.type, enabled=False):
+            return self._heads(img.float(), txt.float())
+
+    def _heads(self, img, txt):
         cos = (img * txt).sum(-1, keepdim=True)
         fused = torch.cat([img, txt, cos], dim=1)
         residual = None
@@ -255,9 +345,11 @@ class ClipQualityModel(nn.Module):
     def explanation_loss(self, img, txt, explanation_emb):
         """MSE between the normalised projection of [img, txt, cos] and the explanation's
         normalised text embedding (the original's rationale-alignment loss)."""
-        cos = (img * txt).sum(-1, keepdim=True)
-        pred = F.normalize(self.rationale_head(torch.cat([img, txt, cos], dim=1)), dim=-1)
-        return F.mse_loss(pred, explanation_emb)
+        with torch.autocast(img.device.type, enabled=False):   # a head: fp32, as heads()
+            img, txt = img.float(), txt.float()
+            cos = (img * txt).sum(-1, keepdim=True)
+            pred = F.normalize(self.rationale_head(torch.cat([img, txt, cos], dim=1)), dim=-1)
+            return F.mse_loss(pred, explanation_emb.float())
 
     # ------------------------------------------------------------------ parameter groups
     def backbone_parameters(self):
@@ -302,10 +394,14 @@ class ClipQualityModel(nn.Module):
 
 
 def build_from_config(config, pretrained=False):
-    """A ClipQualityModel from a checkpoint's model config (random weights, no download)."""
+    """A ClipQualityModel from a checkpoint's model config (random weights, no download).
+
+    A config without 'quick_gelu' was written before the activation was stored: those models were
+    all built with GELU and trained so, hence they are rebuilt with GELU."""
     keys = ('clip_model', 'residual', 'residual_scale_q', 'residual_scale_c', 'dropout', 'use_two_branch',
-            'use_refinement', 'refinement_layers', 'refinement_heads', 'refinement_dim', 'bound')
-    return ClipQualityModel(pretrained=pretrained, **{k: config[k] for k in keys if k in config})
+            'use_refinement', 'refinement_layers', 'refinement_heads', 'refinement_dim', 'bound', 'clip_config')
+    kwargs = {k: config[k] for k in keys if k in config}
+    return ClipQualityModel(pretrained=pretrained, quick_gelu=bool(config.get('quick_gelu', False)), **kwargs)
 
 
 def count_parameters(model, trainable_only=False):
