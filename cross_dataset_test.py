@@ -11,6 +11,8 @@ Three modes, one per question the user asks after training:
   scored with the crops training-time evaluation uses (evaluation.predict_scores), and SRCC/PLCC
   come with 95% bootstrap intervals over images, so a +0.0025 SRCC difference between two runs
   can be told apart from noise. Results go to cross_dataset_results_<size>_<checkpoint>.json.
+  What is scored of each set is iqa/scoring.py's one rule, for Swin and CLIP checkpoints: the
+  run's own test split of its training set (redrawn from the checkpoint), every image of others.
 * --images: one score per image file, for images that have no MOS.
 * --complexity: params, FLOPs, latency and throughput of every model size, the paper's table.
 
@@ -138,8 +140,9 @@ def build_parser():
                    help='patches per forward (default: the checkpoint\'s eval_batch_size, else 64; '
                         '--complexity: the throughput batch, 64)')
     g.add_argument('--seed', type=int, default=None, metavar='N',
-                   help='seed of random splits and random crops (default: the run\'s training seed for '
-                        'its round, so a random split is the one it was tested on; 0 for bare state_dicts)')
+                   help='seed of random crops and of other data sets\' reader splits (--split test/val); the '
+                        'training set\'s split is always redrawn with the run\'s own seed (default: the run\'s '
+                        'training seed for its round; 0 for bare state_dicts)')
 
     g = p.add_argument_group('Complexity table')
     g.add_argument('--complexity', action='store_true',

@@ -72,7 +72,7 @@ class Selection:
 
     def announce(self, label):
         print(f'{label}: {len(self.paths)} of {self.images_in_dataset} images ({self.split}: {self.reason}); '
-              f'target {self.score_name}; split {self.source}', flush=True)
+              f'target {self.score_name}; {"split " if self.split != "all" else ""}{self.source}', flush=True)
 
 
 def is_training_set(name, root, trained_on) -> bool:
