@@ -109,8 +109,9 @@ class TrainingRun:
         return any(os.path.realpath(f) == os.path.realpath(self.options['csv']) for f in files)
 
     def redraw(self, name, root, whole=False):
-        """(Selection fields of every image, splits, source) of the training set as the run read it."""
-        if self.system == 'swin':
+        """(Selection fields of every image, splits, source) of the training set as the run read it
+        (a CLIP file without its prompt CSV: as the data set's reader reads it, whole only)."""
+        if self.system == 'swin' or not self.options.get('csv'):
             ds = load_dataset(name, root, seed=self.seed, split=not whole, **self.options)
             return _fields(ds.name, ds.root, ds.paths, ds.mos, ds.score_name, ds.higher_is_better), \
                 ds.splits, ds.split_source

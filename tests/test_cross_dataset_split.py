@@ -183,5 +183,9 @@ def test_clip_foreign_set_whole_and_unknown_split_refused(clip, capsys, tmp_path
     assert rc == 1 and list(saved['results']) == ['spaq'] and saved['results']['spaq']['split'] == 'all'
     assert 'not scored agiqa: agiqa is the data set this checkpoint was trained on, but the checkpoint ' \
            'stores no' in text
+    rc, saved, text = score(capsys, tmp_path / 'c', '--checkpoint', bare, '--trained_on', 'agiqa', '--datasets',
+                            f'agiqa={clip["data"]}', '--split', 'all', *flags)
+    assert rc == 0, text
+    assert saved['results']['agiqa']['images'] == 30 and 'its training images are scored too' in text
     run = scoring.clip_run(ckpt, None)
     assert run.trained_on is None and run.why_not
