@@ -11,6 +11,8 @@ Three modes, one per question the user asks after training:
   scored with the crops training-time evaluation uses (evaluation.predict_scores), and SRCC/PLCC
   come with 95% bootstrap intervals over images, so a +0.0025 SRCC difference between two runs
   can be told apart from noise. Results go to cross_dataset_results_<size>_<checkpoint>.json.
+  What is scored of each set is iqa/scoring.py's one rule, for Swin and CLIP checkpoints: the
+  run's own test split of its training set (redrawn from the checkpoint), every image of others.
 * --images: one score per image file, for images that have no MOS.
 * --complexity: params, FLOPs, latency and throughput of every model size, the paper's table.
 
@@ -40,7 +42,9 @@ import models_swin
 import run_setup
 from iqa import evaluation
 from iqa import metrics as iqa_metrics
+from iqa import scoring
 from iqa.clip import evaluation as clip_eval
+from iqa.scoring import is_training_set  # noqa: F401  (the rule's home; tests use it here)
 
 SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATASETS = ('koniq', 'spaq', 'kadid', 'agiqa')
@@ -93,10 +97,11 @@ def build_parser():
                         'annotation file, or a path to a .csv/.json list of images and scores '
                         f'(default: {" ".join(DEFAULT_DATASETS)})')
     g.add_argument('--split', default='auto', choices=('auto', 'test', 'val', 'all'),
-                   help='images scored. auto: every image of a data set the model was not trained on (the '
-                        'cross-dataset protocol), the held-out test split of the one it was trained on; test: '
-                        'every data set\'s test split; val: the validation split the run selected on (the '
-                        'checkpoint\'s --val_ratio and seed); all: every image (default: auto)')
+                   help='images scored. auto: of the data set the run was trained on, its own held-out test '
+                        'split, redrawn from the checkpoint (seed + round - 1, ratios, score columns); of any other '
+                        'set, every image, whatever its reader\'s split (the cross-dataset protocol); test: the '
+                        'run\'s test split of its training set, the reader\'s test split of other sets; val: the '
+                        'run\'s validation split (other sets: the reader\'s); all: every image (default: auto)')
     g.add_argument('--trained_on', default=None, metavar='NAME_OR_FILE',
                    help='the data set the checkpoint was trained on (default: the --dataset in its config; '
                         'unknown for bare state_dicts, e.g. --trained_on koniq for the user\'s old ones)')
@@ -135,8 +140,9 @@ def build_parser():
                    help='patches per forward (default: the checkpoint\'s eval_batch_size, else 64; '
                         '--complexity: the throughput batch, 64)')
     g.add_argument('--seed', type=int, default=None, metavar='N',
-                   help='seed of random splits and random crops (default: the run\'s training seed for '
-                        'its round, so a random split is the one it was tested on; 0 for bare state_dicts)')
+                   help='seed of random crops and of other data sets\' reader splits (--split test/val); the '
+                        'training set\'s split is always redrawn with the run\'s own seed (default: the run\'s '
+                        'training seed for its round; 0 for bare state_dicts)')
 
     g = p.add_argument_group('Complexity table')
     g.add_argument('--complexity', action='store_true',
@@ -338,91 +344,35 @@ def parse_dataset_specs(items):
     return specs
 
 
-def evaluate_dataset(model, label, name, root, settings, args, device, amp, cache_dir):
-    """Score one data set; returns its entry of the results JSON.
+def evaluate_dataset(model, label, name, root, settings, args, device, amp, cache_dir, run):
+    """Score one data set (the images scoring.select_images chooses); returns its entry of the results JSON.
 
     MOS is multiplied by -1 where the data set's direction differs from the training target's
     (e.g. a model trained on KonIQ MOS tested on LIVE DMOS), so a good model has positive SRCC.
     """
     seed = settings['seed']
-    training = is_training_set(name, root, settings['trained_on'])
-    if training:
-        read = settings['train_data']
-    else:  # another data set: its standard target; CSV column flags, when given, name its columns
-        read = dict(csv_image_column=args.csv_image_column or 'image',
-                    csv_score_column=args.csv_score_column or 'score')
-    dataset = data_loader.load_dataset(name, root, seed=seed, val_ratio=settings['val_ratio'], **read)
-    split, why = choose_split(args.split, training, settings['trained_on'])
-    if split in ('test', 'val'):
-        if split not in dataset.splits:
-            raise data_loader.DataError(f'{label}: no validation split ({dataset.split_source})')
-        index = np.asarray(dataset.splits[split])
-    else:
-        index = np.arange(len(dataset))
-        if training:
-            print(f'warning: --split all on {label}, the data set the checkpoint was trained on: '
-                  'its training images are scored too', file=sys.stderr, flush=True)
-    print(f'{label}: {len(index)} of {len(dataset)} images ({split}: {why}); target {dataset.score_name}',
-          flush=True)
-    paths = [dataset.paths[i] for i in index]
+    # another data set: its standard target; CSV column flags, when given, name its columns
+    read = dict(csv_image_column=args.csv_image_column or 'image', csv_score_column=args.csv_score_column or 'score')
+    chosen = scoring.select_images(label, name, root, run, args.split, seed=seed, val_ratio=settings['val_ratio'],
+                                   read=read)
+    chosen.announce(label)
     # No minimum size (train_swin.py refuses images smaller than a crop for training): every image
     # is resized before cropping, as the original cross-dataset script did, so any size can be scored.
-    images, kept = data_loader.load_images(paths, resize_hw=tuple(settings['resize']), cache_dir=cache_dir,
+    images, kept = data_loader.load_images(chosen.paths, resize_hw=tuple(settings['resize']), cache_dir=cache_dir,
                                            num_workers=args.num_workers, skip_bad=True)
-    direction = 1.0 if dataset.higher_is_better == settings['higher_is_better'] else -1.0
-    mos = direction * dataset.mos[index[kept]]
+    direction = 1.0 if chosen.higher_is_better == settings['higher_is_better'] else -1.0
+    mos = direction * chosen.mos[kept]
     pred = score_images(model, images, settings, device, amp, desc=f'{label} ({len(kept)} images)')
     del images
-    result = {'dataset': dataset.name, 'images': int(len(kept)), **iqa_metrics.correlations(pred, mos),
+    result = {'dataset': chosen.name, 'images': int(len(kept)), **iqa_metrics.correlations(pred, mos),
               # the protocol with every number: scores of different crop protocols are not comparable
               'test_crop': settings['test_crop'], 'test_patch_num': settings['test_patch_num']}
     if args.n_boot > 0:
         for metric in ('srcc', 'plcc'):
             result[f'{metric}_ci'] = list(iqa_metrics.bootstrap_ci(pred, mos, metric, n_boot=args.n_boot,
                                                                    seed=seed))
-    result.update(
-        root=str(dataset.root), split=split, split_reason=why, images_in_dataset=len(dataset),
-        training_set=training, split_source=dataset.split_source,
-        skipped_images=int(len(paths) - len(kept)), score=dataset.score_name,
-        higher_is_better=bool(dataset.higher_is_better), mos_flipped=direction < 0)
+    result.update(chosen.record(kept), mos_flipped=direction < 0)
     return result
-
-
-def choose_split(flag, training, trained_on):
-    """('test', 'val' or 'all', the reason in words) for one data set under --split `flag`.
-
-    auto is the cross-dataset protocol of the user's paper, HyperIQA and pyiqa: a data set the
-    model never saw is scored whole (SPAQ: every image, as the per-epoch SPAQ column of
-    train_swin.py), the training data set only on its held-out test split. When the training set is unknown
-    (a bare state_dict without --trained_on) every set falls back to its test split, which
-    cannot include training images.
-    """
-    if flag == 'all':
-        return 'all', '--split all'
-    if flag in ('test', 'val'):
-        return flag, f'--split {flag}'
-    if training:
-        return 'test', 'the training data set: held-out test split'
-    if not trained_on:
-        return 'test', 'training set unknown (give --trained_on): test split'
-    return 'all', 'not the training data set: every image'
-
-
-def is_training_set(name, root, trained_on):
-    """Whether a data set is the one the checkpoint was trained on (config 'dataset').
-
-    Known data sets compare by name, wherever their folder is; annotation files (generic)
-    by path, since every one of them resolves to the name 'generic'.
-    """
-    if not trained_on:
-        return False
-    try:
-        trained_name, trained_root = data_loader.resolve_dataset(trained_on)
-    except data_loader.DataError:
-        return False
-    if name == data_loader.GENERIC or trained_name == data_loader.GENERIC:
-        return os.path.abspath(root) == os.path.abspath(trained_root)
-    return name == trained_name
 
 
 def results_path(output_dir, checkpoint_path, model_size):
@@ -470,18 +420,9 @@ def run_cross_dataset(args, device, amp):
           f'batch {settings["batch_size"]}, device {device}, bf16 autocast {"on" if amp else "off"}, '
           f'seed {settings["seed"]}', flush=True)
 
-    results, missing, failed = {}, {}, {}
-    for label, name, root in specs:
-        if not root.exists():
-            missing[label] = str(root)
-            print(f'{label}: not found at {root}; skipped', flush=True)
-            continue
-        print(f'{label}: {name} from {root}', flush=True)
-        try:
-            results[label] = evaluate_dataset(model, label, name, root, settings, args, device, amp, cache_dir)
-        except ValueError as err:  # DataError, or iqa_metrics: fewer than 2 usable images
-            failed[label] = str(err)
-            print(f'{label}: ERROR, skipped: {err}', file=sys.stderr, flush=True)
+    run = scoring.swin_run(ckpt, args.trained_on, settings['train_data'], settings['val_ratio'])
+    results, missing, failed = scoring.score_each(specs, lambda label, name, root: evaluate_dataset(
+        model, label, name, root, settings, args, device, amp, cache_dir, run))
 
     if not results:
         lines = ['No data set could be scored.']
@@ -493,8 +434,7 @@ def run_cross_dataset(args, device, amp):
                      '(e.g. --datasets spaq=/data/spaq-test kadid=/data/kadid10k).')
         raise UsageError('\n'.join(lines))
 
-    in_domain = [label for label, name, root in specs
-                 if label in results and is_training_set(name, root, settings['trained_on'])]
+    in_domain = [label for label, r in results.items() if r['training_set']]
     cross = {k: r for k, r in results.items() if k not in in_domain}
     cross_mean = None
     if settings['trained_on'] and cross:  # unknown for bare state_dicts: no in-domain set to leave out
@@ -545,12 +485,8 @@ def run_cross_dataset(args, device, amp):
         if r['mos_flipped']:
             print(f'note: {label}: {r["score"]} points the other way from the training target; '
                   'scored against -MOS so that a good model has positive SRCC')
-    for label, root in missing.items():
-        print(f'skipped {label}: not found at {root} (use --datasets {label}=PATH)')
-    for label, err in failed.items():
-        print(f'skipped {label}: {err.splitlines()[0]}')
     print(f'\nResults written to {path}')
-    return 1 if failed else 0
+    return scoring.report_skipped(missing, failed)
 
 
 # --------------------------------------------------------------------------- arbitrary images

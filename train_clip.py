@@ -406,18 +406,12 @@ def run_round(round_idx, args, state, ctx):
     log, device, amp, run_dir, data = ctx['log'], ctx['device'], ctx['amp'], ctx['run_dir'], ctx['data']
     round_seed = args.seed + round_idx - 1
     ds = data['dataset']
-    if args.split_file:
-        splits = clip_data.read_split_file(args.split_file, ds)
-        shared = clip_data.shared_prompts(splits, ds.prompts)
-        if shared:
-            log(f'WARNING: {len(shared)} prompts of --split_file sit on more than one side (e.g. {shared[0]!r}); '
-                'consistency results then partly measure memorised prompts')
-        source = f'--split_file {args.split_file}'
-    else:
-        splits = clip_data.prompt_split(ds.prompts, round_seed, args.val_ratio, args.test_ratio)
-        source = f'random by prompt (seed {round_seed})'
-    if 'train' not in splits or 'test' not in splits:
-        raise data_loader.DataError(f'split {source} has no train or no test images')
+    # the one split rule cross_dataset_test.py redraws from a checkpoint (clip_data.draw_split)
+    splits, source = clip_data.draw_split(ds, round_seed, args.val_ratio, args.test_ratio, args.split_file)
+    shared = clip_data.shared_prompts(splits, ds.prompts) if args.split_file else []
+    if shared:
+        log(f'WARNING: {len(shared)} prompts of --split_file sit on more than one side (e.g. {shared[0]!r}); '
+            'consistency results then partly measure memorised prompts')
     select_split = 'val' if 'val' in splits else 'test'
     if select_split == 'test':
         log('note: no validation split; the best epoch is selected on the TEST split (labelled as such)')
@@ -654,9 +648,10 @@ def main(argv=None):
             log('note: resuming uses the run\'s stored configuration; ignored: ' + ', '.join(f'--{k}' for k in ignored))
         config = dict(vars(args))
         config.update(run_name=run_name, system='clip', code_version=checkpoints.code_version(),
-                      command='python train_clip.py ' + ' '.join(argv))
+                      command='python train_clip.py ' + ' '.join(argv), **clip_data.split_paths(args))
         if resume is not None:
-            config.update({k: resume['config'][k] for k in ('code_version', 'command') if k in resume['config']})
+            config.update({k: resume['config'][k] for k in ('code_version', 'command', *clip_data.SPLIT_PATH_KEYS)
+                           if k in resume['config']})
         checkpoints.atomic_write_json(os.path.join(run_dir, 'config.json'), config)
         log('=' * 72)
         log(f'Run {run_name}  ({"resumed" if resume else "new"}, device {device}, precision {"bf16 autocast" if amp else "fp32"})')

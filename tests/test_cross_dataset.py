@@ -76,8 +76,9 @@ def test_project_and_bare_checkpoints_agree_and_json_matches_metrics(world, caps
                    .read_text())
     b = json.loads((tmp_path / 'b' / 'cross_dataset_results_nano_best_model_srcc_0.9249_plcc_0.9360.json')
                    .read_text())
-    # the same numbers; only what is known of the training set differs (bare: nothing)
-    why = ('split', 'split_reason', 'training_set')
+    # the same numbers; only what is known of the training set differs (bare: nothing), and with it
+    # how the split was drawn (spaq: the project's is read whole, the bare one's reader's test list)
+    why = ('split', 'split_reason', 'split_source', 'training_set')
     assert {k: {m: v for m, v in r.items() if m not in why} for k, r in a['results'].items()} == \
         {k: {m: v for m, v in r.items() if m not in why} for k, r in b['results'].items()}
     assert b['results']['koniq']['split_reason'] == 'training set unknown (give --trained_on): test split'

@@ -156,6 +156,34 @@ def prompt_split(prompts, seed, val_ratio=0.1, test_ratio=0.2):
     return {k: v for k, v in splits.items() if len(v)}
 
 
+def draw_split(dataset: PromptDataset, seed, val_ratio=0.1, test_ratio=0.2, split_file=None):
+    """(splits, source): a run's train/val/test split, as train_clip.py draws it for a round with
+    `seed` (the run's seed + round - 1) and as cross_dataset_test.py redraws it from a checkpoint.
+
+    A --split_file wins over the seeded prompt split. Both sides of training must hold images."""
+    if split_file:
+        splits, source = read_split_file(split_file, dataset), f'--split_file {split_file}'
+    else:
+        splits = prompt_split(dataset.prompts, seed, val_ratio, test_ratio)
+        source = f'random by prompt (seed {seed})'
+    if 'train' not in splits or 'test' not in splits:
+        raise DataError(f'split {source} has no train or no test images')
+    return splits, source
+
+
+# Absolute paths train_clip.py stores next to the flags as given: a relative --data_csv_path or
+# --split_file means nothing once the working folder has changed, and 'demo' names a folder.
+SPLIT_PATH_KEYS = ('data_csv_file', 'image_base_dir_abs', 'split_file_abs')
+
+
+def split_paths(args):
+    """{SPLIT_PATH_KEYS: absolute path or None} of train_clip.py's data flags."""
+    csv_path = DEMO_ROOT / 'data.csv' if args.data_csv_path == 'demo' else Path(args.data_csv_path)
+    absolute = lambda p: str(Path(p).expanduser().absolute()) if p else None  # noqa: E731
+    return {'data_csv_file': absolute(csv_path), 'image_base_dir_abs': absolute(args.image_base_dir),
+            'split_file_abs': absolute(args.split_file)}
+
+
 def read_split_file(path, dataset: PromptDataset):
     """A published split: JSON {"train": [image names], "val": [...], "test": [...]} (names as in the
     CSV's image column, or file names) or a CSV with columns name,split."""

@@ -18,6 +18,7 @@ import torch
 import checkpoints
 import data_loader
 from iqa import metrics as iqa_metrics
+from iqa import scoring
 from iqa.clip import data as clip_data
 from iqa.clip import hf_import
 from iqa.clip import models as models_clip
@@ -196,33 +197,12 @@ def run_checkpoint(args, device, specs):
               f'scale: x{scale_q:g} and x{scale_c:g}); written to {output}')
         return 0 if len(kept) else 1
 
-    results = {}
-    for label, name, root in specs:
-        if not root.exists():
-            print(f'{label}: not found at {root}; skipped', flush=True)
-            continue
-        dataset = data_loader.load_dataset(name, root, seed=args.seed or 0)
-        index = np.asarray(dataset.splits['test']) if args.split == 'test' else np.arange(len(dataset))
-        paths = [dataset.paths[i] for i in index]
-        prompt_info = _agiqa_prompts(str(root)) if name in ('agiqa-3k', data_loader.GENERIC) else None
-        prompts = None
-        if prompt_info is not None:
-            found = [prompt_info.get(os.path.abspath(p)) for p in paths]
-            prompts = [f[0] if f else '' for f in found] if all(found) else None
-        q, c, kept = _score_paths(model, paths, prompts, tokenizer, device, amp, batch, cache_dir, args.num_workers)
-        mos_q = dataset.mos[index[kept]] * (1.0 if dataset.higher_is_better else -1.0)
-        mos_c = np.array([prompt_info[os.path.abspath(paths[i])][1] for i in kept]) if prompts else None
-        r = {'dataset': dataset.name, 'images': int(len(kept)), **head_metrics(q, c, mos_q, mos_c)}
-        if args.n_boot > 0:
-            r['srcc_q_ci'] = list(iqa_metrics.bootstrap_ci(q, mos_q, 'srcc', n_boot=args.n_boot))
-            if mos_c is not None:
-                r['srcc_c_ci'] = list(iqa_metrics.bootstrap_ci(c, mos_c, 'srcc', n_boot=args.n_boot))
-        results[label] = r
-        print(f'{label}: {len(kept)} images, quality SRCC {r["srcc_q"]:.4f} PLCC {r["plcc_q"]:.4f}'
-              + (f', consistency SRCC {r["srcc_c"]:.4f} PLCC {r["plcc_c"]:.4f}' if mos_c is not None else
-                 ' (no prompts: consistency not scored)'), flush=True)
+    run = scoring.clip_run(ckpt, args.trained_on)
+    results, missing, failed = scoring.score_each(specs, lambda label, name, root: _score_dataset(
+        model, tokenizer, label, name, root, run, args, device, amp, batch, cache_dir))
     if not results:
         print('No data set could be scored (use --datasets NAME=PATH)', file=sys.stderr)
+        scoring.report_skipped(missing, failed)
         return 2
     stem = os.path.splitext(os.path.basename(args.checkpoint))[0]
     if stem == 'last':
@@ -231,6 +211,33 @@ def run_checkpoint(args, device, specs):
     os.makedirs(args.output_dir, exist_ok=True)
     atomic_write_json(path, {'checkpoint': os.path.abspath(args.checkpoint), 'system': 'clip',
                                          'model_config': model.config, 'epoch': ckpt.get('epoch'),
-                                         'split': args.split, 'results': results})
+                                         'split': args.split, 'trained_on': run.trained_on, 'results': results,
+                                         'missing': missing, 'failed': failed})
     print(f'Results written to {path}')
-    return 0
+    return scoring.report_skipped(missing, failed)
+
+
+def _score_dataset(model, tokenizer, label, name, root, run, args, device, amp, batch, cache_dir):
+    """Quality (and consistency, where prompts and alignment scores are known) of the images
+    scoring.select_images chooses; returns the set's entry of the results JSON."""
+    chosen = scoring.select_images(label, name, root, run, args.split, seed=args.seed or 0)
+    chosen.announce(label)
+    paths, prompts, mos_c = chosen.paths, chosen.prompts, chosen.mos_c
+    if prompts is None:   # another set: prompts from an AGIQA-3K-style data.csv, when it has them
+        prompt_info = _agiqa_prompts(str(root)) if name in ('agiqa-3k', data_loader.GENERIC) else None
+        found = [prompt_info.get(os.path.abspath(p)) for p in paths] if prompt_info is not None else []
+        if found and all(found):
+            prompts, mos_c = [f[0] for f in found], np.array([f[1] for f in found])
+    q, c, kept = _score_paths(model, paths, prompts, tokenizer, device, amp, batch, cache_dir, args.num_workers)
+    mos_q = chosen.mos[kept] * (1.0 if chosen.higher_is_better else -1.0)
+    mos_c = mos_c[kept] if prompts is not None else None
+    r = {'dataset': chosen.name, 'images': int(len(kept)), **head_metrics(q, c, mos_q, mos_c)}
+    if args.n_boot > 0:
+        r['srcc_q_ci'] = list(iqa_metrics.bootstrap_ci(q, mos_q, 'srcc', n_boot=args.n_boot))
+        if mos_c is not None:
+            r['srcc_c_ci'] = list(iqa_metrics.bootstrap_ci(c, mos_c, 'srcc', n_boot=args.n_boot))
+    r.update(chosen.record(kept))
+    print(f'{label}: {len(kept)} images, quality SRCC {r["srcc_q"]:.4f} PLCC {r["plcc_q"]:.4f}'
+          + (f', consistency SRCC {r["srcc_c"]:.4f} PLCC {r["plcc_c"]:.4f}' if mos_c is not None else
+             ' (no prompts: consistency not scored)'), flush=True)
+    return r

@@ -26,6 +26,8 @@ SCRIPT_DIR = Path(__file__).resolve().parents[2]
 GENERIC = 'generic'
 ROOT_HINT = ('put the data there or pass its folder '
              '(train_swin.py --data_root PATH, cross_dataset_test.py --datasets NAME=PATH)')
+# split_source of a data set read whole (load_dataset(split=False)): no split drawn, none applied.
+WHOLE_SOURCE = 'not split (every image)'
 # Share of the training side held out for validation (selection, early stopping) where a
 # data set has no official validation split: selecting on test would bias the test numbers.
 DEFAULT_VAL_RATIO = 0.1
@@ -60,8 +62,9 @@ class IQADataset:
         lo, hi = self.score_range
         direction = 'higher is better' if self.higher_is_better else 'lower is better'
         parts = ' / '.join(f'{k} {len(v)}' for k, v in self.splits.items())
+        split = f'split {self.split_source}: {parts}' if self.splits else self.split_source
         return (f'{self.name}: {len(self)} images in {self.root}; {self.score_name} {lo:g}-{hi:g} '
-                f'({direction}); split {self.split_source}: {parts}')
+                f'({direction}); {split}')
 
 
 @dataclass
@@ -75,6 +78,7 @@ class ReadContext:
     val_ratio: float = DEFAULT_VAL_RATIO
     image_column: str = 'image'     # a generic CSV's columns
     score_column: str = 'score'
+    whole: bool = False             # read every image, draw no split (load_dataset(split=False))
 
 
 @dataclass(frozen=True)
@@ -160,7 +164,8 @@ def resolve_dataset(name_or_path: str, root: str | os.PathLike | None = None) ->
 
 def load_dataset(name: str, root: str | os.PathLike | None = None, *, seed: int = 0,
                  score: str | None = None, train_ratio: float = 0.8, val_ratio: float = DEFAULT_VAL_RATIO,
-                 csv_image_column: str = 'image', csv_score_column: str = 'score') -> IQADataset:
+                 csv_image_column: str = 'image', csv_score_column: str = 'score',
+                 split: bool = True) -> IQADataset:
     """Read a data set's annotation files into an IQADataset (images are not opened here).
 
     `seed` and `train_ratio` choose the random split of data sets that have no official one
@@ -171,6 +176,11 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, *, seed: int 
     several (KonIQ 'MOS' for the 1-5 scale, AGIQA-3K 'mos_align', ...). The image folder is
     found from the first listed image (formats.find_image_folder); the image files themselves
     are checked later, all together, by load_images.
+
+    split=False reads every image the annotation lists and applies no split: none is drawn
+    or announced, `splits` is empty, and a side that would be empty is no error. A set the
+    model never saw is scored whole this way, whatever its reader's split would be (a few
+    KADID references from one side of the official split, one AGIQA prompt).
 
     A file as the root (NAME=path/to/list.json, or a generic .csv/.json) is read by the
     generic record's reader whatever the data set; a data set's own annotation file as the
@@ -186,11 +196,15 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, *, seed: int 
                         f'{EXPECTED_LAYOUT[name]} there; {ROOT_HINT}')
     if root.is_file() and root.name in ANNOTATION_FILES.get(name, ()):
         root = root.parent
+    # read whole: no validation share either, so no reader carves (and announces) one
     ctx = ReadContext(name=name, root=root, seed=seed, score=score, train_ratio=train_ratio,
-                      val_ratio=val_ratio, image_column=csv_image_column, score_column=csv_score_column)
+                      val_ratio=val_ratio if split else 0.0, image_column=csv_image_column,
+                      score_column=csv_score_column, whole=not split)
     reader = RECORDS[GENERIC].reader if root.is_file() else record.reader
     dataset = reader(ctx)
-    check_dataset(dataset)
+    if not split:
+        dataset.splits, dataset.split_source = {}, WHOLE_SOURCE
+    check_dataset(dataset, split)
     return dataset
 
 
@@ -203,8 +217,9 @@ def check_ratios(train_ratio: float, val_ratio: float) -> None:
                         f'(train_swin.py --val_ratio; 0 = no validation split)')
 
 
-def check_dataset(ds: IQADataset) -> None:
-    """Invariants every reader must give: aligned arrays, disjoint in-range splits, no duplicates."""
+def check_dataset(ds: IQADataset, split: bool = True) -> None:
+    """Invariants every reader must give: aligned arrays, disjoint in-range splits, no duplicates;
+    with `split`, a non-empty test side."""
     ds.mos = np.asarray(ds.mos, dtype=np.float64)
     if len(ds.paths) == 0:
         raise DataError(f'{ds.name}: no images listed in {ds.root}')
@@ -226,7 +241,7 @@ def check_dataset(ds: IQADataset) -> None:
         seen[idx] = True
         ds.splits[key] = np.sort(idx)
     ds.splits = {k: v for k, v in ds.splits.items() if len(v)}
-    if 'test' not in ds.splits:
+    if split and 'test' not in ds.splits:
         raise DataError(f'{ds.name}: no test images in split {ds.split_source}')
 
 

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from iqa.data.registry import DEFAULT_VAL_RATIO, ReadContext, check_ratios
+from iqa.data.registry import DEFAULT_VAL_RATIO, WHOLE_SOURCE, ReadContext, check_ratios
 
 __all__ = ['DEFAULT_VAL_RATIO', 'split_by_groups', 'random_split', 'val_from_train', 'random_source',
            'val_source', 'seeded_split', 'announce_split']
@@ -92,7 +92,11 @@ def val_source(ctx: ReadContext, unit: str) -> str:
 
 def seeded_split(ctx: ReadContext, n: int, unit: str = 'image', groups: Sequence | None = None,
                  label: str | None = None) -> tuple[dict, str]:
-    """(splits, source) of a random split by `unit` (whole `groups`), printed under `label`."""
+    """(splits, source) of a random split by `unit` (whole `groups`), printed under `label`.
+
+    A set read whole (ctx.whole) gets no split: nothing is drawn, nothing printed."""
+    if ctx.whole:
+        return {}, WHOLE_SOURCE
     source = random_source(ctx, unit)
     splits = random_split(ctx, n, groups)
     announce_split(label or ctx.name, source, splits)
