@@ -607,9 +607,10 @@ def run_round(round_idx, args, state, ctx):
     groups = [{'params': model.backbone_parameters(), 'lr': args.lr},
               {'params': model.head_parameters(), 'lr': args.lr * args.lr_ratio}]
     # One plan for every image set, made now that the model exists (see plan_and_place).
-    image_sets = {'train': images[splits['train']]}
-    image_sets.update({name: images[splits[name]] for name in ('val', 'test') if len(splits.get(name, []))})
-    del images  # the splits hold their own copies; KonIQ's full set is 5.9 GB
+    # Splits are rows of the (memory-mapped) images, not copies: one copy per machine in host RAM.
+    image_sets = {name: data_loader.ImageRows(images, splits[name])
+                  for name in ('train', 'val', 'test') if name == 'train' or len(splits.get(name, []))}
+    del images
     if ctx['spaq']:
         image_sets['spaq'] = ctx['spaq'][0]
     image_sets = plan_and_place(image_sets, args, device, amp, world, raw_model, log)

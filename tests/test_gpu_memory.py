@@ -127,7 +127,7 @@ def test_train_swin_plans_with_the_measured_eval_batch_and_the_shared_card(monke
     monkeypatch.setenv('IQA_GPU_SHARED', '2')
     fake_card(monkeypatch, int(39 * GIB), int(40 * GIB), int(WEIGHTS))
     images = torch.zeros(6, 3, 8, 8, dtype=torch.uint8)
-    sets = {'train': images[:3], 'test': images[3:]}
+    sets = {'train': data_loader.ImageRows(images, [0, 2, 4]), 'test': data_loader.ImageRows(images, [1, 3])}
     lines = []
     out = train_swin.plan_and_place(sets, plan_args(), torch.device('cuda', 0), True, 1, None, lines.append)
     assert calls['eval'] == (64, 224)
@@ -161,3 +161,124 @@ def test_a_probe_out_of_memory_gives_the_advice_not_a_traceback(monkeypatch):
     msg = str(e.value)
     assert 'evaluation batch of --eval_batch_size 64' in msg and '--eval_batch_size 32' in msg
     assert 'fewer runs on this card: 2 share it' in msg and '--images_on cpu' not in msg   # already on the host
+
+
+# --------------------------------------------------------------------------- splits as rows
+
+def test_a_split_is_rows_of_the_images_not_a_copy_and_gives_the_same_patches():
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (9, 3, 40, 48), dtype=torch.uint8, generator=gen)
+    rows = np.array([7, 2, 5, 0, 8])
+    split = data_loader.ImageRows(images, rows)
+    assert split.shape == (5, 3, 40, 48) and split.numel() == images[rows].numel() and len(split) == 5
+    assert torch.equal(split.to('cpu'), images[rows])
+    mos = np.arange(5.0)
+    for rank, world in ((0, 1), (0, 2), (1, 2)):
+        kw = dict(patch_size=16, patch_num=3, batch_size=4, seed=3, rank=rank, world_size=world, place=False)
+        copy = data_loader.TrainPatchSampler(images[rows], mos, **kw)
+        view = data_loader.TrainPatchSampler(split, mos, **kw)
+        assert view.images.data_ptr() == images.data_ptr()          # no copy of the split
+        assert len(copy) == len(view)
+        for a, b in zip(copy.batches(1), view.batches(1)):
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
+    for crop in data_loader.EVAL_CROPS:
+        kw = dict(patch_size=16, patch_num=3, batch_size=4, crop=crop, seed=5, image_ids=[1, 3, 4])
+        for a, b in zip(data_loader.eval_patch_batches(images[rows], **kw), data_loader.eval_patch_batches(split, **kw)):
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 1, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(0))
+    kw = dict(patch_size=16, patch_num=4, batch_size=3, crop='fixed')
+    assert np.array_equal(predict_scores(model, images[rows], **kw), predict_scores(model, split, **kw))
+    with pytest.raises(data_loader.DataError, match='rows must be in 0..8'):
+        data_loader.ImageRows(images, [9])
+
+
+@pytest.mark.skipif(not os.path.exists('/proc/self/maps'), reason='needs Linux /proc/self/maps')
+def test_a_cached_set_is_memory_mapped(tmp_path):
+    paths = [fx.write_image(tmp_path / f'{i}.png', seed=i) for i in range(3)]
+    decoded, _ = data_loader.load_images(paths, (32, 40), cache_dir=tmp_path / 'cache', progress=False)
+    again, _ = data_loader.load_images(paths, (32, 40), cache_dir=tmp_path / 'cache', progress=False)
+    assert torch.equal(decoded, again)
+    npy = str(next((tmp_path / 'cache').glob('*.npy')))
+    for images in (decoded, again):   # the decoding process maps the file it wrote, as the others do
+        assert mapped_file(images.data_ptr()) == npy
+
+
+def mapped_file(address):
+    """The file mapped at `address` in this process (/proc/self/maps), or None."""
+    with open('/proc/self/maps') as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            start, end = (int(v, 16) for v in fields[0].split('-'))
+            if start <= address < end:
+                return fields[5].strip() if len(fields) > 5 else None
+    return None
+
+
+# --------------------------------------------------------------------------- two processes, one copy
+
+READER = textwrap.dedent('''
+    import json, os, sys, time
+    import numpy as np
+    import torch
+    import data_loader
+
+    def memory():
+        out = {}
+        for name in ('/proc/self/status', '/proc/self/smaps_rollup'):
+            for line in open(name):
+                key, _, value = line.partition(':')
+                if key in ('VmRSS', 'RssAnon', 'RssFile', 'Pss'):
+                    out[key] = int(value.split()[0]) * 1024
+        return out
+
+    paths, hw, cache, me, other = json.loads(sys.argv[1])
+    before = memory()
+    images, kept = data_loader.load_images(paths, hw, cache_dir=cache, progress=False)
+    split = data_loader.ImageRows(images, np.arange(0, len(images), 2))
+    sampler = data_loader.TrainPatchSampler(split, np.arange(len(split), dtype=float), patch_size=32,
+                                            patch_num=2, batch_size=2, color_jitter=False, place=False)
+    next(sampler.batches(0))
+    after_split = memory()
+    for i in range(images.shape[0]):
+        int(images[i].max())      # read every page of the cache
+    open(me, 'w').close()         # both hold the whole set mapped when each measures
+    while not os.path.exists(other):
+        time.sleep(0.05)
+    touched = memory()
+    open(me + '.done', 'w').close()
+    while not os.path.exists(other + '.done'):
+        time.sleep(0.05)
+    print(json.dumps({'before': before, 'split': after_split, 'touched': touched,
+                      'same_storage': sampler.images.data_ptr() == images.data_ptr()}))
+''')
+
+
+@pytest.mark.skipif(not os.path.exists('/proc/self/smaps_rollup'), reason='needs Linux /proc/self/smaps_rollup')
+def test_two_processes_read_one_cache_without_a_second_copy(tmp_path):
+    """Each DDP rank read the whole decoded set into its own memory and copied every split:
+    KonIQ + SPAQ cost about 18 GB per rank. Mapped and indexed, the machine holds one copy."""
+    hw = (2400, 3600)   # 8 images of 25.9 MB: a 207 MB cache
+    paths = [str(fx.write_image(tmp_path / f'{i}.png', hw=(24, 36), seed=i)) for i in range(8)]
+    cache = str(tmp_path / 'cache')
+    images, _ = data_loader.load_images(paths, hw, cache_dir=cache, progress=False)
+    size = images.numel()
+    del images
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1')
+    marks = [str(tmp_path / 'a'), str(tmp_path / 'b')]
+    procs = [subprocess.Popen([sys.executable, '-c', READER, json.dumps([paths, hw, cache, me, other])],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+             for me, other in (marks, marks[::-1])]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    grow = lambda r, key, at='touched': r[at][key] - r['before'][key]
+    for r in results:
+        print({k: f'{grow(r, k) / 2**20:.1f} MiB' for k in ('VmRSS', 'RssAnon', 'RssFile', 'Pss')})
+        assert r['same_storage']
+        assert grow(r, 'RssAnon', 'split') < 0.1 * size     # the split and a batch of it: no copy
+        assert grow(r, 'RssAnon') < 0.1 * size               # every page read, none copied
+        assert grow(r, 'RssFile') > 0.9 * size               # ... read through the shared map
+    # proportional set size splits shared pages between their processes: one copy for the two
+    assert sum(grow(r, 'Pss') for r in results) < 1.3 * size
