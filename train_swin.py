@@ -30,6 +30,7 @@ import checkpoints
 import data_loader
 import models_swin
 from iqa import metrics as iqa_metrics
+from iqa.data import placement
 from iqa.evaluation import predict_scores
 from run_setup import (SuggestingParser, Tee, gather_to_all, make_optimizer, seed_everything, set_precision,
                        setup_distributed)
@@ -489,20 +490,14 @@ def measure_step_bytes(model, args, device, amp):
 
 
 def plan_and_place(image_sets, args, device, amp, world, raw_model, log):
-    """Measure one step, plan where each image set lives (data_loader.plan_image_memory), print
-    the plan and move the GPU sets there. Returns {name: tensor where it now lives}; the host
-    copies of moved sets are dropped by the caller (they are no longer referenced)."""
-    if device.type != 'cuda':
-        return dict(image_sets)
-    step = measure_step_bytes(raw_model, args, device, amp)
-    free, total = torch.cuda.mem_get_info(device)
-    # memory PyTorch holds in its cache counts as free: it is reused before the card is asked again
-    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    to_place = [(name, t.numel()) for name, t in image_sets.items() if t.device.type != 'cuda']
-    plan = data_loader.plan_image_memory(free, total, step, to_place, world, args.images_on, str(device))
-    for line in plan['lines']:
-        log(line)
-    return {name: t.to(device) if plan['where'].get(name) == 'gpu' else t for name, t in image_sets.items()}
+    """Measure a training step and an evaluation batch, plan where each image set lives and move
+    the GPU sets there (iqa.data.placement.plan_and_place). Returns {name: set where it now lives}."""
+    return placement.plan_and_place(
+        image_sets, device=device, world_size=world, images_on=args.images_on, log=log,
+        batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
+        measure_step=lambda: measure_step_bytes(raw_model, args, device, amp),
+        measure_eval=lambda: placement.measure_eval_bytes(raw_model, args.eval_batch_size, args.patch_size,
+                                                          device, amp))
 
 
 def remap_splits(dataset, kept):
@@ -612,9 +607,10 @@ def run_round(round_idx, args, state, ctx):
     groups = [{'params': model.backbone_parameters(), 'lr': args.lr},
               {'params': model.head_parameters(), 'lr': args.lr * args.lr_ratio}]
     # One plan for every image set, made now that the model exists (see plan_and_place).
-    image_sets = {'train': images[splits['train']]}
-    image_sets.update({name: images[splits[name]] for name in ('val', 'test') if len(splits.get(name, []))})
-    del images  # the splits hold their own copies; KonIQ's full set is 5.9 GB
+    # Splits are rows of the (memory-mapped) images, not copies: one copy per machine in host RAM.
+    image_sets = {name: data_loader.ImageRows(images, splits[name])
+                  for name in ('train', 'val', 'test') if name == 'train' or len(splits.get(name, []))}
+    del images
     if ctx['spaq']:
         image_sets['spaq'] = ctx['spaq'][0]
     image_sets = plan_and_place(image_sets, args, device, amp, world, raw_model, log)

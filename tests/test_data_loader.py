@@ -517,7 +517,11 @@ def test_unreadable_cache_is_rebuilt(tmp_path, capsys):
     cache = tmp_path / 'cache'
     first, _ = dl.load_images(paths, (8, 8), cache_dir=cache, progress=False)
     npy = next(cache.glob('*.npy'))
-    npy.write_bytes(npy.read_bytes()[:100])   # truncated cache file
+    truncated = npy.read_bytes()[:100]
+    # a new, truncated file in its place (replaced, as every writer of the cache replaces files):
+    # `first` maps the old file, which must not be changed in place under a process reading it
+    npy.unlink()
+    npy.write_bytes(truncated)
     again, _ = dl.load_images(paths, (8, 8), cache_dir=cache, progress=False)
     assert torch.equal(first, again) and 'ignoring unreadable image cache' in capsys.readouterr().err
 

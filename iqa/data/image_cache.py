@@ -4,6 +4,10 @@ Each image is decoded and resized a single time (as torchvision Resize does on a
 and kept as uint8; patches are cut from it later (iqa.data.patches). Problems with individual
 images are collected and reported together (the first 20 and a count) before training
 starts, or skipped with a warning on request.
+
+A cached set is memory-mapped, not read: every process on the machine (each DDP rank, each
+run of a queue) and every split (ImageRows) reads the same pages of the page cache, so a
+data set costs its size once per machine in host RAM, not once per process and split.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -66,8 +71,10 @@ def load_images(paths: Sequence[str | os.PathLike], resize_hw: tuple[int, int] |
     decoded = _cache_read(cache, key) if cache is not None else None
     if decoded is None:
         decoded = _decode_all(paths, stats, resize_hw, num_workers, progress)
-        if cache is not None:
-            _cache_write(cache, key, decoded, paths, resize_hw)
+        if cache is not None and _cache_write(cache, key, decoded, paths, resize_hw):
+            # the decoding process maps the file it wrote too, so it holds no private copy
+            # besides the one in the page cache that the other processes read
+            decoded = _cache_read(cache, key, quiet=True) or decoded
     images, kept, problems, orig_hw = decoded
 
     if min_hw is not None and resize_hw is None:
@@ -257,7 +264,7 @@ def _cache_files(cache: Path, key: str) -> tuple[Path, Path]:
     return cache / f'{key}.npy', cache / f'{key}.json'
 
 
-def _cache_write(cache: Path, key: str, decoded, paths, resize_hw) -> None:
+def _cache_write(cache: Path, key: str, decoded, paths, resize_hw) -> bool:
     images, kept, problems, orig_hw = decoded
     data_file, meta_file = _cache_files(cache, key)
     meta = {'version': CACHE_VERSION, 'key': key, 'shape': list(images.shape),
@@ -272,11 +279,12 @@ def _cache_write(cache: Path, key: str, decoded, paths, resize_hw) -> None:
         # A full disk must not stop training: the decoded images are already in memory.
         print(f'warning: could not write the image cache in {cache} ({e}); continuing without it',
               file=sys.stderr, flush=True)
-        return
+        return False
     print(f'image cache written: {data_file} ({images.numel() / 2**30:.2f} GiB)', flush=True)
+    return True
 
 
-def _cache_read(cache: Path, key: str):
+def _cache_read(cache: Path, key: str, quiet: bool = False):
     data_file, meta_file = _cache_files(cache, key)
     if not (data_file.is_file() and meta_file.is_file()):
         return None
@@ -285,17 +293,81 @@ def _cache_read(cache: Path, key: str):
         meta = json.loads(meta_file.read_text())
         if meta.get('version') != CACHE_VERSION or meta.get('key') != key:
             return None
-        array = np.load(data_file, allow_pickle=False)
+        # Read-only map: pages come from the page cache on first touch and are shared with every
+        # other process mapping the file; a write into the images is a bug and faults loudly
+        # rather than silently making a private copy.
+        array = np.load(data_file, mmap_mode='r', allow_pickle=False)
         if list(array.shape) != meta['shape'] or array.dtype != np.uint8:
             raise ValueError(f'shape {array.shape} {array.dtype}, expected {meta["shape"]} uint8')
     except Exception as e:
         print(f'warning: ignoring unreadable image cache {data_file} ({e}); decoding again',
               file=sys.stderr, flush=True)
         return None
-    images = torch.from_numpy(array)
+    with warnings.catch_warnings():
+        # torch warns that it cannot write-protect a tensor over a read-only array; the map is
+        # protected by the operating system instead
+        warnings.filterwarnings('ignore', message='The given NumPy array is not writable')
+        images = torch.from_numpy(array)
     kept = np.asarray(meta['kept'], dtype=np.int64)
     problems = [(int(i), str(r)) for i, r in meta['problems']]
     orig_hw = np.asarray(meta['orig_hw'], dtype=np.int64).reshape(-1, 2)
-    print(f'image cache hit: {data_file} {tuple(images.shape)} ({images.numel() / 2**30:.2f} GiB) '
-          f'loaded in {time.perf_counter() - started:.1f} s', flush=True)
+    if not quiet:
+        print(f'image cache hit: {data_file} {tuple(images.shape)} ({images.numel() / 2**30:.2f} GiB) '
+              f'memory-mapped in {time.perf_counter() - started:.1f} s', flush=True)
     return images, kept, problems, orig_hw
+
+
+class ImageRows:
+    """Rows of a decoded uint8 image tensor (N, 3, H, W), selected without copying them.
+
+    A split is a list of rows into the images of its data set: `images[rows]` would copy them
+    (KonIQ's training split alone is 3.9 GiB, per process), whereas ImageRows keeps the index
+    and patches are cut from the shared (memory-mapped) tensor directly. Accepted wherever
+    decoded images are (TrainPatchSampler, eval_patch_batches, predict_scores, place_images,
+    the memory plan): `shape`, `len`, `numel`, `device` and `dtype` describe the selected rows,
+    and `.to(device)` gathers them, in order, into one tensor there.
+    """
+
+    GATHER_CHUNK = 64   # images per host->device copy in .to(): no full host copy on the way
+
+    def __init__(self, images: torch.Tensor, rows):
+        rows = np.asarray(rows, dtype=np.int64).ravel()
+        if rows.size and (rows.min() < 0 or rows.max() >= images.shape[0]):
+            raise DataError(f'ImageRows: rows must be in 0..{images.shape[0] - 1}, '
+                            f'got {rows.min()}..{rows.max()}')
+        self.images, self.rows = images, rows
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.rows),) + tuple(self.images.shape[1:]))
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.images.dtype
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def dim(self) -> int:
+        return self.images.dim()
+
+    def numel(self) -> int:
+        return len(self.rows) * int(np.prod(self.images.shape[1:]))
+
+    def to(self, device: str | torch.device) -> torch.Tensor:
+        out = torch.empty(self.shape, dtype=self.dtype, device=device)
+        for a in range(0, len(self.rows), self.GATHER_CHUNK):
+            chunk = torch.from_numpy(self.rows[a:a + self.GATHER_CHUNK])
+            out[a:a + len(chunk)].copy_(self.images.index_select(0, chunk.to(self.images.device)))
+        return out
+
+
+def as_rows(images: torch.Tensor | ImageRows) -> tuple[torch.Tensor, np.ndarray | None]:
+    """(contiguous tensor, rows into it or None for all of them) of decoded images or ImageRows."""
+    if isinstance(images, ImageRows):
+        return images.images.contiguous(), images.rows
+    return images.contiguous(), None

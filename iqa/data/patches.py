@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from iqa.data.image_cache import ImageRows, as_rows
 from iqa.data.placement import canonical_device, place_images
 from iqa.data.registry import DataError
 
@@ -36,11 +37,12 @@ def _generator(*entropy: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state) & 0x7FFFFFFFFFFFFFFF)
 
 
-def _check_images(images_u8: torch.Tensor, patch_size: int, what: str) -> None:
-    if not isinstance(images_u8, torch.Tensor) or images_u8.dim() != 4 or images_u8.shape[1] != 3 \
+def _check_images(images_u8: torch.Tensor | ImageRows, patch_size: int, what: str) -> None:
+    if not isinstance(images_u8, (torch.Tensor, ImageRows)) or images_u8.dim() != 4 or images_u8.shape[1] != 3 \
             or images_u8.dtype != torch.uint8:
         shape = tuple(images_u8.shape) if isinstance(images_u8, torch.Tensor) else type(images_u8).__name__
-        raise DataError(f'{what}: expected a uint8 tensor (N, 3, H, W) from load_images, got {shape}')
+        raise DataError(f'{what}: expected a uint8 tensor (N, 3, H, W) from load_images (or ImageRows of '
+                        f'one), got {shape}')
     if images_u8.shape[0] == 0:
         raise DataError(f'{what}: no images')
     h, w = images_u8.shape[2:]
@@ -210,7 +212,7 @@ class TrainPatchSampler:
     image fewer repeats some of its own pairs so every rank yields the same number of batches.
     """
 
-    def __init__(self, images_u8: torch.Tensor, mos, *, patch_size: int = 224, patch_num: int = 25,
+    def __init__(self, images_u8: torch.Tensor | ImageRows, mos, *, patch_size: int = 224, patch_num: int = 25,
                  batch_size: int = 32, color_jitter: bool = True, seed: int = 0,
                  device: str | torch.device = 'cpu', rank: int = 0, world_size: int = 1,
                  drop_last: bool = False, place: bool = True):
@@ -227,8 +229,11 @@ class TrainPatchSampler:
         if n < world_size:
             raise DataError(f'TrainPatchSampler: {n} images cannot be shared by {world_size} processes')
         self.device = canonical_device(device)
-        # place=False: the caller's memory plan decided where the images live; cut patches there
-        self.images = place_images(images_u8.contiguous(), self.device) if place else images_u8.contiguous()
+        # place=False: the caller's memory plan decided where the images live; cut patches there.
+        # ImageRows left on the host stay an index into the shared images (no copy): positions
+        # 0..n-1 of the split draw the patches, self.rows maps them to rows of self.images.
+        self.images, self.rows = as_rows(place_images(images_u8, self.device) if place else images_u8)
+        self.n = n
         self._pin = self.images.device.type == 'cpu' and self.device.type == 'cuda'
         self.mos = torch.from_numpy(mos).float().to(self.device)
         self.patch_size, self.patch_num, self.batch_size = patch_size, patch_num, batch_size
@@ -246,7 +251,7 @@ class TrainPatchSampler:
 
     def epoch_pairs(self, epoch: int) -> torch.Tensor:
         """Image index of each patch of this rank's epoch, in the order they are served."""
-        n = self.images.shape[0]
+        n = self.n
         shared = _generator(self.seed, epoch)                    # same on every rank
         mine = torch.randperm(n, generator=shared)[self.rank::self.world_size]
         pairs = mine.repeat_interleave(self.patch_num)
@@ -269,7 +274,7 @@ class TrainPatchSampler:
         flip = (torch.rand(n_pairs, generator=gen) < 0.5).tolist()
         # per-patch jitter maps for the epoch at once: many tiny matrix ops, cheap in bulk
         jitter = _jitter_maps(_jitter_factors(gen, n_pairs), self.device) if self.color_jitter else None
-        index = pairs.tolist()
+        index = (pairs.numpy() if self.rows is None else self.rows[pairs.numpy()]).tolist()   # rows to cut
         index_dev = pairs.to(self.device)
         for b in range(len(self)):
             sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
@@ -292,7 +297,7 @@ def eval_crops_per_image(crop: str, patch_num: int) -> int:
     return 1 if crop == 'center' else patch_num
 
 
-def eval_patch_batches(images_u8: torch.Tensor, *, patch_size: int = 224, patch_num: int = 25,
+def eval_patch_batches(images_u8: torch.Tensor | ImageRows, *, patch_size: int = 224, patch_num: int = 25,
                        batch_size: int = 64, random_crop: bool = False, seed: int = 0,
                        device: str | torch.device = 'cpu',
                        image_ids: Sequence[int] | np.ndarray | None = None,
@@ -312,7 +317,8 @@ def eval_patch_batches(images_u8: torch.Tensor, *, patch_size: int = 224, patch_
     No flip and no colour jitter. `image_ids` (e.g. one process's share under DDP) limits
     the images evaluated; their indices and crops are those of a run over all images.
     place=True moves host images to a GPU device when they fit (place_images); place=False
-    cuts patches where the images are (a memory plan already decided).
+    cuts patches where the images are (a memory plan already decided). ImageRows are image
+    0..len-1 here, cut from their rows of the shared tensor, the same crops as a copy would give.
     """
     crop = crop or ('random' if random_crop else 'fixed')
     if crop not in EVAL_CROPS:
@@ -341,11 +347,12 @@ def eval_patch_batches(images_u8: torch.Tensor, *, patch_size: int = 224, patch_
     top = top.reshape(n, patch_num)[ids].ravel()
     left = left.reshape(n, patch_num)[ids].ravel()
     index = np.repeat(ids, patch_num)
-    images = place_images(images_u8.contiguous(), device) if place else images_u8.contiguous()
+    images, rows = as_rows(place_images(images_u8, device) if place else images_u8)
+    cut = index if rows is None else rows[index]
     pin = images.device.type == 'cpu' and device.type == 'cuda'
     index_dev = torch.from_numpy(index).to(device)   # one copy, not one per batch
     for start in range(0, len(index), batch_size):
         sl = slice(start, start + batch_size)
-        patches = _patches(images, index[sl].tolist(), top[sl].tolist(), left[sl].tolist(), None, p, None,
+        patches = _patches(images, cut[sl].tolist(), top[sl].tolist(), left[sl].tolist(), None, p, None,
                            device, pin)
         yield patches, index_dev[sl]
