@@ -112,8 +112,13 @@ def build_parser():
     g.add_argument('--refinement_heads', type=int, default=8, metavar='N', help='refinement attention heads')
     g.add_argument('--refinement_dim', type=int, default=256, metavar='D', help='refinement hidden size')
     g.add_argument('--no_strict_residual', action='store_true',
-                   help='(with --use_refinement) supervise only the refined score, end to end, instead of the '
-                        'coarse score and the refinement\'s residual separately')
+                   help='(with --use_refinement) the card\'s switch to the plain MSE(c, target); the original\'s '
+                        'strict residual loss is the same number and gradient, so both train alike')
+    g.add_argument('--refinement_loss', default='strict', choices=('strict', 'two_stage'),
+                   help='(with --use_refinement) consistency loss: strict = the original\'s strict residual '
+                        'MSE(c - coarse.detach(), t - coarse.detach()), equal to MSE(c, t) in value and gradient; '
+                        'two_stage = MSE(coarse, t) + MSE(clamp(coarse.detach() + residual), t), the coarse '
+                        'score and the refinement supervised apart (not in the original)')
     g.add_argument('--freeze_clip', action='store_true', help='freeze both CLIP towers (heads only)')
     g.add_argument('--partial_freeze', action='store_true',
                    help='freeze the embeddings and the first --freeze_layers blocks of each tower')
@@ -220,6 +225,8 @@ def check_args(args, warn):
         errors.append('--no_pretrained and --pretrained_path (or a local folder as --clip_model) contradict each other')
     if args.pretrained_path and not os.path.exists(args.pretrained_path):
         errors.append(f'--pretrained_path {args.pretrained_path}: no such file')
+    if args.no_strict_residual and args.refinement_loss == 'two_stage':
+        errors.append('--no_strict_residual (MSE(c, t)) and --refinement_loss two_stage contradict each other')
     if errors:
         raise SystemExit('train_clip.py: error: ' + '\n  '.join([''] + errors).lstrip('\n') + '\nNothing was run.')
     if args.freeze_clip and args.partial_freeze:
@@ -231,8 +238,8 @@ def check_args(args, warn):
                      'used here ignore it, as the original did')
     elif args.residual_scale_q != 0.2 or args.residual_scale_c != 0.2 or args.bound != 'clamp':
         warn('--residual_scale_q/_c and --bound belong to the residual heads; --no_residual_learning ignores them')
-    if args.no_strict_residual and not (args.use_refinement and args.no_residual_learning):
-        warn('--no_strict_residual only changes the loss of --use_refinement with --no_residual_learning')
+    if args.refinement_loss != 'strict' and not (args.use_refinement and args.no_residual_learning):
+        warn('--refinement_loss only changes the loss of --use_refinement with --no_residual_learning')
     if args.w_exp != 0.1 and not args.use_explanations:
         warn('--w_exp is used only with --use_explanations')
     args.pin_memory = not args.no_pin_memory if args.pin_memory is None else args.pin_memory
@@ -262,16 +269,15 @@ def lr_factor(step, epoch, total_steps, args):
 
 
 def consistency_loss(out, target, args):
-    """MSE of the consistency. Strict residual (--use_refinement, default): the coarse score learns
-    the target and the refinement learns only what is left, on a detached coarse score. The
-    original wrote this as MSE(c - coarse.detach(), target - coarse.detach()), which is the same
-    number and gradient as MSE(c, target), so its flag changed nothing; --no_strict_residual
-    here is that end-to-end MSE(c, target)."""
-    if out['residual'] is not None and not args.no_strict_residual:
+    """MSE of the consistency. The original's default, strict residual, is
+    MSE(c - coarse.detach(), target - coarse.detach()): the detached coarse score cancels in the
+    difference, so it is MSE(c, target) in value and gradient, and that is what --use_refinement
+    trains by default. --refinement_loss two_stage supervises the coarse score and the
+    refinement apart: MSE(coarse, target) + MSE(clamp(coarse.detach() + residual), target)."""
+    if out['residual'] is not None and args.refinement_loss == 'two_stage':
         refined = torch.clamp(out['c_coarse'].detach() + out['residual'], 0.0, 1.0)
         return F.mse_loss(out['c_coarse'], target) + F.mse_loss(refined, target)
     return F.mse_loss(out['c'], target)
-
 
 # --------------------------------------------------------------------------- one epoch
 

@@ -169,13 +169,43 @@ def test_direct_mode_two_branch_and_refinement_formulas():
     assert out['residual'].abs().max() <= 0.1 + 1e-6  # r * tanh, r = 0.1 at start
 
 
-def test_strict_residual_supervises_coarse_and_residual_separately():
+def test_two_stage_refinement_loss_supervises_coarse_and_residual_separately():
     out = {'c': torch.tensor([0.6, 0.4]), 'c_coarse': torch.tensor([0.5, 0.5]), 'residual': torch.tensor([0.1, -0.1])}
     target = torch.tensor([0.8, 0.2])
-    strict = train_clip.consistency_loss(out, target, parse('--no_residual_learning --use_refinement'))
+    two = train_clip.consistency_loss(out, target, parse('--no_residual_learning --use_refinement --refinement_loss two_stage'))
     loose = train_clip.consistency_loss(out, target, parse('--no_residual_learning --use_refinement --no_strict_residual'))
     assert loose.item() == pytest.approx(0.04)                                  # MSE(c, t)
-    assert strict.item() == pytest.approx(0.09 + 0.04)                          # MSE(coarse, t) + MSE(coarse+r, t)
+    assert two.item() == pytest.approx(0.09 + 0.04)                             # MSE(coarse, t) + MSE(coarse+r, t)
+
+
+def test_use_refinement_trains_the_originals_strict_residual_by_default():
+    """The original's strict residual MSE(c - coarse.detach(), t - coarse.detach()) is MSE(c, t)
+    in value and gradient: the flag's default must train exactly that."""
+    torch.manual_seed(0)
+    ref = _nano(residual=False, use_refinement=True, refinement_layers=1, refinement_heads=4, refinement_dim=32)
+    img, txt = _embeddings()
+    target = torch.rand(img.shape[0])
+    args = parse('--no_residual_learning --use_refinement')
+    assert args.refinement_loss == 'strict'
+
+    def grads(loss_fn):
+        ref.zero_grad()
+        out = ref.heads(img, txt)
+        loss = loss_fn(out)
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in ref.head_parameters() if p.grad is not None]
+
+    ours, g_ours = grads(lambda out: train_clip.consistency_loss(out, target, args))
+    plain, g_plain = grads(lambda out: torch.nn.functional.mse_loss(out['c'], target))
+    original, g_orig = grads(lambda out: torch.nn.functional.mse_loss(out['c'] - out['c_coarse'].detach(),
+                                                                      target - out['c_coarse'].detach()))
+    assert ours == pytest.approx(plain, rel=1e-6) and ours == pytest.approx(original, rel=1e-5)
+    assert len(g_ours) == len(g_plain) > 0
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(g_ours, g_plain))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_ours, g_orig))
+    with pytest.raises(SystemExit, match='contradict'):
+        train_clip.check_args(parse('--no_residual_learning --use_refinement --no_strict_residual '
+                                    '--refinement_loss two_stage'), print)
 
 
 def test_explanation_loss_is_mse_of_normalised_vectors():
