@@ -63,7 +63,7 @@ def test_card_defaults():
     assert (a.refinement_heads, a.refinement_dim, a.scheduler, a.step_lr_step_size, a.step_lr_gamma) == \
         (8, 256, 'cosine', 1, 0.1)
     assert (a.log_csv, a.label_scale_q, a.label_scale_c, a.early_stopping_patience) == ('training_log.csv', None, None, 0)
-    assert a.head_lr_ratio == 1.0 and a.select_on == 'mean'
+    assert a.head_lr_ratio == 1.0 and a.select_on == 'consistency'   # the original's selection
     assert not (a.no_residual_learning or a.freeze_clip or a.partial_freeze or a.use_explanations)
 
 
@@ -439,7 +439,7 @@ def test_run_writes_every_output_and_ends_with_the_result_line(tmp_path):
     assert all(metrics[1][f'{s}_{m}'] != '' for s in ('val', 'test') for m in train_clip.HEAD_METRICS)
     # the log says which prompts went where, and its last line is the grep-able result
     last = (tmp_path / 'logs' / f'{run_dir.name}.log').read_text().strip().splitlines()[-1]
-    assert last.startswith('Best test SRCC_Q ') and ' SRCC_C ' in last and 'selected on val mean' in last
+    assert last.startswith('Best test SRCC_Q ') and ' SRCC_C ' in last and 'selected on val consistency' in last
     ckpt = torch.load(run_dir / best[0], weights_only=True)
     assert ckpt['format'] == clip_eval.CLIP_CHECKPOINT_FORMAT and ckpt['model_config']['clip_model'] == 'nano'
     model, _ = clip_eval.load_model(str(run_dir / best[0]))
