@@ -353,23 +353,43 @@ def fmt(x, spec='.4f'):
     return '' if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-def original_log_row(row, best_s_c):
+def original_log_values(val, previous, args, next_lr_factor):
+    """The original's training_log.csv numbers of one epoch, unrounded: its s_q, p_q, s_c, p_c (on
+    val here; None without a val split), best_s_c, its running best of s_c (from -1, raised only
+    by a gain above --early_stopping_min_delta, as it chose its best checkpoint; per round), and
+    lr, the first parameter group's rate after the epoch's last scheduler step, i.e. the rate the
+    next step uses (the original printed opt.param_groups[0]['lr'] after sched.step())."""
+    best = previous['best_s_c'] if previous and previous.get('best_s_c') is not None else -1.0
+    values = {k: None for k in ('s_q', 'p_q', 's_c', 'p_c')}
+    if val is not None:
+        values.update(s_q=val['srcc_q'], p_q=val['plcc_q'], s_c=val['srcc_c'], p_c=val['plcc_c'])
+        if values['s_c'] - best > args.early_stopping_min_delta:   # False for NaN, as in the original
+            best = values['s_c']
+    values['best_s_c'] = best if val is not None else None
+    values['lr'] = args.lr * next_lr_factor
+    return values
+
+
+def original_log_row(row):
     """One training_log.csv row in the original's columns and number formats."""
     def f6(key):
         return f'{float(row[key]):.6f}' if row.get(key) not in (None, '') else ''
-    return {'epoch': row['epoch'], 'train_loss': f6('train_loss'), 'lq': f6('train_loss_q'), 'lc': f6('train_loss_c'),
-            'le': f6('train_loss_exp'), 's_q': f6('val_srcc_q'), 'p_q': f6('val_plcc_q'), 's_c': f6('val_srcc_c'),
-            'p_c': f6('val_plcc_c'), 'best_s_c': f'{best_s_c:.6f}', 'lr': f'{float(row["lr_backbone"]):.8f}'}
+    values = row.get('training_log') or {}   # absent from rows of runs written before it was stored
+    out = {'epoch': row['epoch'], 'train_loss': f6('train_loss'), 'lq': f6('train_loss_q'), 'lc': f6('train_loss_c'),
+           'le': f6('train_loss_exp'), 's_q': f6('val_srcc_q'), 'p_q': f6('val_plcc_q'), 's_c': f6('val_srcc_c'),
+           'p_c': f6('val_plcc_c'), 'best_s_c': '', 'lr': f'{float(row["lr_backbone"]):.8f}'}
+    for key in ('s_q', 'p_q', 's_c', 'p_c', 'best_s_c'):
+        if key in values:
+            out[key] = fmt(values[key], '.6f')
+    if values.get('lr') is not None:
+        out['lr'] = f'{values["lr"]:.8f}'
+    return out
 
 
 def write_logs(run_dir, args, rows):
     checkpoints.atomic_write_csv(os.path.join(run_dir, 'metrics.csv'), METRIC_COLUMNS, rows)
-    log_rows, best_s_c = [], -1.0   # the original's running best of s_c starts at -1
-    for row in rows:
-        if row['val_srcc_c'] not in ('', None):
-            best_s_c = max(best_s_c, float(row['val_srcc_c']))
-        log_rows.append(original_log_row(row, best_s_c))
-    checkpoints.atomic_write_csv(os.path.join(run_dir, args.log_csv), LOG_CSV_COLUMNS, log_rows)
+    checkpoints.atomic_write_csv(os.path.join(run_dir, args.log_csv), LOG_CSV_COLUMNS,
+                                 [original_log_row(row) for row in rows])
 
 
 def best_checkpoint_name(srcc_q, srcc_c):
@@ -429,8 +449,11 @@ def run_round(round_idx, args, state, ctx):
     if 'train' not in splits or 'test' not in splits:
         raise data_loader.DataError(f'split {source} has no train or no test images')
     select_split = 'val' if 'val' in splits else 'test'
+    no_val = None
     if select_split == 'test':
-        log('note: no validation split; the best epoch is selected on the TEST split (labelled as such)')
+        no_val = f'none in --split_file {args.split_file}' if args.split_file else '--val_ratio 0'
+        log(f'note: no validation split ({no_val}); the best epoch is selected on the TEST split and results '
+            f'are labelled "selected on test (no validation split: {no_val})"')
     n_prompts = {k: len({ds.prompts[i] for i in v}) for k, v in splits.items()}
     log(f'Round {round_idx}/{args.train_test_num}: split {source}: ' + ', '.join(
         f'{k} {len(v)} images / {n_prompts[k]} prompts' for k, v in splits.items()))
@@ -524,6 +547,10 @@ def run_round(round_idx, args, state, ctx):
         else:
             bad_epochs += 1
         row['is_best'] = int(improved)
+        previous_row = state['rows'][-1] if state['rows'] and state['rows'][-1]['round'] == round_idx else None
+        row['training_log'] = original_log_values(
+            results.get('val'), previous_row and previous_row.get('training_log'), args,
+            lr_factor(state['step'], epoch + 1, state['total_steps'], args))
         state['rows'].append(row)
         val = results.get('val', results['test'])
         log(f'{epoch + 1}\t{loss:.4f} ({lq:.4f}, {lc:.4f}, {le:.4f})\t{val["srcc_q"]:.4f} / {val["srcc_c"]:.4f}\t\t'
@@ -555,6 +582,7 @@ def run_round(round_idx, args, state, ctx):
             status = 'stopped_early'
             break
     best['select_split'] = select_split
+    best['no_val'] = no_val
     if best.get('checkpoint') and os.path.exists(best['checkpoint']):
         # bootstrap 95% intervals of the selected epoch's test SRCCs, from its saved weights
         model.load_state_dict(torch.load(best['checkpoint'], map_location='cpu', weights_only=True)['state_dict'])
@@ -702,6 +730,7 @@ def main(argv=None):
         finished = [r for r in state['rounds'] if r]
         res = {m: float(np.median([r[f'test_{m}'] for r in finished])) for m in ('srcc_q', 'plcc_q', 'srcc_c', 'plcc_c')}
         how = f'selected on {best["select_split"]} {args.select_on}' + (
+            f' (no validation split: {best["no_val"]})' if best.get('no_val') else '') + (
             f', median of {len(finished)} rounds' if len(finished) > 1 else f', epoch {best["epoch"]}')
         ci = ''
         if best.get('test_srcc_q_ci') and len(finished) == 1:

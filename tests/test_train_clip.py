@@ -470,6 +470,56 @@ def test_resume_after_a_kill_ends_with_the_uninterrupted_metrics(tmp_path, monke
     assert read_rows(whole / 'training_log.csv') == read_rows(killed / 'training_log.csv')
 
 
+def test_selection_and_training_log_follow_the_original(tmp_path):
+    """Default selection is on val consistency (the original's), and training_log.csv's best_s_c
+    and lr hold what the original wrote: its running best of s_c, raised only by a gain above
+    --early_stopping_min_delta, and opt.param_groups[0]['lr'] after the epoch's scheduler steps."""
+    csv_path = make_prompt_csv(tmp_path / 'data')
+    run_dir = run(tmp_path, csv_path, '--epochs 3')
+    summary = json.loads((run_dir / 'summary.json').read_text())
+    assert summary['select_on'] == 'consistency'
+    log, metrics = read_rows(run_dir / 'training_log.csv'), read_rows(run_dir / 'metrics.csv')
+    best = -1.0
+    for row, m in zip(log, metrics):
+        if float(row['s_c']) - best > 1e-4:
+            best = float(row['s_c'])
+            assert m['is_best'] == '1'           # the best epoch moves with val consistency alone
+        else:
+            assert m['is_best'] == '0' or m['epoch'] == '1'
+        assert row['best_s_c'] == f'{best:.6f}'
+        assert abs(float(row['s_c']) - float(m['val_srcc_c'])) <= 5e-5   # unrounded in the log
+    assert summary['best_epoch'] == max(int(m['epoch']) for m in metrics if m['is_best'] == '1')
+    # lr: 18 training images / batch 8 = 3 steps an epoch, 9 in all, warm-up int(0.05 * 9) = 0 steps;
+    # the original logged the rate after each epoch's last scheduler step (0 after the last epoch)
+    args = parse('--epochs 3 --lr 1e-3')
+    for epoch, row in enumerate(log, start=1):
+        expected = 1e-3 * train_clip.lr_factor(epoch * 3, epoch, 9, args)
+        assert row['lr'] == f'{expected:.8f}'
+    assert log[-1]['lr'] == '0.00000000'
+    # a gain must exceed min_delta: with 2 (no SRCC gain is that large) the original's best stays -1
+    strict = run(tmp_path / 'b', csv_path, '--epochs 2 --early_stopping_min_delta 2')
+    assert [r['best_s_c'] for r in read_rows(strict / 'training_log.csv')] == ['-1.000000'] * 2
+
+
+@pytest.mark.parametrize('how', ['val_ratio', 'split_file'])
+def test_a_run_without_validation_split_selects_on_test_and_says_so(tmp_path, how):
+    csv_path = make_prompt_csv(tmp_path / 'data')
+    if how == 'val_ratio':
+        extra, label = '--val_ratio 0', '--val_ratio 0'
+    else:
+        split = {'train': [f'p{p}_{k}.png' for p in range(6) for k in range(3)],
+                 'test': [f'p{p}_{k}.png' for p in range(6, 9) for k in range(3)]}
+        (tmp_path / 'split.json').write_text(json.dumps(split))
+        extra, label = f'--split_file {tmp_path / "split.json"}', 'none in --split_file'
+    run_dir = run(tmp_path, csv_path, extra)
+    summary = json.loads((run_dir / 'summary.json').read_text())
+    assert summary['select_split'] == 'test' and summary['best']['no_val'].startswith(label)
+    last = (tmp_path / 'logs' / f'{run_dir.name}.log').read_text().strip().splitlines()[-1]
+    assert f'selected on test consistency (no validation split: {label}' in last
+    log = read_rows(run_dir / 'training_log.csv')
+    assert len(log) == 2 and log[0]['s_c'] == '' and log[0]['best_s_c'] == '' and log[0]['train_loss'] != ''
+
+
 def test_cross_dataset_test_scores_a_clip_checkpoint(tmp_path):
     import cross_dataset_test
     data = tmp_path / 'agiqa'
