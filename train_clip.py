@@ -121,10 +121,14 @@ def build_parser():
                         'score and the refinement supervised apart (not in the original)')
     g.add_argument('--freeze_clip', action='store_true', help='freeze both CLIP towers (heads only)')
     g.add_argument('--partial_freeze', action='store_true',
-                   help='freeze the embeddings and the first --freeze_layers blocks of each tower')
+                   help='freeze the embeddings (patch, class, position, token) and the first --freeze_layers '
+                        'blocks of each tower, as the original meant (its own code crashed on this flag)')
     g.add_argument('--freeze_layers', type=int, default=8, metavar='N',
-                   help='blocks frozen by --partial_freeze (ViT-B: 12 blocks, ViT-L: 24 vision / 12 text; a '
-                        'tower with fewer blocks keeps its last one trainable)')
+                   help='blocks frozen by --partial_freeze (ViT-B: 12 blocks, ViT-L: 24 vision / 12 text); N at '
+                        'or above a tower\'s depth freezes all its blocks')
+    g.add_argument('--freeze_ln_pre', action='store_true',
+                   help='(with --partial_freeze) also freeze the vision tower\'s ln_pre (not in the original; '
+                        'make demo-clip uses it, as its numbers were measured so)')
 
     g = p.add_argument_group('Training')
     g.add_argument('--epochs', type=int, default=20, metavar='N', help='epochs per round')
@@ -233,6 +237,8 @@ def check_args(args, warn):
         errors.append('--no_strict_residual (MSE(c, t)) and --refinement_loss two_stage contradict each other')
     if errors:
         raise SystemExit('train_clip.py: error: ' + '\n  '.join([''] + errors).lstrip('\n') + '\nNothing was run.')
+    if args.freeze_ln_pre and not args.partial_freeze:
+        warn('--freeze_ln_pre is used only with --partial_freeze')
     if args.freeze_clip and args.partial_freeze:
         warn('--freeze_clip freezes both towers whole; --partial_freeze has no effect')
     if not args.no_residual_learning:
@@ -463,7 +469,8 @@ def run_round(round_idx, args, state, ctx):
     if model is None:
         seed_everything(round_seed)
         model = build_model(args)
-    freeze_text = model.freeze(args.freeze_clip, args.partial_freeze, args.freeze_layers, warn=lambda m: log(f'WARNING: {m}'))
+    freeze_text = model.freeze(args.freeze_clip, args.partial_freeze, args.freeze_layers, args.freeze_ln_pre,
+                               warn=lambda m: log(f'note: {m}'))
     model = model.to(device)
     log(f'  {freeze_text}; parameters: {models_clip.count_parameters(model):,} total, '
         f'{models_clip.count_parameters(model, trainable_only=True):,} trainable')

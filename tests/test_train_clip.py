@@ -233,28 +233,75 @@ def test_freeze_clip_leaves_only_the_heads():
     assert _trainable(m) == sum(p.numel() for n, p in m.named_parameters() if not n.startswith('clip.'))
 
 
+def _block_trainable(blocks):
+    """Per block: 'frozen', 'trainable' (every parameter one way) or 'mixed'."""
+    out = []
+    for block in blocks:
+        flags = {p.requires_grad for p in block.parameters()}
+        out.append('mixed' if len(flags) > 1 else ('trainable' if flags == {True} else 'frozen'))
+    return out
+
+
 def test_partial_freeze_counts_embeddings_and_first_blocks():
+    """As the original meant: embeddings (patch conv, class, position, token) and the first N
+    blocks; ln_pre trains (it is no embedding); --freeze_ln_pre freezes it too (make demo-clip)."""
     m = _nano()
     total = _trainable(m)
     v, t = m.clip.visual, m.clip
     m.freeze(partial_freeze=True, freeze_layers=2)
-    frozen = _numel(v.conv1, v.ln_pre, v.class_embedding, v.positional_embedding, t.token_embedding,
+    frozen = _numel(v.conv1, v.class_embedding, v.positional_embedding, t.token_embedding,
                     t.positional_embedding, *v.transformer.resblocks[:2], *t.transformer.resblocks[:2])
     assert _trainable(m) == total - frozen
+    assert all(p.requires_grad for p in v.ln_pre.parameters())
+    assert _block_trainable(v.transformer.resblocks) == ['frozen'] * 2 + ['trainable'] * 2
+    assert _block_trainable(t.transformer.resblocks) == ['frozen'] * 2 + ['trainable']
     m0 = _nano()
     m0.freeze(partial_freeze=True, freeze_layers=0)   # zero means zero: only the embeddings
-    assert _trainable(m0) == total - _numel(v.conv1, v.ln_pre, v.class_embedding, v.positional_embedding,
+    assert _trainable(m0) == total - _numel(v.conv1, v.class_embedding, v.positional_embedding,
                                             t.token_embedding, t.positional_embedding)
+    m1 = _nano()
+    m1.freeze(partial_freeze=True, freeze_layers=0, freeze_ln_pre=True)   # make demo-clip's freezing
+    assert _trainable(m1) == total - _numel(v.conv1, v.ln_pre, v.class_embedding, v.positional_embedding,
+                                            t.token_embedding, t.positional_embedding)
+    args = train_clip.check_args(parse('--partial_freeze --freeze_layers 0 --freeze_ln_pre'), print)
+    assert args.freeze_ln_pre
 
 
-def test_partial_freeze_deeper_than_a_tower_is_clamped_with_a_warning():
+def test_partial_freeze_at_or_above_a_towers_depth_freezes_all_its_blocks():
     m = _nano()   # 4 vision blocks, 3 text blocks
-    warnings = []
-    m.freeze(partial_freeze=True, freeze_layers=8, warn=warnings.append)
-    assert len(warnings) == 2 and 'text tower has only 3 blocks' in warnings[1]
-    assert all(p.requires_grad for p in m.clip.visual.transformer.resblocks[3].parameters())
-    assert all(p.requires_grad for p in m.clip.transformer.resblocks[2].parameters())
-    assert not any(p.requires_grad for p in m.clip.transformer.resblocks[1].parameters())
+    notes = []
+    m.freeze(partial_freeze=True, freeze_layers=3, warn=notes.append)
+    assert len(notes) == 1 and 'text tower has 3 blocks; all of them are frozen' in notes[0]
+    assert _block_trainable(m.clip.transformer.resblocks) == ['frozen'] * 3
+    assert _block_trainable(m.clip.visual.transformer.resblocks) == ['frozen'] * 3 + ['trainable']
+    m8 = _nano()
+    m8.freeze(partial_freeze=True, freeze_layers=8, warn=notes.append)
+    assert _block_trainable(m8.clip.visual.transformer.resblocks) == ['frozen'] * 4
+    assert _block_trainable(m8.clip.transformer.resblocks) == ['frozen'] * 3
+    assert all(p.requires_grad for p in m8.clip.visual.ln_post.parameters()) and m8.clip.visual.proj.requires_grad
+    assert all(p.requires_grad for p in m8.clip.ln_final.parameters()) and m8.clip.text_projection.requires_grad
+
+
+def test_partial_freeze_on_vit_l14_as_the_card_configures_it():
+    """ViT-L/14 built on the meta device (no download, no memory): --freeze_layers 18 freezes 18 of
+    24 vision blocks and all 12 text blocks (the clamp before left one text block trainable)."""
+    import types
+    import open_clip
+    from open_clip.model import CLIP
+    with torch.device('meta'):
+        clip = CLIP(**open_clip.get_model_config('ViT-L-14'))
+    holder = types.SimpleNamespace(clip=clip)
+    models_clip.ClipQualityModel.freeze(holder, partial_freeze=True, freeze_layers=18, warn=lambda m: None)
+    assert _block_trainable(clip.visual.transformer.resblocks) == ['frozen'] * 18 + ['trainable'] * 6
+    assert _block_trainable(clip.transformer.resblocks) == ['frozen'] * 12
+    v = clip.visual
+    assert not any(p.requires_grad for p in (v.conv1.weight, v.class_embedding, v.positional_embedding,
+                                             clip.token_embedding.weight, clip.positional_embedding))
+    assert all(p.requires_grad for p in v.ln_pre.parameters())
+    frozen = sum(p.numel() for p in clip.parameters() if not p.requires_grad)
+    expected = _numel(v.conv1, v.class_embedding, v.positional_embedding, clip.token_embedding,
+                      clip.positional_embedding, *v.transformer.resblocks[:18], *clip.transformer.resblocks)
+    assert frozen == expected
 
 
 def test_missing_pretrained_weights_stop_at_once_with_the_way_out(monkeypatch):
