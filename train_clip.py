@@ -75,6 +75,12 @@ def build_parser():
                    help='rounds, each with a new prompt split (seed + round - 1); the median is reported')
     g.add_argument('--cache_dir', default=os.path.join(SCRIPT_DIR, '.cache', 'images'), metavar='DIR',
                    help='decoded-image cache ("none" disables it)')
+    g.add_argument('--train_image_size', type=int, default=None, metavar='PX',
+                   help='side of the square image cache training crops are cut from (then resized to the model\'s '
+                        'input size, as the original cut 80-100%% of the full image and downsampled); None = the '
+                        'images\' median short side within [model size, 2 x model size] (448 for 224-pixel '
+                        'models on AGIQA-3K; the model size for the 64-pixel demo). Evaluation always resizes '
+                        'the whole image to the model size, as the original did')
     g.add_argument('--num_workers', type=int, default=4, metavar='N', help='threads decoding images for the cache')
     g.add_argument('--pin_memory', action='store_true', default=None,
                    help='pinned host memory for batches sent to the GPU (default: on with CUDA)')
@@ -200,6 +206,8 @@ def check_args(args, warn):
             args.clip_model = models_clip.canonical_name(args.clip_model)
     except ValueError as err:
         errors.append(f'--clip_model (or $CLIP_MODEL_NAME): {err}')
+    if args.train_image_size is not None and args.train_image_size < 1:
+        errors.append(f'--train_image_size must be at least 1, got {args.train_image_size}')
     for flag in ('epochs', 'batch_size', 'eval_batch_size', 'grad_accum_steps', 'train_test_num',
                  'step_lr_step_size', 'refinement_layers', 'refinement_heads', 'refinement_dim'):
         if getattr(args, flag) < 1:
@@ -306,10 +314,11 @@ def train_one_epoch(model, optimizer, data, epoch, round_seed, args, device, amp
     optimizer.zero_grad(set_to_none=True)
     for b, batch in enumerate(batches):
         idx = data['train'][batch.numpy()]
-        images = data['images'][idx]
+        images = data['train_images'][idx]
         if args.pin_memory and device.type == 'cuda':
             images = images.pin_memory()
-        pixels = clip_data.clip_pixels(images.to(device, non_blocking=True), train=True, generator=aug)
+        pixels = clip_data.clip_pixels(images.to(device, non_blocking=True), train=True, generator=aug,
+                                       size=model.image_size)
         pidx = torch.as_tensor(data['prompt_index'][idx], device=device)
         q_t = torch.as_tensor(data['mos_q'][idx] / data['scale_q'], dtype=torch.float32, device=device)
         c_t = torch.as_tensor(data['mos_c'][idx] / data['scale_c'], dtype=torch.float32, device=device)
@@ -642,9 +651,14 @@ def load_data(args, log, model):
     size = model.image_size
     images, kept = data_loader.load_images(ds.paths, resize_hw=(size, size), cache_dir=args.cache_dir,
                                            num_workers=args.num_workers)
+    train_size = args.train_image_size or clip_data.train_cache_size(size, ds.paths)
+    train_images = images   # crops cut from a larger cache are downsampled to the model size
+    if train_size != size:
+        train_images, _ = data_loader.load_images(ds.paths, resize_hw=(train_size, train_size),
+                                                  cache_dir=args.cache_dir, num_workers=args.num_workers)
     tokenizer = model.tokenizer
     prompts, prompt_index = np.unique(np.array(ds.prompts, dtype=object).astype(str), return_inverse=True)
-    data = {'dataset': ds, 'images': images, 'prompt_ids': tokenizer(list(prompts)), 'prompt_index': prompt_index,
+    data = {'dataset': ds, 'images': images, 'train_images': train_images, 'prompt_ids': tokenizer(list(prompts)), 'prompt_index': prompt_index,
             'mos_q': ds.mos_q, 'mos_c': ds.mos_c,
             'scale_q': args.label_scale_q or clip_data.label_scale(ds.mos_q),
             'scale_c': args.label_scale_c or clip_data.label_scale(ds.mos_c)}
@@ -652,7 +666,7 @@ def load_data(args, log, model):
         texts, data['explanation_index'] = np.unique(np.array(ds.explanations, dtype=object).astype(str),
                                                      return_inverse=True)
         data['explanation_ids'] = tokenizer(list(texts))
-    log(f'Data: {len(ds)} images, {len(prompts)} prompts from {ds.csv_path}; images {size}x{size}; '
+    log(f'Data: {len(ds)} images, {len(prompts)} prompts from {ds.csv_path}; images {size}x{size} (training crops from {train_size}x{train_size}); '
         f'label scales quality {data["scale_q"]:g}, consistency {data["scale_c"]:g}')
     return data
 

@@ -304,6 +304,73 @@ def test_partial_freeze_on_vit_l14_as_the_card_configures_it():
     assert frozen == expected
 
 
+# --------------------------------------------------------------------------- training crops
+
+def test_training_cache_is_large_enough_to_downsample_crops(tmp_path):
+    for side, (w, h) in {'big': (640, 480), 'mid': (300, 400), 'demo': (64, 64), 'small': (24, 20)}.items():
+        Image.new('RGB', (w, h)).save(tmp_path / f'{side}.png')
+    assert clip_data.train_cache_size(224, [tmp_path / 'big.png'] * 3) == 448     # 2 x the model size
+    assert clip_data.train_cache_size(224, [tmp_path / 'mid.png']) == 300         # the short side
+    assert clip_data.train_cache_size(64, [tmp_path / 'demo.png']) == 64          # demo: as before
+    assert clip_data.train_cache_size(64, [tmp_path / 'small.png']) == 64
+    assert clip_data.train_cache_size(224, [tmp_path / 'big.png'] * 2 + [tmp_path / 'small.png']) == 448  # median
+
+
+def _crop_boxes(seed, b, scale=(0.8, 1.0)):
+    """The relative boxes and flips clip_pixels draws from a generator seeded `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    area = torch.empty(b).uniform_(*scale, generator=g)
+    ratio = torch.exp(torch.empty(b).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g))
+    cw, ch = torch.sqrt(area * ratio).clamp(max=1.0), torch.sqrt(area / ratio).clamp(max=1.0)
+    x0, y0 = torch.rand(b, generator=g) * (1 - cw), torch.rand(b, generator=g) * (1 - ch)
+    return cw, ch, x0, y0, torch.rand(b, generator=g) < 0.5
+
+
+def test_training_crops_from_the_larger_cache_match_the_originals_crop_of_the_full_image():
+    """The original cut 80-100% of the full image and downsampled it to the model size; a crop of
+    the 2x cache comes close to that, a crop of the model-size cache (upsampled) does not."""
+    yy, xx = np.mgrid[0:256, 0:256]
+    full = ((np.sin(xx / 3.0) * np.cos(yy / 5.0) * 0.5 + 0.5) * 255)[..., None].repeat(3, 2).astype(np.uint8)
+    b, size = 8, 64
+    cw, ch, x0, y0, flip = _crop_boxes(3, b)
+    x = torch.from_numpy(full).permute(2, 0, 1).float()[None] / 255
+    ref = []
+    for i in range(b):
+        left, top = round(float(x0[i]) * 256), round(float(y0[i]) * 256)
+        w, h = round(float(cw[i]) * 256), round(float(ch[i]) * 256)
+        r = torch.nn.functional.interpolate(x[:, :, top:top + h, left:left + w], size=(size, size),
+                                            mode='bilinear', antialias=True, align_corners=False)
+        ref.append(r.flip(3) if flip[i] else r)
+    ref = (torch.cat(ref) - clip_data.CLIP_MEAN) / clip_data.CLIP_STD
+    errors = {}
+    for n in (size, 2 * size):
+        cache = torch.from_numpy(np.array(Image.fromarray(full).resize((n, n), Image.BILINEAR))).permute(2, 0, 1)
+        out = clip_data.clip_pixels(cache[None].repeat(b, 1, 1, 1), train=True,
+                                    generator=torch.Generator().manual_seed(3), size=size)
+        assert out.shape == (b, 3, size, size)
+        errors[n] = (out - ref).abs().mean().item()
+    assert errors[2 * size] < 0.08 and errors[2 * size] < 0.5 * errors[size]
+
+
+def test_run_crops_training_images_from_the_larger_cache_and_evaluates_at_model_size(tmp_path, monkeypatch):
+    root = tmp_path / 'data'
+    csv_path = make_prompt_csv(root)
+    for png in (root / 'AGIQA-3K').iterdir():   # 200 x 160 images for the 64-pixel nano
+        Image.open(png).resize((200, 160)).save(png)
+    seen = {}
+    real_epoch = train_clip.train_one_epoch
+
+    def spy(model, optimizer, data, *rest):
+        seen.update(train=tuple(data['train_images'].shape[1:]), eval=tuple(data['images'].shape[1:]))
+        return real_epoch(model, optimizer, data, *rest)
+
+    monkeypatch.setattr(train_clip, 'train_one_epoch', spy)
+    run(tmp_path, csv_path, '--epochs 1')
+    assert seen == {'train': (3, 128, 128), 'eval': (3, 64, 64)}
+    run(tmp_path / 'b', csv_path, '--epochs 1 --train_image_size 64')   # the model size: crops of the eval images
+    assert seen == {'train': (3, 64, 64), 'eval': (3, 64, 64)}
+
+
 def test_missing_pretrained_weights_stop_at_once_with_the_way_out(monkeypatch):
     monkeypatch.setattr(models_clip, '_hub_unreachable', lambda: True)   # never touch the network in tests
     start = time.time()
