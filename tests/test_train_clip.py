@@ -656,6 +656,14 @@ def test_cross_dataset_test_scores_a_clip_checkpoint(tmp_path):
     assert rows[0]['quality'] != '' and rows[0]['consistency'] != '' and rows[0]['prompt'] == 'a red circle'
     assert rows[1]['quality'] == '' and rows[1]['error']
     assert 0 <= float(rows[0]['quality']) <= 5      # on the training labels' scale
+    # a row with an empty prompt gets a quality score and no consistency (not one against '')
+    (tmp_path / 'no_prompt.csv').write_text('image,prompt\nagiqa/AGIQA-3K/p0_0.png,a red circle\n'
+                                            'agiqa/AGIQA-3K/p0_1.png,\nagiqa/AGIQA-3K/p0_2.png,"  "\n')
+    assert cross_dataset_test.main(['--checkpoint', ckpt, '--images', str(tmp_path / 'no_prompt.csv'),
+                                    '--output', str(scores), '--cache_dir', 'none']) == 0
+    rows = read_rows(scores)
+    assert rows[0]['consistency'] != '' and all(r['quality'] != '' and r['error'] == '' for r in rows)
+    assert rows[1]['consistency'] == '' and rows[2]['consistency'] == ''
 
 
 def plan_lines(path):
