@@ -297,6 +297,7 @@ def consistency_loss(out, target, args):
         return F.mse_loss(out['c_coarse'], target) + F.mse_loss(refined, target)
     return F.mse_loss(out['c'], target)
 
+
 # --------------------------------------------------------------------------- one epoch
 
 def train_one_epoch(model, optimizer, data, epoch, round_seed, args, device, amp, state):
@@ -658,7 +659,8 @@ def load_data(args, log, model):
                                                   cache_dir=args.cache_dir, num_workers=args.num_workers)
     tokenizer = model.tokenizer
     prompts, prompt_index = np.unique(np.array(ds.prompts, dtype=object).astype(str), return_inverse=True)
-    data = {'dataset': ds, 'images': images, 'train_images': train_images, 'prompt_ids': tokenizer(list(prompts)), 'prompt_index': prompt_index,
+    data = {'dataset': ds, 'images': images, 'train_images': train_images, 'prompt_ids': tokenizer(list(prompts)),
+            'prompt_index': prompt_index,
             'mos_q': ds.mos_q, 'mos_c': ds.mos_c,
             'scale_q': args.label_scale_q or clip_data.label_scale(ds.mos_q),
             'scale_c': args.label_scale_c or clip_data.label_scale(ds.mos_c)}
@@ -666,7 +668,8 @@ def load_data(args, log, model):
         texts, data['explanation_index'] = np.unique(np.array(ds.explanations, dtype=object).astype(str),
                                                      return_inverse=True)
         data['explanation_ids'] = tokenizer(list(texts))
-    log(f'Data: {len(ds)} images, {len(prompts)} prompts from {ds.csv_path}; images {size}x{size} (training crops from {train_size}x{train_size}); '
+    log(f'Data: {len(ds)} images, {len(prompts)} prompts from {ds.csv_path}; images {size}x{size} '
+        f'(training crops from {train_size}x{train_size}); '
         f'label scales quality {data["scale_q"]:g}, consistency {data["scale_c"]:g}')
     return data
 
