@@ -237,8 +237,22 @@ def plot_ablation(runs, baseline, out_dir, metric='test_srcc'):
         return save_figure(fig, out_dir, 'ablation')
 
 
+def lr_sweep_selection(runs, metric):
+    """(values, metric) that choose the best run of a sweep, as a trainer chooses its best epoch:
+    the val counterpart of `metric` (val_srcc for test_srcc, val_srcc_c for test_srcc_c) at each
+    run's selected epoch. Choosing on test would report the maximum of several test numbers, an
+    optimistic pick; test is used only when some run has no val value (no validation split), and
+    the returned metric then says so."""
+    val_metric = 'val_' + metric[len('test_'):] if metric.startswith('test_') else metric
+    values = [run_result(run).get(val_metric, float('nan')) for run in runs]
+    if all(isinstance(v, (int, float)) and not math.isnan(v) for v in values):
+        return [float(v) for v in values], val_metric
+    return [_value_and_ci(run, metric)[0] for run in runs], metric
+
+
 def plot_lr_sweep(runs, out_dir, metric='test_srcc'):
-    """`metric` against the learning rate (config `lr`, log x), best point highlighted."""
+    """`metric` against the learning rate (config `lr`, log x); the starred point is the run best
+    on val (lr_sweep_selection), on test only where a run has no val split, as its label says."""
     points = []
     for run in runs:
         lr = run['config'].get('lr')
@@ -254,12 +268,16 @@ def plot_lr_sweep(runs, out_dir, metric='test_srcc'):
                   file=sys.stderr)
     lrs, values = [p[0] for p in points], [p[1] for p in points]
     err = _error_bars(values, [p[2] for p in points], [p[3] for p in points])
-    best = int(np.argmax(values))
+    chosen_by, select_metric = lr_sweep_selection([p[4] for p in points], metric)
+    best = int(np.argmax(chosen_by))
+    how = METRIC_LABELS.get(select_metric, select_metric)
+    if select_metric.startswith('test_'):
+        how += ', no val split'
     with plt.rc_context(PAPER_RC):
         fig, ax = plt.subplots(layout='constrained', figsize=(COLUMN_WIDTH_IN, 2.4))
         ax.errorbar(lrs, values, yerr=err, marker='o', capsize=2, elinewidth=0.8)
         ax.plot(lrs[best], values[best], marker='*', markersize=10, color='tab:red', zorder=3,
-                linestyle='none', label=f'best: lr {lrs[best]:g}, {values[best]:.4f}')
+                linestyle='none', label=f'best by {how}: lr {lrs[best]:g}, {values[best]:.4f}')
         ax.set_xscale('log')
         ax.set_xticks(lrs, [f'{lr:g}' for lr in lrs], rotation=30, ha='right')
         ax.minorticks_off()
@@ -329,7 +347,9 @@ def main(argv=None):
                         help='baseline of the ablation chart: a label, run name or path '
                              '(default: the first --ablation run)')
     parser.add_argument('--lr_sweep', nargs='+', metavar='RUN',
-                        help='learning-rate sensitivity curve over these runs (log x)')
+                        help='learning-rate sensitivity curve over these runs (log x); the star marks '
+                             'the run best on the val counterpart of --metric (on test only when a '
+                             'run has no val split, as the legend then says)')
     parser.add_argument('--size_vs_srcc', nargs='+', metavar='RUN',
                         help='parameters vs the metric over these runs')
     args = parser.parse_args(argv)

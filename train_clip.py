@@ -75,6 +75,12 @@ def build_parser():
                    help='rounds, each with a new prompt split (seed + round - 1); the median is reported')
     g.add_argument('--cache_dir', default=os.path.join(SCRIPT_DIR, '.cache', 'images'), metavar='DIR',
                    help='decoded-image cache ("none" disables it)')
+    g.add_argument('--train_image_size', type=int, default=None, metavar='PX',
+                   help='side of the square image cache training crops are cut from (then resized to the model\'s '
+                        'input size, as the original cut 80-100%% of the full image and downsampled); None = the '
+                        'images\' median short side within [model size, 2 x model size] (448 for 224-pixel '
+                        'models on AGIQA-3K; the model size for the 64-pixel demo). Evaluation always resizes '
+                        'the whole image to the model size, as the original did')
     g.add_argument('--num_workers', type=int, default=4, metavar='N', help='threads decoding images for the cache')
     g.add_argument('--pin_memory', action='store_true', default=None,
                    help='pinned host memory for batches sent to the GPU (default: on with CUDA)')
@@ -112,14 +118,23 @@ def build_parser():
     g.add_argument('--refinement_heads', type=int, default=8, metavar='N', help='refinement attention heads')
     g.add_argument('--refinement_dim', type=int, default=256, metavar='D', help='refinement hidden size')
     g.add_argument('--no_strict_residual', action='store_true',
-                   help='(with --use_refinement) supervise only the refined score, end to end, instead of the '
-                        'coarse score and the refinement\'s residual separately')
+                   help='(with --use_refinement) the card\'s switch to the plain MSE(c, target); the original\'s '
+                        'strict residual loss is the same number and gradient, so both train alike')
+    g.add_argument('--refinement_loss', default='strict', choices=('strict', 'two_stage'),
+                   help='(with --use_refinement) consistency loss: strict = the original\'s strict residual '
+                        'MSE(c - coarse.detach(), t - coarse.detach()), equal to MSE(c, t) in value and gradient; '
+                        'two_stage = MSE(coarse, t) + MSE(clamp(coarse.detach() + residual), t), the coarse '
+                        'score and the refinement supervised apart (not in the original)')
     g.add_argument('--freeze_clip', action='store_true', help='freeze both CLIP towers (heads only)')
     g.add_argument('--partial_freeze', action='store_true',
-                   help='freeze the embeddings and the first --freeze_layers blocks of each tower')
+                   help='freeze the embeddings (patch, class, position, token) and the first --freeze_layers '
+                        'blocks of each tower, as the original meant (its own code crashed on this flag)')
     g.add_argument('--freeze_layers', type=int, default=8, metavar='N',
-                   help='blocks frozen by --partial_freeze (ViT-B: 12 blocks, ViT-L: 24 vision / 12 text; a '
-                        'tower with fewer blocks keeps its last one trainable)')
+                   help='blocks frozen by --partial_freeze (ViT-B: 12 blocks, ViT-L: 24 vision / 12 text); N at '
+                        'or above a tower\'s depth freezes all its blocks')
+    g.add_argument('--freeze_ln_pre', action='store_true',
+                   help='(with --partial_freeze) also freeze the vision tower\'s ln_pre (not in the original; '
+                        'make demo-clip uses it, as its numbers were measured so)')
 
     g = p.add_argument_group('Training')
     g.add_argument('--epochs', type=int, default=20, metavar='N', help='epochs per round')
@@ -147,8 +162,12 @@ def build_parser():
     g.add_argument('--w_exp', type=float, default=0.1, metavar='W', help='explanation loss weight (--use_explanations)')
 
     g = p.add_argument_group('Selection and early stopping')
-    g.add_argument('--select_on', default='mean', choices=('quality', 'consistency', 'mean'),
-                   help='val SRCC that picks the best epoch: quality, consistency (the original), or their mean')
+    g.add_argument('--select_on', default='consistency', choices=('quality', 'consistency', 'mean'),
+                   help='val SRCC that picks the best epoch and drives early stopping: consistency (the '
+                        'original\'s choice), quality, or the mean of both. Consistency is the default because '
+                        'a quality head that learns little on a data set has a noisy SRCC, and in the mean that '
+                        'noise picks the epoch (on a held-out AIGC set it kept epoch 4, test consistency 0.65, '
+                        'where later epochs reached 0.76-0.78)')
     g.add_argument('--early_stopping_patience', type=int, default=0, metavar='N',
                    help='epochs without improvement before stopping (0 = off)')
     g.add_argument('--early_stopping_min_delta', type=float, default=1e-4, metavar='D',
@@ -187,6 +206,8 @@ def check_args(args, warn):
             args.clip_model = models_clip.canonical_name(args.clip_model)
     except ValueError as err:
         errors.append(f'--clip_model (or $CLIP_MODEL_NAME): {err}')
+    if args.train_image_size is not None and args.train_image_size < 1:
+        errors.append(f'--train_image_size must be at least 1, got {args.train_image_size}')
     for flag in ('epochs', 'batch_size', 'eval_batch_size', 'grad_accum_steps', 'train_test_num',
                  'step_lr_step_size', 'refinement_layers', 'refinement_heads', 'refinement_dim'):
         if getattr(args, flag) < 1:
@@ -220,8 +241,12 @@ def check_args(args, warn):
         errors.append('--no_pretrained and --pretrained_path (or a local folder as --clip_model) contradict each other')
     if args.pretrained_path and not os.path.exists(args.pretrained_path):
         errors.append(f'--pretrained_path {args.pretrained_path}: no such file')
+    if args.no_strict_residual and args.refinement_loss == 'two_stage':
+        errors.append('--no_strict_residual (MSE(c, t)) and --refinement_loss two_stage contradict each other')
     if errors:
         raise SystemExit('train_clip.py: error: ' + '\n  '.join([''] + errors).lstrip('\n') + '\nNothing was run.')
+    if args.freeze_ln_pre and not args.partial_freeze:
+        warn('--freeze_ln_pre is used only with --partial_freeze')
     if args.freeze_clip and args.partial_freeze:
         warn('--freeze_clip freezes both towers whole; --partial_freeze has no effect')
     if not args.no_residual_learning:
@@ -231,8 +256,8 @@ def check_args(args, warn):
                      'used here ignore it, as the original did')
     elif args.residual_scale_q != 0.2 or args.residual_scale_c != 0.2 or args.bound != 'clamp':
         warn('--residual_scale_q/_c and --bound belong to the residual heads; --no_residual_learning ignores them')
-    if args.no_strict_residual and not (args.use_refinement and args.no_residual_learning):
-        warn('--no_strict_residual only changes the loss of --use_refinement with --no_residual_learning')
+    if args.refinement_loss != 'strict' and not (args.use_refinement and args.no_residual_learning):
+        warn('--refinement_loss only changes the loss of --use_refinement with --no_residual_learning')
     if args.w_exp != 0.1 and not args.use_explanations:
         warn('--w_exp is used only with --use_explanations')
     args.pin_memory = not args.no_pin_memory if args.pin_memory is None else args.pin_memory
@@ -262,12 +287,12 @@ def lr_factor(step, epoch, total_steps, args):
 
 
 def consistency_loss(out, target, args):
-    """MSE of the consistency. Strict residual (--use_refinement, default): the coarse score learns
-    the target and the refinement learns only what is left, on a detached coarse score. The
-    original wrote this as MSE(c - coarse.detach(), target - coarse.detach()), which is the same
-    number and gradient as MSE(c, target), so its flag changed nothing; --no_strict_residual
-    here is that end-to-end MSE(c, target)."""
-    if out['residual'] is not None and not args.no_strict_residual:
+    """MSE of the consistency. The original's default, strict residual, is
+    MSE(c - coarse.detach(), target - coarse.detach()): the detached coarse score cancels in the
+    difference, so it is MSE(c, target) in value and gradient, and that is what --use_refinement
+    trains by default. --refinement_loss two_stage supervises the coarse score and the
+    refinement apart: MSE(coarse, target) + MSE(clamp(coarse.detach() + residual), target)."""
+    if out['residual'] is not None and args.refinement_loss == 'two_stage':
         refined = torch.clamp(out['c_coarse'].detach() + out['residual'], 0.0, 1.0)
         return F.mse_loss(out['c_coarse'], target) + F.mse_loss(refined, target)
     return F.mse_loss(out['c'], target)
@@ -290,10 +315,11 @@ def train_one_epoch(model, optimizer, data, epoch, round_seed, args, device, amp
     optimizer.zero_grad(set_to_none=True)
     for b, batch in enumerate(batches):
         idx = data['train'][batch.numpy()]
-        images = data['images'][idx]
+        images = data['train_images'][idx]
         if args.pin_memory and device.type == 'cuda':
             images = images.pin_memory()
-        pixels = clip_data.clip_pixels(images.to(device, non_blocking=True), train=True, generator=aug)
+        pixels = clip_data.clip_pixels(images.to(device, non_blocking=True), train=True, generator=aug,
+                                       size=model.image_size)
         pidx = torch.as_tensor(data['prompt_index'][idx], device=device)
         q_t = torch.as_tensor(data['mos_q'][idx] / data['scale_q'], dtype=torch.float32, device=device)
         c_t = torch.as_tensor(data['mos_c'][idx] / data['scale_c'], dtype=torch.float32, device=device)
@@ -343,23 +369,43 @@ def fmt(x, spec='.4f'):
     return '' if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-def original_log_row(row, best_s_c):
+def original_log_values(val, previous, args, next_lr_factor):
+    """The original's training_log.csv numbers of one epoch, unrounded: its s_q, p_q, s_c, p_c (on
+    val here; None without a val split), best_s_c, its running best of s_c (from -1, raised only
+    by a gain above --early_stopping_min_delta, as it chose its best checkpoint; per round), and
+    lr, the first parameter group's rate after the epoch's last scheduler step, i.e. the rate the
+    next step uses (the original printed opt.param_groups[0]['lr'] after sched.step())."""
+    best = previous['best_s_c'] if previous and previous.get('best_s_c') is not None else -1.0
+    values = {k: None for k in ('s_q', 'p_q', 's_c', 'p_c')}
+    if val is not None:
+        values.update(s_q=val['srcc_q'], p_q=val['plcc_q'], s_c=val['srcc_c'], p_c=val['plcc_c'])
+        if values['s_c'] - best > args.early_stopping_min_delta:   # False for NaN, as in the original
+            best = values['s_c']
+    values['best_s_c'] = best if val is not None else None
+    values['lr'] = args.lr * next_lr_factor
+    return values
+
+
+def original_log_row(row):
     """One training_log.csv row in the original's columns and number formats."""
     def f6(key):
         return f'{float(row[key]):.6f}' if row.get(key) not in (None, '') else ''
-    return {'epoch': row['epoch'], 'train_loss': f6('train_loss'), 'lq': f6('train_loss_q'), 'lc': f6('train_loss_c'),
-            'le': f6('train_loss_exp'), 's_q': f6('val_srcc_q'), 'p_q': f6('val_plcc_q'), 's_c': f6('val_srcc_c'),
-            'p_c': f6('val_plcc_c'), 'best_s_c': f'{best_s_c:.6f}', 'lr': f'{float(row["lr_backbone"]):.8f}'}
+    values = row.get('training_log') or {}   # absent from rows of runs written before it was stored
+    out = {'epoch': row['epoch'], 'train_loss': f6('train_loss'), 'lq': f6('train_loss_q'), 'lc': f6('train_loss_c'),
+           'le': f6('train_loss_exp'), 's_q': f6('val_srcc_q'), 'p_q': f6('val_plcc_q'), 's_c': f6('val_srcc_c'),
+           'p_c': f6('val_plcc_c'), 'best_s_c': '', 'lr': f'{float(row["lr_backbone"]):.8f}'}
+    for key in ('s_q', 'p_q', 's_c', 'p_c', 'best_s_c'):
+        if key in values:
+            out[key] = fmt(values[key], '.6f')
+    if values.get('lr') is not None:
+        out['lr'] = f'{values["lr"]:.8f}'
+    return out
 
 
 def write_logs(run_dir, args, rows):
     checkpoints.atomic_write_csv(os.path.join(run_dir, 'metrics.csv'), METRIC_COLUMNS, rows)
-    log_rows, best_s_c = [], -1.0   # the original's running best of s_c starts at -1
-    for row in rows:
-        if row['val_srcc_c'] not in ('', None):
-            best_s_c = max(best_s_c, float(row['val_srcc_c']))
-        log_rows.append(original_log_row(row, best_s_c))
-    checkpoints.atomic_write_csv(os.path.join(run_dir, args.log_csv), LOG_CSV_COLUMNS, log_rows)
+    checkpoints.atomic_write_csv(os.path.join(run_dir, args.log_csv), LOG_CSV_COLUMNS,
+                                 [original_log_row(row) for row in rows])
 
 
 def best_checkpoint_name(srcc_q, srcc_c):
@@ -413,8 +459,11 @@ def run_round(round_idx, args, state, ctx):
         log(f'WARNING: {len(shared)} prompts of --split_file sit on more than one side (e.g. {shared[0]!r}); '
             'consistency results then partly measure memorised prompts')
     select_split = 'val' if 'val' in splits else 'test'
+    no_val = None
     if select_split == 'test':
-        log('note: no validation split; the best epoch is selected on the TEST split (labelled as such)')
+        no_val = f'none in --split_file {args.split_file}' if args.split_file else '--val_ratio 0'
+        log(f'note: no validation split ({no_val}); the best epoch is selected on the TEST split and results '
+            f'are labelled "selected on test (no validation split: {no_val})"')
     n_prompts = {k: len({ds.prompts[i] for i in v}) for k, v in splits.items()}
     log(f'Round {round_idx}/{args.train_test_num}: split {source}: ' + ', '.join(
         f'{k} {len(v)} images / {n_prompts[k]} prompts' for k, v in splits.items()))
@@ -424,7 +473,8 @@ def run_round(round_idx, args, state, ctx):
     if model is None:
         seed_everything(round_seed)
         model = build_model(args)
-    freeze_text = model.freeze(args.freeze_clip, args.partial_freeze, args.freeze_layers, warn=lambda m: log(f'WARNING: {m}'))
+    freeze_text = model.freeze(args.freeze_clip, args.partial_freeze, args.freeze_layers, args.freeze_ln_pre,
+                               warn=lambda m: log(f'note: {m}'))
     model = model.to(device)
     log(f'  {freeze_text}; parameters: {models_clip.count_parameters(model):,} total, '
         f'{models_clip.count_parameters(model, trainable_only=True):,} trainable')
@@ -508,6 +558,10 @@ def run_round(round_idx, args, state, ctx):
         else:
             bad_epochs += 1
         row['is_best'] = int(improved)
+        previous_row = state['rows'][-1] if state['rows'] and state['rows'][-1]['round'] == round_idx else None
+        row['training_log'] = original_log_values(
+            results.get('val'), previous_row and previous_row.get('training_log'), args,
+            lr_factor(state['step'], epoch + 1, state['total_steps'], args))
         state['rows'].append(row)
         val = results.get('val', results['test'])
         log(f'{epoch + 1}\t{loss:.4f} ({lq:.4f}, {lc:.4f}, {le:.4f})\t{val["srcc_q"]:.4f} / {val["srcc_c"]:.4f}\t\t'
@@ -539,6 +593,7 @@ def run_round(round_idx, args, state, ctx):
             status = 'stopped_early'
             break
     best['select_split'] = select_split
+    best['no_val'] = no_val
     if best.get('checkpoint') and os.path.exists(best['checkpoint']):
         # bootstrap 95% intervals of the selected epoch's test SRCCs, from its saved weights
         model.load_state_dict(torch.load(best['checkpoint'], map_location='cpu', weights_only=True)['state_dict'])
@@ -591,9 +646,15 @@ def load_data(args, log, model):
     size = model.image_size
     images, kept = data_loader.load_images(ds.paths, resize_hw=(size, size), cache_dir=args.cache_dir,
                                            num_workers=args.num_workers)
+    train_size = args.train_image_size or clip_data.train_cache_size(size, ds.paths)
+    train_images = images   # crops cut from a larger cache are downsampled to the model size
+    if train_size != size:
+        train_images, _ = data_loader.load_images(ds.paths, resize_hw=(train_size, train_size),
+                                                  cache_dir=args.cache_dir, num_workers=args.num_workers)
     tokenizer = model.tokenizer
     prompts, prompt_index = np.unique(np.array(ds.prompts, dtype=object).astype(str), return_inverse=True)
-    data = {'dataset': ds, 'images': images, 'prompt_ids': tokenizer(list(prompts)), 'prompt_index': prompt_index,
+    data = {'dataset': ds, 'images': images, 'train_images': train_images, 'prompt_ids': tokenizer(list(prompts)),
+            'prompt_index': prompt_index,
             'mos_q': ds.mos_q, 'mos_c': ds.mos_c,
             'scale_q': args.label_scale_q or clip_data.label_scale(ds.mos_q),
             'scale_c': args.label_scale_c or clip_data.label_scale(ds.mos_c)}
@@ -601,7 +662,8 @@ def load_data(args, log, model):
         texts, data['explanation_index'] = np.unique(np.array(ds.explanations, dtype=object).astype(str),
                                                      return_inverse=True)
         data['explanation_ids'] = tokenizer(list(texts))
-    log(f'Data: {len(ds)} images, {len(prompts)} prompts from {ds.csv_path}; images {size}x{size}; '
+    log(f'Data: {len(ds)} images, {len(prompts)} prompts from {ds.csv_path}; images {size}x{size} '
+        f'(training crops from {train_size}x{train_size}); '
         f'label scales quality {data["scale_q"]:g}, consistency {data["scale_c"]:g}')
     return data
 
@@ -687,6 +749,7 @@ def main(argv=None):
         finished = [r for r in state['rounds'] if r]
         res = {m: float(np.median([r[f'test_{m}'] for r in finished])) for m in ('srcc_q', 'plcc_q', 'srcc_c', 'plcc_c')}
         how = f'selected on {best["select_split"]} {args.select_on}' + (
+            f' (no validation split: {best["no_val"]})' if best.get('no_val') else '') + (
             f', median of {len(finished)} rounds' if len(finished) > 1 else f', epoch {best["epoch"]}')
         ci = ''
         if best.get('test_srcc_q_ci') and len(finished) == 1:

@@ -311,3 +311,36 @@ def test_clip_curve_panels(tmp_path, monkeypatch):
     assert list(panels) == ['train loss', 'quality', 'consistency', 'learning rate']
     assert panels['train loss'] == ['total', 'quality', 'consistency']     # no explanation loss: no line
     assert panels['quality'] == panels['consistency'] == ['val SRCC', 'val PLCC', 'test SRCC', 'test PLCC']
+
+
+def test_lr_sweep_stars_the_run_best_on_val_and_on_test_only_without_val(tmp_path, monkeypatch):
+    """A sweep's best lr is chosen as a trainer chooses its epoch: on val. On test (labelled) only
+    when a run has no val split."""
+    ckpt = tmp_path / 'checkpoints'
+    paths = []
+    for lr, val, test in ((1e-6, 0.95, 0.93), (5e-6, 0.90, 0.94), (1e-5, 0.91, 0.92)):
+        name = f'koniq-10k-swin_lr{lr:g}'
+        summary = finished_summary(name, 2, test, test + 0.01)
+        summary['best']['val_srcc'] = val
+        paths.append(write_run(ckpt / name, dict(BASE_CONFIG, lr=lr), [(test - 0.01, 0.9, 1), (test, 0.9, 1)],
+                               summary))
+    runs = plot_training_curve.load_runs([str(p) for p in paths])
+    values, metric = plot_training_curve.lr_sweep_selection(runs, 'test_srcc')
+    assert metric == 'val_srcc' and values == [0.95, 0.90, 0.91]     # lr 1e-6 starred, not 5e-6 (best test)
+    labels = []
+    real_save = plot_training_curve.save_figure
+
+    def keep_legend(fig, out_dir, stem):
+        labels.extend(t.get_text() for ax in fig.axes for t in ax.get_legend().get_texts())
+        return real_save(fig, out_dir, stem)
+
+    monkeypatch.setattr(plot_training_curve, 'save_figure', keep_legend)
+    assert plot_training_curve.main(['--lr_sweep', *map(str, paths), '--out', str(tmp_path / 'f')]) == 0
+    assert labels == ['best by val SRCC: lr 1e-06, 0.9300']
+    # one run without a val split: all are chosen on test, and the legend says so
+    summary = json.loads((paths[0] / 'summary.json').read_text())
+    summary['best']['val_srcc'] = None
+    (paths[0] / 'summary.json').write_text(json.dumps(summary))
+    labels.clear()
+    assert plot_training_curve.main(['--lr_sweep', *map(str, paths), '--out', str(tmp_path / 'f')]) == 0
+    assert labels == ['best by test SRCC, no val split: lr 5e-06, 0.9400']

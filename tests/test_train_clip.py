@@ -63,7 +63,7 @@ def test_card_defaults():
     assert (a.refinement_heads, a.refinement_dim, a.scheduler, a.step_lr_step_size, a.step_lr_gamma) == \
         (8, 256, 'cosine', 1, 0.1)
     assert (a.log_csv, a.label_scale_q, a.label_scale_c, a.early_stopping_patience) == ('training_log.csv', None, None, 0)
-    assert a.head_lr_ratio == 1.0 and a.select_on == 'mean'
+    assert a.head_lr_ratio == 1.0 and a.select_on == 'consistency'   # the original's selection
     assert not (a.no_residual_learning or a.freeze_clip or a.partial_freeze or a.use_explanations)
 
 
@@ -169,13 +169,43 @@ def test_direct_mode_two_branch_and_refinement_formulas():
     assert out['residual'].abs().max() <= 0.1 + 1e-6  # r * tanh, r = 0.1 at start
 
 
-def test_strict_residual_supervises_coarse_and_residual_separately():
+def test_two_stage_refinement_loss_supervises_coarse_and_residual_separately():
     out = {'c': torch.tensor([0.6, 0.4]), 'c_coarse': torch.tensor([0.5, 0.5]), 'residual': torch.tensor([0.1, -0.1])}
     target = torch.tensor([0.8, 0.2])
-    strict = train_clip.consistency_loss(out, target, parse('--no_residual_learning --use_refinement'))
+    two = train_clip.consistency_loss(out, target, parse('--no_residual_learning --use_refinement --refinement_loss two_stage'))
     loose = train_clip.consistency_loss(out, target, parse('--no_residual_learning --use_refinement --no_strict_residual'))
     assert loose.item() == pytest.approx(0.04)                                  # MSE(c, t)
-    assert strict.item() == pytest.approx(0.09 + 0.04)                          # MSE(coarse, t) + MSE(coarse+r, t)
+    assert two.item() == pytest.approx(0.09 + 0.04)                             # MSE(coarse, t) + MSE(coarse+r, t)
+
+
+def test_use_refinement_trains_the_originals_strict_residual_by_default():
+    """The original's strict residual MSE(c - coarse.detach(), t - coarse.detach()) is MSE(c, t)
+    in value and gradient: the flag's default must train exactly that."""
+    torch.manual_seed(0)
+    ref = _nano(residual=False, use_refinement=True, refinement_layers=1, refinement_heads=4, refinement_dim=32)
+    img, txt = _embeddings()
+    target = torch.rand(img.shape[0])
+    args = parse('--no_residual_learning --use_refinement')
+    assert args.refinement_loss == 'strict'
+
+    def grads(loss_fn):
+        ref.zero_grad()
+        out = ref.heads(img, txt)
+        loss = loss_fn(out)
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in ref.head_parameters() if p.grad is not None]
+
+    ours, g_ours = grads(lambda out: train_clip.consistency_loss(out, target, args))
+    plain, g_plain = grads(lambda out: torch.nn.functional.mse_loss(out['c'], target))
+    original, g_orig = grads(lambda out: torch.nn.functional.mse_loss(out['c'] - out['c_coarse'].detach(),
+                                                                      target - out['c_coarse'].detach()))
+    assert ours == pytest.approx(plain, rel=1e-6) and ours == pytest.approx(original, rel=1e-5)
+    assert len(g_ours) == len(g_plain) > 0
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(g_ours, g_plain))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_ours, g_orig))
+    with pytest.raises(SystemExit, match='contradict'):
+        train_clip.check_args(parse('--no_residual_learning --use_refinement --no_strict_residual '
+                                    '--refinement_loss two_stage'), print)
 
 
 def test_explanation_loss_is_mse_of_normalised_vectors():
@@ -203,28 +233,142 @@ def test_freeze_clip_leaves_only_the_heads():
     assert _trainable(m) == sum(p.numel() for n, p in m.named_parameters() if not n.startswith('clip.'))
 
 
+def _block_trainable(blocks):
+    """Per block: 'frozen', 'trainable' (every parameter one way) or 'mixed'."""
+    out = []
+    for block in blocks:
+        flags = {p.requires_grad for p in block.parameters()}
+        out.append('mixed' if len(flags) > 1 else ('trainable' if flags == {True} else 'frozen'))
+    return out
+
+
 def test_partial_freeze_counts_embeddings_and_first_blocks():
+    """As the original meant: embeddings (patch conv, class, position, token) and the first N
+    blocks; ln_pre trains (it is no embedding); --freeze_ln_pre freezes it too (make demo-clip)."""
     m = _nano()
     total = _trainable(m)
     v, t = m.clip.visual, m.clip
     m.freeze(partial_freeze=True, freeze_layers=2)
-    frozen = _numel(v.conv1, v.ln_pre, v.class_embedding, v.positional_embedding, t.token_embedding,
+    frozen = _numel(v.conv1, v.class_embedding, v.positional_embedding, t.token_embedding,
                     t.positional_embedding, *v.transformer.resblocks[:2], *t.transformer.resblocks[:2])
     assert _trainable(m) == total - frozen
+    assert all(p.requires_grad for p in v.ln_pre.parameters())
+    assert _block_trainable(v.transformer.resblocks) == ['frozen'] * 2 + ['trainable'] * 2
+    assert _block_trainable(t.transformer.resblocks) == ['frozen'] * 2 + ['trainable']
     m0 = _nano()
     m0.freeze(partial_freeze=True, freeze_layers=0)   # zero means zero: only the embeddings
-    assert _trainable(m0) == total - _numel(v.conv1, v.ln_pre, v.class_embedding, v.positional_embedding,
+    assert _trainable(m0) == total - _numel(v.conv1, v.class_embedding, v.positional_embedding,
                                             t.token_embedding, t.positional_embedding)
+    m1 = _nano()
+    m1.freeze(partial_freeze=True, freeze_layers=0, freeze_ln_pre=True)   # make demo-clip's freezing
+    assert _trainable(m1) == total - _numel(v.conv1, v.ln_pre, v.class_embedding, v.positional_embedding,
+                                            t.token_embedding, t.positional_embedding)
+    args = train_clip.check_args(parse('--partial_freeze --freeze_layers 0 --freeze_ln_pre'), print)
+    assert args.freeze_ln_pre
 
 
-def test_partial_freeze_deeper_than_a_tower_is_clamped_with_a_warning():
+def test_partial_freeze_at_or_above_a_towers_depth_freezes_all_its_blocks():
     m = _nano()   # 4 vision blocks, 3 text blocks
-    warnings = []
-    m.freeze(partial_freeze=True, freeze_layers=8, warn=warnings.append)
-    assert len(warnings) == 2 and 'text tower has only 3 blocks' in warnings[1]
-    assert all(p.requires_grad for p in m.clip.visual.transformer.resblocks[3].parameters())
-    assert all(p.requires_grad for p in m.clip.transformer.resblocks[2].parameters())
-    assert not any(p.requires_grad for p in m.clip.transformer.resblocks[1].parameters())
+    notes = []
+    m.freeze(partial_freeze=True, freeze_layers=3, warn=notes.append)
+    assert len(notes) == 1 and 'text tower has 3 blocks; all of them are frozen' in notes[0]
+    assert _block_trainable(m.clip.transformer.resblocks) == ['frozen'] * 3
+    assert _block_trainable(m.clip.visual.transformer.resblocks) == ['frozen'] * 3 + ['trainable']
+    m8 = _nano()
+    m8.freeze(partial_freeze=True, freeze_layers=8, warn=notes.append)
+    assert _block_trainable(m8.clip.visual.transformer.resblocks) == ['frozen'] * 4
+    assert _block_trainable(m8.clip.transformer.resblocks) == ['frozen'] * 3
+    assert all(p.requires_grad for p in m8.clip.visual.ln_post.parameters()) and m8.clip.visual.proj.requires_grad
+    assert all(p.requires_grad for p in m8.clip.ln_final.parameters()) and m8.clip.text_projection.requires_grad
+
+
+def test_partial_freeze_on_vit_l14_as_the_card_configures_it():
+    """ViT-L/14 built on the meta device (no download, no memory): --freeze_layers 18 freezes 18 of
+    24 vision blocks and all 12 text blocks (the clamp before left one text block trainable)."""
+    import types
+    import open_clip
+    from open_clip.model import CLIP
+    with torch.device('meta'):
+        clip = CLIP(**open_clip.get_model_config('ViT-L-14'))
+    holder = types.SimpleNamespace(clip=clip)
+    models_clip.ClipQualityModel.freeze(holder, partial_freeze=True, freeze_layers=18, warn=lambda m: None)
+    assert _block_trainable(clip.visual.transformer.resblocks) == ['frozen'] * 18 + ['trainable'] * 6
+    assert _block_trainable(clip.transformer.resblocks) == ['frozen'] * 12
+    v = clip.visual
+    assert not any(p.requires_grad for p in (v.conv1.weight, v.class_embedding, v.positional_embedding,
+                                             clip.token_embedding.weight, clip.positional_embedding))
+    assert all(p.requires_grad for p in v.ln_pre.parameters())
+    frozen = sum(p.numel() for p in clip.parameters() if not p.requires_grad)
+    expected = _numel(v.conv1, v.class_embedding, v.positional_embedding, clip.token_embedding,
+                      clip.positional_embedding, *v.transformer.resblocks[:18], *clip.transformer.resblocks)
+    assert frozen == expected
+
+
+# --------------------------------------------------------------------------- training crops
+
+def test_training_cache_is_large_enough_to_downsample_crops(tmp_path):
+    for side, (w, h) in {'big': (640, 480), 'mid': (300, 400), 'demo': (64, 64), 'small': (24, 20)}.items():
+        Image.new('RGB', (w, h)).save(tmp_path / f'{side}.png')
+    assert clip_data.train_cache_size(224, [tmp_path / 'big.png'] * 3) == 448     # 2 x the model size
+    assert clip_data.train_cache_size(224, [tmp_path / 'mid.png']) == 300         # the short side
+    assert clip_data.train_cache_size(64, [tmp_path / 'demo.png']) == 64          # demo: as before
+    assert clip_data.train_cache_size(64, [tmp_path / 'small.png']) == 64
+    assert clip_data.train_cache_size(224, [tmp_path / 'big.png'] * 2 + [tmp_path / 'small.png']) == 448  # median
+
+
+def _crop_boxes(seed, b, scale=(0.8, 1.0)):
+    """The relative boxes and flips clip_pixels draws from a generator seeded `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    area = torch.empty(b).uniform_(*scale, generator=g)
+    ratio = torch.exp(torch.empty(b).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g))
+    cw, ch = torch.sqrt(area * ratio).clamp(max=1.0), torch.sqrt(area / ratio).clamp(max=1.0)
+    x0, y0 = torch.rand(b, generator=g) * (1 - cw), torch.rand(b, generator=g) * (1 - ch)
+    return cw, ch, x0, y0, torch.rand(b, generator=g) < 0.5
+
+
+def test_training_crops_from_the_larger_cache_match_the_originals_crop_of_the_full_image():
+    """The original cut 80-100% of the full image and downsampled it to the model size; a crop of
+    the 2x cache comes close to that, a crop of the model-size cache (upsampled) does not."""
+    yy, xx = np.mgrid[0:256, 0:256]
+    full = ((np.sin(xx / 3.0) * np.cos(yy / 5.0) * 0.5 + 0.5) * 255)[..., None].repeat(3, 2).astype(np.uint8)
+    b, size = 8, 64
+    cw, ch, x0, y0, flip = _crop_boxes(3, b)
+    x = torch.from_numpy(full).permute(2, 0, 1).float()[None] / 255
+    ref = []
+    for i in range(b):
+        left, top = round(float(x0[i]) * 256), round(float(y0[i]) * 256)
+        w, h = round(float(cw[i]) * 256), round(float(ch[i]) * 256)
+        r = torch.nn.functional.interpolate(x[:, :, top:top + h, left:left + w], size=(size, size),
+                                            mode='bilinear', antialias=True, align_corners=False)
+        ref.append(r.flip(3) if flip[i] else r)
+    ref = (torch.cat(ref) - clip_data.CLIP_MEAN) / clip_data.CLIP_STD
+    errors = {}
+    for n in (size, 2 * size):
+        cache = torch.from_numpy(np.array(Image.fromarray(full).resize((n, n), Image.BILINEAR))).permute(2, 0, 1)
+        out = clip_data.clip_pixels(cache[None].repeat(b, 1, 1, 1), train=True,
+                                    generator=torch.Generator().manual_seed(3), size=size)
+        assert out.shape == (b, 3, size, size)
+        errors[n] = (out - ref).abs().mean().item()
+    assert errors[2 * size] < 0.08 and errors[2 * size] < 0.5 * errors[size]
+
+
+def test_run_crops_training_images_from_the_larger_cache_and_evaluates_at_model_size(tmp_path, monkeypatch):
+    root = tmp_path / 'data'
+    csv_path = make_prompt_csv(root)
+    for png in (root / 'AGIQA-3K').iterdir():   # 200 x 160 images for the 64-pixel nano
+        Image.open(png).resize((200, 160)).save(png)
+    seen = {}
+    real_epoch = train_clip.train_one_epoch
+
+    def spy(model, optimizer, data, *rest):
+        seen.update(train=tuple(data['train_images'].shape[1:]), eval=tuple(data['images'].shape[1:]))
+        return real_epoch(model, optimizer, data, *rest)
+
+    monkeypatch.setattr(train_clip, 'train_one_epoch', spy)
+    run(tmp_path, csv_path, '--epochs 1')
+    assert seen == {'train': (3, 128, 128), 'eval': (3, 64, 64)}
+    run(tmp_path / 'b', csv_path, '--epochs 1 --train_image_size 64')   # the model size: crops of the eval images
+    assert seen == {'train': (3, 64, 64), 'eval': (3, 64, 64)}
 
 
 def test_missing_pretrained_weights_stop_at_once_with_the_way_out(monkeypatch):
@@ -409,7 +553,7 @@ def test_run_writes_every_output_and_ends_with_the_result_line(tmp_path):
     assert all(metrics[1][f'{s}_{m}'] != '' for s in ('val', 'test') for m in train_clip.HEAD_METRICS)
     # the log says which prompts went where, and its last line is the grep-able result
     last = (tmp_path / 'logs' / f'{run_dir.name}.log').read_text().strip().splitlines()[-1]
-    assert last.startswith('Best test SRCC_Q ') and ' SRCC_C ' in last and 'selected on val mean' in last
+    assert last.startswith('Best test SRCC_Q ') and ' SRCC_C ' in last and 'selected on val consistency' in last
     ckpt = torch.load(run_dir / best[0], weights_only=True)
     assert ckpt['format'] == clip_eval.CLIP_CHECKPOINT_FORMAT and ckpt['model_config']['clip_model'] == 'nano'
     model, _ = clip_eval.load_model(str(run_dir / best[0]))
@@ -440,6 +584,56 @@ def test_resume_after_a_kill_ends_with_the_uninterrupted_metrics(tmp_path, monke
     assert read_rows(whole / 'training_log.csv') == read_rows(killed / 'training_log.csv')
 
 
+def test_selection_and_training_log_follow_the_original(tmp_path):
+    """Default selection is on val consistency (the original's), and training_log.csv's best_s_c
+    and lr hold what the original wrote: its running best of s_c, raised only by a gain above
+    --early_stopping_min_delta, and opt.param_groups[0]['lr'] after the epoch's scheduler steps."""
+    csv_path = make_prompt_csv(tmp_path / 'data')
+    run_dir = run(tmp_path, csv_path, '--epochs 3')
+    summary = json.loads((run_dir / 'summary.json').read_text())
+    assert summary['select_on'] == 'consistency'
+    log, metrics = read_rows(run_dir / 'training_log.csv'), read_rows(run_dir / 'metrics.csv')
+    best = -1.0
+    for row, m in zip(log, metrics):
+        if float(row['s_c']) - best > 1e-4:
+            best = float(row['s_c'])
+            assert m['is_best'] == '1'           # the best epoch moves with val consistency alone
+        else:
+            assert m['is_best'] == '0' or m['epoch'] == '1'
+        assert row['best_s_c'] == f'{best:.6f}'
+        assert abs(float(row['s_c']) - float(m['val_srcc_c'])) <= 5e-5   # unrounded in the log
+    assert summary['best_epoch'] == max(int(m['epoch']) for m in metrics if m['is_best'] == '1')
+    # lr: 18 training images / batch 8 = 3 steps an epoch, 9 in all, warm-up int(0.05 * 9) = 0 steps;
+    # the original logged the rate after each epoch's last scheduler step (0 after the last epoch)
+    args = parse('--epochs 3 --lr 1e-3')
+    for epoch, row in enumerate(log, start=1):
+        expected = 1e-3 * train_clip.lr_factor(epoch * 3, epoch, 9, args)
+        assert row['lr'] == f'{expected:.8f}'
+    assert log[-1]['lr'] == '0.00000000'
+    # a gain must exceed min_delta: with 2 (no SRCC gain is that large) the original's best stays -1
+    strict = run(tmp_path / 'b', csv_path, '--epochs 2 --early_stopping_min_delta 2')
+    assert [r['best_s_c'] for r in read_rows(strict / 'training_log.csv')] == ['-1.000000'] * 2
+
+
+@pytest.mark.parametrize('how', ['val_ratio', 'split_file'])
+def test_a_run_without_validation_split_selects_on_test_and_says_so(tmp_path, how):
+    csv_path = make_prompt_csv(tmp_path / 'data')
+    if how == 'val_ratio':
+        extra, label = '--val_ratio 0', '--val_ratio 0'
+    else:
+        split = {'train': [f'p{p}_{k}.png' for p in range(6) for k in range(3)],
+                 'test': [f'p{p}_{k}.png' for p in range(6, 9) for k in range(3)]}
+        (tmp_path / 'split.json').write_text(json.dumps(split))
+        extra, label = f'--split_file {tmp_path / "split.json"}', 'none in --split_file'
+    run_dir = run(tmp_path, csv_path, extra)
+    summary = json.loads((run_dir / 'summary.json').read_text())
+    assert summary['select_split'] == 'test' and summary['best']['no_val'].startswith(label)
+    last = (tmp_path / 'logs' / f'{run_dir.name}.log').read_text().strip().splitlines()[-1]
+    assert f'selected on test consistency (no validation split: {label}' in last
+    log = read_rows(run_dir / 'training_log.csv')
+    assert len(log) == 2 and log[0]['s_c'] == '' and log[0]['best_s_c'] == '' and log[0]['train_loss'] != ''
+
+
 def test_cross_dataset_test_scores_a_clip_checkpoint(tmp_path):
     import cross_dataset_test
     data = tmp_path / 'agiqa'
@@ -462,6 +656,14 @@ def test_cross_dataset_test_scores_a_clip_checkpoint(tmp_path):
     assert rows[0]['quality'] != '' and rows[0]['consistency'] != '' and rows[0]['prompt'] == 'a red circle'
     assert rows[1]['quality'] == '' and rows[1]['error']
     assert 0 <= float(rows[0]['quality']) <= 5      # on the training labels' scale
+    # a row with an empty prompt gets a quality score and no consistency (not one against '')
+    (tmp_path / 'no_prompt.csv').write_text('image,prompt\nagiqa/AGIQA-3K/p0_0.png,a red circle\n'
+                                            'agiqa/AGIQA-3K/p0_1.png,\nagiqa/AGIQA-3K/p0_2.png,"  "\n')
+    assert cross_dataset_test.main(['--checkpoint', ckpt, '--images', str(tmp_path / 'no_prompt.csv'),
+                                    '--output', str(scores), '--cache_dir', 'none']) == 0
+    rows = read_rows(scores)
+    assert rows[0]['consistency'] != '' and all(r['quality'] != '' and r['error'] == '' for r in rows)
+    assert rows[1]['consistency'] == '' and rows[2]['consistency'] == ''
 
 
 def plan_lines(path):

@@ -2,6 +2,7 @@
 
     data.csv (name, prompt, mos_quality, mos_align[, explanation])   read_prompt_csv()
     images   -> uint8 (N, 3, S, S) through data_loader.load_images   (decoded once, cached on disk)
+                (training: also at train_cache_size(), up to 2 S, so crops are downsampled)
     uint8    -> normalised CLIP pixels, augmented for training       clip_pixels()
 
 Why a split by prompt: AGIQA-3K has about ten images per prompt. A random split of the images
@@ -222,17 +223,38 @@ def shared_prompts(splits, prompts):
     return sorted({p for a in names for b in names if a < b for p in sets[a] & sets[b]})
 
 
-def clip_pixels(images_u8, train=False, generator=None, scale=(0.8, 1.0)):
-    """uint8 (B, 3, S, S) -> CLIP-normalised float (B, 3, S, S).
+def train_cache_size(model_size, paths):
+    """Side of the square cache training crops are cut from: the images' median short side, kept
+    within [model_size, 2 * model_size].
+
+    The original cut RandomResizedCrop(224, scale=(0.8, 1.0)) from the full image, so a crop of
+    80-100% of the area was downsampled to 224. A crop of a cache at the model's size would be
+    upsampled instead (blurred); at twice the model's size every crop is downsampled, as in the
+    original. Images no larger than the model's input (the 64-pixel demo for the 64-pixel nano)
+    gain nothing from a larger cache: the training images are then the evaluation images. Only
+    the file headers are read."""
+    shorts = []
+    for path in paths:
+        with Image.open(path) as im:
+            shorts.append(min(im.size))
+    return int(min(2 * model_size, max(model_size, np.median(shorts))))
+
+
+def clip_pixels(images_u8, train=False, generator=None, scale=(0.8, 1.0), size=None):
+    """uint8 (B, 3, C, C) -> CLIP-normalised float (B, 3, S, S), S = size (default C).
 
     Training: a random crop covering `scale` of the area with aspect ratio 3/4-4/3, resized
-    back to S x S, and a random horizontal flip, like the original's RandomResizedCrop(224,
-    scale=(0.8, 1.0)) + RandomHorizontalFlip, cut from the cached S x S image in one batched
-    roi_align call instead of per image with PIL."""
+    to S x S, and a random horizontal flip, like the original's RandomResizedCrop(224,
+    scale=(0.8, 1.0)) + RandomHorizontalFlip, cut from the cached C x C image in one batched
+    roi_align call instead of per image with PIL; with C = 2 S (train_cache_size) the crop is
+    downsampled, as the original's was from the full image (2 x 2 bilinear samples per output
+    pixel). Evaluation: the cached image as it is (the original's Resize((224, 224)) of the
+    whole image, done once by the cache)."""
     x = images_u8.float().div_(255)
     if train:
         from torchvision.ops import roi_align
         b, _, h, w = x.shape
+        out_hw = (h, w) if size is None else (size, size)
         g = generator
         area = torch.empty(b).uniform_(*scale, generator=g)
         ratio = torch.exp(torch.empty(b).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g))
@@ -241,9 +263,11 @@ def clip_pixels(images_u8, train=False, generator=None, scale=(0.8, 1.0)):
         x0 = torch.rand(b, generator=g) * (w - cw)
         y0 = torch.rand(b, generator=g) * (h - ch)
         boxes = torch.stack([torch.arange(b, dtype=torch.float32), x0, y0, x0 + cw, y0 + ch], dim=1)
-        x = roi_align(x, boxes.to(x.device), output_size=(h, w), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+        x = roi_align(x, boxes.to(x.device), output_size=out_hw, spatial_scale=1.0, sampling_ratio=2, aligned=True)
         flip = (torch.rand(b, generator=g) < 0.5).to(x.device)
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+    elif size is not None and x.shape[-1] != size:
+        raise ValueError(f'evaluation images are {x.shape[-1]} px, the model takes {size}: cache them at its size')
     return (x - CLIP_MEAN.to(x.device)) / CLIP_STD.to(x.device)
 
 

@@ -149,7 +149,9 @@ def run_checkpoint(args, device, specs):
     --eval_precision (fp32 unless bf16 is asked for: the original evaluated in fp32).
 
     --images a CSV with image and prompt columns (or plain images): a CSV of quality and
-    consistency per image (consistency empty without a prompt). Otherwise each --datasets
+    consistency per image; consistency is left empty for an image without a prompt (an empty
+    cell of the prompt column, or plain images), since a score against the empty text measures
+    nothing. Otherwise each --datasets
     entry: quality SRCC/PLCC (+ 95% intervals) on any IQA set, and consistency where the set
     has prompts and alignment scores (AGIQA-3K's data.csv). Returns the exit code."""
     amp = args.eval_precision == 'bf16'
@@ -181,6 +183,7 @@ def run_checkpoint(args, device, specs):
             prompts = None
         q, c, kept = _score_paths(model, paths, prompts, tokenizer, device, amp, batch, cache_dir, args.num_workers)
         scored = dict(zip(kept.tolist(), zip(q, c)))
+        has_prompt = [bool(prompts and str(prompts[i]).strip()) for i in range(len(paths))]
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator='\n')
         writer.writerow(['path', 'prompt', 'quality', 'consistency', 'error'])
@@ -188,13 +191,16 @@ def run_checkpoint(args, device, specs):
             qi, ci = scored.get(i, (None, None))
             writer.writerow([path, prompts[i] if prompts else '',
                              '' if qi is None else f'{qi * scale_q:.6f}',
-                             '' if qi is None or prompts is None else f'{ci * scale_c:.6f}',
+                             '' if qi is None or not has_prompt[i] else f'{ci * scale_c:.6f}',
                              '' if qi is not None else 'unreadable or missing'])
         output = args.output or 'scores.csv'
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
         atomic_write_text(output, buf.getvalue())
         print(f'{len(kept)} of {len(paths)} images scored (quality and consistency on the training labels\' '
               f'scale: x{scale_q:g} and x{scale_c:g}); written to {output}')
+        no_prompt = sum(1 for i in kept.tolist() if not has_prompt[i])
+        if no_prompt:
+            print(f'  {no_prompt} of them without a prompt: quality only, consistency left empty')
         return 0 if len(kept) else 1
 
     run = scoring.clip_run(ckpt, args.trained_on)

@@ -358,11 +358,15 @@ class ClipQualityModel(nn.Module):
     def head_parameters(self):
         return [p for n, p in self.named_parameters() if not n.startswith('clip.') and p.requires_grad]
 
-    def freeze(self, freeze_clip=False, partial_freeze=False, freeze_layers=8, warn=print):
-        """--freeze_clip: both towers frozen. --partial_freeze --freeze_layers N: the embeddings and
-        the first N transformer blocks of each tower. A tower shallower than N+1 blocks is clamped
-        to leave its last block trainable (with a warning): a whole tower is never frozen by
-        accident. Returns a one-line description for the log."""
+    def freeze(self, freeze_clip=False, partial_freeze=False, freeze_layers=8, freeze_ln_pre=False, warn=print):
+        """--freeze_clip: both towers frozen. --partial_freeze --freeze_layers N: as the original
+        meant it (its code crashed before reaching this on open_clip-like towers): each tower's
+        embeddings (vision: patch conv, class and position embeddings; text: token and position
+        embeddings) and its first N transformer blocks; N at or above a tower's depth freezes all
+        its blocks (ViT-L/14 at 18: 18 of 24 vision blocks, all 12 text blocks). The vision
+        tower's ln_pre is no embedding and trains, as in the original; freeze_ln_pre freezes it
+        too (what this program did before, kept so that make demo-clip's numbers stay).
+        Returns a one-line description for the log."""
         if freeze_clip:
             self.clip.requires_grad_(False)
             return 'CLIP frozen (both towers); only the heads train'
@@ -372,21 +376,21 @@ class ClipQualityModel(nn.Module):
             raise ValueError(f'--freeze_layers must be >= 0, got {freeze_layers}')
         visual, used = self.clip.visual, {}
         towers = {'vision': (visual.transformer.resblocks,
-                             [visual.conv1, visual.ln_pre, visual.class_embedding, visual.positional_embedding]),
+                             [visual.conv1, visual.class_embedding, visual.positional_embedding]
+                             + ([visual.ln_pre] if freeze_ln_pre else [])),
                   'text': (self.clip.transformer.resblocks,
                            [self.clip.token_embedding, self.clip.positional_embedding])}
         for tower, (blocks, embeddings) in towers.items():
-            n = freeze_layers
-            if n >= len(blocks):
-                n = len(blocks) - 1
-                warn(f'--freeze_layers {freeze_layers}: the {tower} tower has only {len(blocks)} blocks; '
-                     f'freezing its first {n} so that its last block still trains')
+            n = min(freeze_layers, len(blocks))
+            if freeze_layers >= len(blocks):
+                warn(f'--freeze_layers {freeze_layers}: the {tower} tower has {len(blocks)} blocks; all of them '
+                     'are frozen (only its final layer norm and projection train)')
             for e in embeddings:
                 e.requires_grad_(False)
             for block in blocks[:n]:
                 block.requires_grad_(False)
             used[tower] = (n, len(blocks))
-        return ('CLIP partially frozen: embeddings + first ' +
+        return (f'CLIP partially frozen: embeddings{" + ln_pre" if freeze_ln_pre else ""} + first ' +
                 ', '.join(f'{n}/{total} {tower} blocks' for tower, (n, total) in used.items()))
 
     def model_config(self):
