@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-import checkpoints
+from iqa.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 import data_loader
 from data_loader import DataError
 
@@ -339,12 +339,12 @@ def _write_demo(root, seed):
             name = f'images/{size}_{color}_{shape}_{background}_{k}.png'
             buf = io.BytesIO()
             im.save(buf, format='PNG')
-            checkpoints.atomic_write_bytes(root / name, buf.getvalue())
+            atomic_write_bytes(root / name, buf.getvalue())
             mos_q = float(np.clip(4.6 - 0.9 * level + rng.normal(0, 0.15), 0, 5))
             mos_c = float(np.clip(1.0 + 1.0 * matches + rng.normal(0, 0.15), 0, 5))
             rows.append([name, prompt, f'{mos_q:.3f}', f'{mos_c:.3f}',
                          f'{"matches" if matches == 4 else "differs from"} the prompt'])
     text = 'name,prompt,mos_quality,mos_align,explanation\n' + ''.join(
         ','.join(f'"{v}"' if ',' in v or ' ' in v else v for v in r) + '\n' for r in rows)
-    checkpoints.atomic_write_text(root / 'data.csv', text)
-    checkpoints.atomic_write_json(root / 'demo_info.json', {'version': DEMO_VERSION, 'images': len(rows)})
+    atomic_write_text(root / 'data.csv', text)
+    atomic_write_json(root / 'demo_info.json', {'version': DEMO_VERSION, 'images': len(rows)})

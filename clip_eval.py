@@ -12,7 +12,8 @@ import os
 import numpy as np
 import torch
 
-import checkpoints
+from iqa.ckpt import strip_wrapper_prefixes
+from iqa.files import atomic_write_json, atomic_write_text
 import iqa_metrics
 import models_clip
 from clip_data import clip_pixels
@@ -83,7 +84,7 @@ def load_model(path, device='cpu'):
     if not isinstance(ckpt, dict) or ckpt.get('format') != CLIP_CHECKPOINT_FORMAT:
         raise ValueError(f'{path} is not a CLIP checkpoint of train_clip.py (format {CLIP_CHECKPOINT_FORMAT!r})')
     model = models_clip.build_from_config(ckpt['model_config'], pretrained=False)
-    model.load_state_dict(checkpoints.strip_wrapper_prefixes(ckpt['state_dict']))
+    model.load_state_dict(strip_wrapper_prefixes(ckpt['state_dict']))
     return model.to(device).eval(), ckpt
 
 
@@ -162,7 +163,7 @@ def run_checkpoint(args, device, amp, specs):
                              '' if qi is not None else 'unreadable or missing'])
         output = args.output or 'scores.csv'
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-        checkpoints.atomic_write_text(output, buf.getvalue())
+        atomic_write_text(output, buf.getvalue())
         print(f'{len(kept)} of {len(paths)} images scored (quality and consistency on the training labels\' '
               f'scale: x{scale_q:g} and x{scale_c:g}); written to {output}')
         return 0 if len(kept) else 1
@@ -200,7 +201,7 @@ def run_checkpoint(args, device, amp, specs):
         stem = f'{os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint)))}_last'
     path = os.path.join(args.output_dir, f'cross_dataset_results_clip_{stem}.json')
     os.makedirs(args.output_dir, exist_ok=True)
-    checkpoints.atomic_write_json(path, {'checkpoint': os.path.abspath(args.checkpoint), 'system': 'clip',
+    atomic_write_json(path, {'checkpoint': os.path.abspath(args.checkpoint), 'system': 'clip',
                                          'model_config': model.config, 'epoch': ckpt.get('epoch'),
                                          'split': args.split, 'results': results})
     print(f'Results written to {path}')

@@ -34,7 +34,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import checkpoints
+from iqa.ckpt import load_checkpoint
+from iqa.files import atomic_write_json, atomic_write_text
+from iqa.runs import code_version
 import clip_eval
 import data_loader
 import evaluation
@@ -220,7 +222,7 @@ def load_model(path, args, device):
     that names the keys, never a silently half-random model.
     """
     try:
-        ckpt = checkpoints.load_checkpoint(path)
+        ckpt = load_checkpoint(path)
     except (FileNotFoundError, ValueError) as err:
         raise UsageError(f'--checkpoint: {err}') from None
     arch, source = model_architecture(ckpt, args)
@@ -521,7 +523,7 @@ def run_cross_dataset(args, device, amp):
         'higher_is_better': settings['higher_is_better'],
         'device': str(device),
         'amp': amp,
-        'code_version': checkpoints.code_version(),
+        'code_version': code_version(),
         'results': results,
         'in_domain': in_domain,
         'cross_domain_mean': cross_mean,
@@ -530,7 +532,7 @@ def run_cross_dataset(args, device, amp):
     }
     os.makedirs(args.output_dir, exist_ok=True)
     path = results_path(args.output_dir, args.checkpoint, arch['model_size'])
-    checkpoints.atomic_write_json(path, out)
+    atomic_write_json(path, out)
 
     print()
     print(results_table(results))
@@ -645,7 +647,7 @@ def run_images(args, device, amp):
         writer.writerow([path, '' if score is None else f'{score:.6f}', error])
     folder = os.path.dirname(os.path.abspath(output))
     os.makedirs(folder, exist_ok=True)
-    checkpoints.atomic_write_text(output, buf.getvalue())
+    atomic_write_text(output, buf.getvalue())
 
     n_bad = sum(1 for e in errors if e)
     direction = 'higher is better' if settings['higher_is_better'] else 'lower is better'
@@ -770,7 +772,7 @@ def run_complexity(args, device, amp):
     table = complexity_table(rows, device, batch_size, args.runs, amp)
     print(table)
     if args.output:
-        checkpoints.atomic_write_text(args.output, table + '\n')
+        atomic_write_text(args.output, table + '\n')
         print(f'\nwritten to {args.output}')
     return 0
 

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-import checkpoints
+from iqa.files import atomic_write
 
 __all__ = [
     'IMAGENET_MEAN', 'IMAGENET_STD', 'DATASET_NAMES', 'DATASET_ALIASES', 'DEFAULT_ROOTS',
@@ -1208,9 +1208,9 @@ def _decode_all(paths, stats, resize_hw, num_workers, progress):
 
 
 def _atomic_write(path: Path, write: Callable) -> None:
-    """checkpoints.atomic_write (temp file, fsync, rename), creating the folder first."""
+    """atomic_write (temp file, fsync, rename), creating the folder first."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    checkpoints.atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def _cache_files(cache: Path, key: str) -> tuple[Path, Path]:

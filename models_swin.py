@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-import checkpoints
+from iqa.ckpt import strip_wrapper_prefixes
 
 MODEL_SIZES = ('nano', 'tiny', 'small', 'base', 'resnet50')
 
@@ -377,9 +377,9 @@ class HyperIQA(nn.Module):
 
 
 def normalise_state_dict(state_dict, expected_keys=None):
-    """Strip DDP/compile prefixes (checkpoints.strip_wrapper_prefixes) and drop buffers that
+    """Strip DDP/compile prefixes (strip_wrapper_prefixes) and drop buffers that
     timm rebuilds itself when the model does not expect them."""
-    out = checkpoints.strip_wrapper_prefixes(state_dict)
+    out = strip_wrapper_prefixes(state_dict)
     if expected_keys is not None:
         expected = set(expected_keys)
         out = {k: v for k, v in out.items()

@@ -13,7 +13,6 @@ best_model_srccq_X_srccc_Y.pkl, last.pkl) and logs/<run>.log, whose last line is
 """
 import argparse
 import datetime
-import glob
 import math
 import os
 import sys
@@ -23,23 +22,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import checkpoints
 import clip_data
 import clip_eval
 import data_loader
+from iqa import ckpt, runs
 import iqa_metrics
 import models_clip
 from run_setup import SuggestingParser, Tee, make_optimizer, seed_everything, set_precision
 
 SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
-HEAD_METRICS = ('srcc_q', 'plcc_q', 'krcc_q', 'srcc_c', 'plcc_c', 'krcc_c')
-METRIC_COLUMNS = (['round', 'epoch', 'lr_backbone', 'lr_head', 'train_loss', 'train_loss_q', 'train_loss_c',
-                   'train_loss_exp'] + [f'val_{m}' for m in HEAD_METRICS] + [f'test_{m}' for m in HEAD_METRICS]
-                  + ['c_base_alpha', 'c_base_beta', 'epoch_seconds', 'train_images_per_s', 'is_best'])
+HEAD_METRICS = runs.CLIP_HEAD_METRICS
+METRIC_COLUMNS = list(runs.CLIP_METRIC_COLUMNS)
 # the original program's training_log.csv (its s_q ... p_c were on its only held-out split: ours is val)
 LOG_CSV_COLUMNS = ['epoch', 'train_loss', 'lq', 'lc', 'le', 's_q', 'p_q', 's_c', 'p_c', 'best_s_c', 'lr']
 MACHINE_FLAGS = ('device', 'num_workers', 'cache_dir', 'no_amp', 'precision', 'eval_batch_size', 'pin_memory', 'no_pin_memory')
-BEST_PATTERN = 'best_model_srccq_*_srccc_*.pkl'
 
 
 # --------------------------------------------------------------------------- flags
@@ -340,28 +336,13 @@ def original_log_row(row, best_s_c):
 
 
 def write_logs(run_dir, args, rows):
-    checkpoints.atomic_write_csv(os.path.join(run_dir, 'metrics.csv'), METRIC_COLUMNS, rows)
+    runs.write_metrics(run_dir, rows)
     log_rows, best_s_c = [], -1.0   # the original's running best of s_c starts at -1
     for row in rows:
         if row['val_srcc_c'] not in ('', None):
             best_s_c = max(best_s_c, float(row['val_srcc_c']))
         log_rows.append(original_log_row(row, best_s_c))
-    checkpoints.atomic_write_csv(os.path.join(run_dir, args.log_csv), LOG_CSV_COLUMNS, log_rows)
-
-
-def best_checkpoint_name(srcc_q, srcc_c):
-    """'best_model_srccq_0.8123_srccc_0.7456.pkl': both test SRCCs of the selected epoch."""
-    return f'best_model_srccq_{srcc_q:.4f}_srccc_{srcc_c:.4f}.pkl'
-
-
-def save_checkpoint(checkpoint, path, log):
-    """Atomic save; a full disk is reported and training goes on with the previous file intact."""
-    try:
-        checkpoints.atomic_torch_save(checkpoints.check_weights_only_safe(checkpoint), path)
-    except OSError as err:
-        log(f'WARNING: could not save {path}: {err.strerror or err}; the previous file is intact, training continues')
-        return None
-    return path
+    runs.write_metrics(run_dir, log_rows, args.log_csv)
 
 
 def selection_score(metrics, select_on):
@@ -449,15 +430,13 @@ def run_round(round_idx, args, state, ctx):
     first_epoch, best, bad_epochs = 0, None, 0
     resume = state.pop('resume_checkpoint', None)
     if resume is not None and resume['round'] == round_idx:
-        model.load_state_dict(resume['state_dict'])
-        optimizer.load_state_dict(resume['optimizer'])
-        first_epoch, best, bad_epochs = resume['epoch'], resume['best'], resume['bad_epochs']
+        first_epoch, best, bad_epochs = ckpt.restore_training_state(resume, model, optimizer)
         state['step'] = resume['step']
-        checkpoints.restore_rng_state(resume['rng_state'])
         log(f'Resumed round {round_idx} after epoch {first_epoch}')
 
     ckpt_dir = run_dir if args.train_test_num == 1 else os.path.join(run_dir, f'round{round_idx}')
-    os.makedirs(ckpt_dir, exist_ok=True)
+    saver = ckpt.CheckpointSaver(ckpt_dir, keep=1, warn=lambda m: log(f'WARNING: {m}'), fmt=ckpt.CLIP_FORMAT,
+                                 best_name=ckpt.CLIP_BEST)
     eval_sets = {k: splits[k] for k in ('val', 'test') if k in splits}
     log('Epoch\tLoss (q, c, exp)\t\t\tval SRCC q / c\t\ttest SRCC q / c')
     status = 'finished'
@@ -470,10 +449,11 @@ def run_round(round_idx, args, state, ctx):
                 f'in {run_dir} are intact.')
             return best, 'diverged'
         lrs = [g['lr'] for g in optimizer.param_groups]
-        row = {'round': round_idx, 'epoch': epoch + 1, 'lr_backbone': f'{lrs[0]:.3e}', 'lr_head': f'{lrs[1]:.3e}',
-               'train_loss': fmt(loss, '.6f'), 'train_loss_q': fmt(lq, '.6f'), 'train_loss_c': fmt(lc, '.6f'),
-               'train_loss_exp': fmt(le, '.6f'), 'epoch_seconds': f'{seconds:.1f}',
-               'train_images_per_s': f'{images_per_s:.1f}'}
+        row = runs.new_row(METRIC_COLUMNS)
+        row.update({'round': round_idx, 'epoch': epoch + 1, 'lr_backbone': f'{lrs[0]:.3e}',
+                    'lr_head': f'{lrs[1]:.3e}', 'train_loss': fmt(loss, '.6f'), 'train_loss_q': fmt(lq, '.6f'),
+                    'train_loss_c': fmt(lc, '.6f'), 'train_loss_exp': fmt(le, '.6f'),
+                    'epoch_seconds': f'{seconds:.1f}', 'train_images_per_s': f'{images_per_s:.1f}'})
         if not args.no_residual_learning:
             row['c_base_alpha'] = fmt(model.c_base_scale.item())
             row['c_base_beta'] = fmt(model.c_base_bias.item())
@@ -489,7 +469,7 @@ def run_round(round_idx, args, state, ctx):
         improved = best is None or (not math.isnan(score) and score > previous + args.early_stopping_min_delta)
         if improved:
             bad_epochs = 0
-            best = {'epoch': epoch + 1, 'select_srcc': None if math.isnan(score) else score,
+            best = {'epoch': epoch + 1, 'select_srcc': None if math.isnan(score) else score, 'select_split': select_split,
                     **{f'val_{m}': results.get('val', {}).get(m) for m in HEAD_METRICS},
                     **{f'test_{m}': results['test'][m] for m in HEAD_METRICS}}
         else:
@@ -501,34 +481,32 @@ def run_round(round_idx, args, state, ctx):
             f'{results["test"]["srcc_q"]:.4f} / {results["test"]["srcc_c"]:.4f}\t({seconds:.0f} s, '
             f'{images_per_s:.0f} img/s, lr {lrs[0]:.2e}/{lrs[1]:.2e})' + ('  * best' if improved else ''))
 
-        checkpoint = {'format': clip_eval.CLIP_CHECKPOINT_FORMAT, 'state_dict': model.state_dict(),
-                      'model_config': model.model_config(), 'config': ctx['config'],
+        stop_now = bool(args.early_stopping_patience and bad_epochs >= args.early_stopping_patience)
+        checkpoint = {'state_dict': model.state_dict(), 'model_config': model.model_config(), 'config': ctx['config'],
                       'label_scales': [data['scale_q'], data['scale_c']], 'epoch': epoch + 1, 'round': round_idx,
                       'metrics': row, 'code_version': ctx['config']['code_version']}
         if improved:
-            path = save_checkpoint(checkpoint, os.path.join(ckpt_dir, best_checkpoint_name(
-                best['test_srcc_q'], best['test_srcc_c'])), log)
+            path = saver.save_best(checkpoint, best['test_srcc_q'], best['test_srcc_c'])
             if path is not None:
-                for old in glob.glob(os.path.join(ckpt_dir, BEST_PATTERN)):
-                    if os.path.abspath(old) != os.path.abspath(path):
-                        os.remove(old)
                 best['checkpoint'] = path
                 log(f'  new best (val {args.select_on} SRCC {score:.4f}) saved: {path}')
-        checkpoint.update(optimizer=optimizer.state_dict(), rng_state=checkpoints.capture_rng_state(), best=best,
-                          bad_epochs=bad_epochs, step=state['step'], rows=state['rows'], rounds=state['rounds'],
+        # round_complete: --resume from this file starts the next round instead of running this
+        # one past its early stop (and overwriting its best checkpoint).
+        checkpoint.update(optimizer=optimizer.state_dict(), rng_state=ckpt.capture_rng_state(), best=best,
+                          early_stopping={'bad_epochs': bad_epochs}, step=state['step'], rounds=state['rounds'],
+                          round_complete=stop_now or epoch + 1 == args.epochs,
                           train_seconds=time.time() - state['start_time'] + state['seconds_before'])
-        save_checkpoint(checkpoint, os.path.join(ckpt_dir, checkpoints.LAST_NAME), log)
+        saver.save_last(checkpoint)
         write_logs(run_dir, args, state['rows'])
         write_summary(run_dir, args, state, best, select_split, 'running')
-        if args.early_stopping_patience and bad_epochs >= args.early_stopping_patience:
+        if stop_now:
             log(f'Early stopping: no val {args.select_on} SRCC gain > {args.early_stopping_min_delta} for '
                 f'{bad_epochs} epochs.')
             status = 'stopped_early'
             break
-    best['select_split'] = select_split
     if best.get('checkpoint') and os.path.exists(best['checkpoint']):
         # bootstrap 95% intervals of the selected epoch's test SRCCs, from its saved weights
-        model.load_state_dict(torch.load(best['checkpoint'], map_location='cpu', weights_only=True)['state_dict'])
+        model.load_state_dict(ckpt.load_checkpoint(best['checkpoint'])['state_dict'])
         idx = splits['test']
         q, c, _ = clip_eval.predict(model, data['images'][idx], data['prompt_ids'], data['prompt_index'][idx],
                                     batch_size=args.eval_batch_size, device=device, amp=amp)
@@ -538,31 +516,28 @@ def run_round(round_idx, args, state, ctx):
 
 
 def write_summary(run_dir, args, state, best, select_split, status):
-    rounds = list(state['rounds']) + ([best] if status == 'running' and best else [])
-    med = {}
-    for m in ('srcc_q', 'plcc_q', 'srcc_c', 'plcc_c'):
-        values = [r[f'test_{m}'] for r in rounds if r and r.get(f'test_{m}') is not None]
-        med[f'median_test_{m}'] = float(np.median(values)) if values else None
-    summary = {'run_name': state['run_name'], 'name': args.name, 'system': 'clip', 'status': status,
-               'select_on': args.select_on, 'select_split': select_split,
-               'best_epoch': best['epoch'] if best else None, 'best': best, 'rounds': state['rounds'], **med,
-               'label_scales': {'quality': state['scale_q'], 'consistency': state['scale_c']},
-               'train_seconds': round(time.time() - state['start_time'] + state['seconds_before'], 1),
-               'params': state.get('params'), 'trainable_params': state.get('trainable_params'),
-               'best_checkpoint': best.get('checkpoint') if best else None}
-    checkpoints.atomic_write_json(os.path.join(run_dir, 'summary.json'), summary)
+    runs.write_summary(
+        run_dir, {'run_name': state['run_name'], 'name': args.name, 'system': 'clip', 'select_on': args.select_on,
+                  'select_split': select_split},
+        state, best, status, median_of=('srcc_q', 'plcc_q', 'srcc_c', 'plcc_c'),
+        tail={'label_scales': {'quality': state['scale_q'], 'consistency': state['scale_c']},
+              'params': state.get('params'), 'trainable_params': state.get('trainable_params')})
 
 
 # --------------------------------------------------------------------------- main
 
 def resolve_resume(path):
     """The checkpoint to resume from (RUN_DIR/last.pkl or the file given), loaded."""
-    ckpt_path = checkpoints.find_resume_file(path, '--resume_from')
-    ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get('format') != clip_eval.CLIP_CHECKPOINT_FORMAT or 'optimizer' not in ckpt:
+    ckpt_path = runs.find_resume_file(path, '--resume_from')
+    checkpoint = ckpt.load_checkpoint(ckpt_path)
+    if checkpoint['format'] != ckpt.CLIP_FORMAT or checkpoint['optimizer'] is None:
         raise SystemExit(f'--resume_from {ckpt_path}: not a train_clip.py last.pkl with training state '
                          '(resume from the run folder or its last.pkl)')
-    return ckpt_path, ckpt
+    if checkpoint['round_complete'] is None:   # a file from before round_complete: derive it
+        config, bad = checkpoint['config'], checkpoint['early_stopping']['bad_epochs']
+        patience = config.get('early_stopping_patience')
+        checkpoint['round_complete'] = bool(checkpoint['epoch'] >= config['epochs'] or (patience and bad >= patience))
+    return ckpt_path, checkpoint
 
 
 def load_data(args, log):
@@ -599,7 +574,7 @@ def main(argv=None):
     ignored = []
     if args.resume_from:
         resume_path, resume = resolve_resume(args.resume_from)
-        ignored = checkpoints.resume_args(args, parser, dict(resume['config']), MACHINE_FLAGS, 'resume_from')
+        ignored = runs.resume_args(args, parser, dict(resume['config']), MACHINE_FLAGS, 'resume_from')
         args.resume_from = resume_path
     warnings = []
     args = check_args(args, warnings.append)
@@ -611,13 +586,13 @@ def main(argv=None):
         args.cache_dir = None
 
     if resume is not None:
-        run_dir = checkpoints.resumed_run_dir(resume_path, args.train_test_num)
+        run_dir = runs.resumed_run_dir(resume_path, args.train_test_num)
         run_name = os.path.basename(run_dir)
     else:
         label = 'demo' if args.data_csv_path == 'demo' else (
             os.path.basename(os.path.dirname(os.path.abspath(args.data_csv_path))) or 'data')
         run_name = f'{label}-clip_{datetime.datetime.now():%Y%m%d_%H%M%S}'
-        run_dir, run_name = checkpoints.make_run_dir(args.output_dir, run_name)
+        run_dir, run_name = runs.make_run_dir(args.output_dir, run_name)
     os.makedirs(args.log_dir, exist_ok=True)
     log_file = open(os.path.join(args.log_dir, f'{run_name}.log'), 'a', encoding='utf-8')
     console = (sys.stdout, sys.stderr)
@@ -632,29 +607,31 @@ def main(argv=None):
         if ignored:
             log('note: resuming uses the run\'s stored configuration; ignored: ' + ', '.join(f'--{k}' for k in ignored))
         config = dict(vars(args))
-        config.update(run_name=run_name, system='clip', code_version=checkpoints.code_version(),
+        config.update(run_name=run_name, system='clip', code_version=runs.code_version(),
                       command='python train_clip.py ' + ' '.join(argv))
         if resume is not None:
             config.update({k: resume['config'][k] for k in ('code_version', 'command') if k in resume['config']})
-        checkpoints.atomic_write_json(os.path.join(run_dir, 'config.json'), config)
+        runs.write_config(run_dir, config)
         log('=' * 72)
         log(f'Run {run_name}  ({"resumed" if resume else "new"}, device {device}, precision {"bf16 autocast" if amp else "fp32"})')
         for key in sorted(vars(args)):
             log(f'  {key:<26} {getattr(args, key)}')
         log('=' * 72)
         # The model first: a missing pretrained model must stop the run before minutes of image decoding.
-        first_round = resume['round'] if resume is not None else 1
+        state = {'run_name': run_name, 'rows': [], 'rounds': [], 'start_time': time.time(), 'seconds_before': 0.0}
+        first_round = 1
+        if resume is not None:
+            first_round = runs.resume_rounds(resume, state, log)
+            state['rows'] = runs.read_metrics(run_dir, (resume['round'], resume['epoch']))
         seed_everything(args.seed + first_round - 1)
         first_model = build_model(args)
         data = load_data(args, log)
-        state = {'run_name': run_name, 'rows': [], 'rounds': [], 'start_time': time.time(), 'seconds_before': 0.0,
-                 'scale_q': data['scale_q'], 'scale_c': data['scale_c']}
-        if resume is not None:
-            state.update(rows=list(resume['rows']), rounds=list(resume['rounds']), resume_checkpoint=resume,
-                         seconds_before=float(resume.get('train_seconds') or 0.0))
+        state.update(scale_q=data['scale_q'], scale_c=data['scale_c'])
         ctx = {'log': log, 'device': device, 'amp': amp, 'run_dir': run_dir, 'config': config, 'data': data,
                'model': first_model}
-        best, status = None, 'finished'
+        # the run's status is its last round's: a resumed, already ended last round keeps its own
+        status = 'stopped_early' if resume is not None and resume['epoch'] < args.epochs else 'finished'
+        best = None
         for round_idx in range(first_round, args.train_test_num + 1):
             best, status = run_round(round_idx, args, state, ctx)
             if status == 'diverged':
@@ -664,6 +641,7 @@ def main(argv=None):
         if status == 'diverged':
             write_summary(run_dir, args, state, best, 'val', 'diverged')
             return 3
+        best = best or state['rounds'][-1]
         write_summary(run_dir, args, state, best, best['select_split'], status)
         finished = [r for r in state['rounds'] if r]
         res = {m: float(np.median([r[f'test_{m}'] for r in finished])) for m in ('srcc_q', 'plcc_q', 'srcc_c', 'plcc_c')}

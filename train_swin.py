@@ -12,7 +12,6 @@ summary.json, best_model_srcc_X_plcc_Y.pkl, last.pkl) and logs/<run>.log.
 """
 import argparse
 import contextlib
-import csv
 import datetime
 import json
 import math
@@ -26,18 +25,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import checkpoints
 import data_loader
 import iqa_metrics
 import models_swin
 from evaluation import predict_scores
+from iqa import ckpt, runs
 from run_setup import (SuggestingParser, Tee, gather_to_all, make_optimizer, seed_everything, set_precision,
                        setup_distributed)
 
 SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
-METRIC_COLUMNS = ['round', 'epoch', 'lr_backbone', 'lr_head', 'train_loss', 'train_srcc',
-                  'val_srcc', 'val_plcc', 'val_krcc', 'test_srcc', 'test_plcc', 'test_krcc',
-                  'spaq_srcc', 'spaq_plcc', 'epoch_seconds', 'train_patches_per_s', 'is_best']
+METRIC_COLUMNS = runs.swin_metric_columns()
 LOSS_TYPES = ('l1', 'l2', 'srcc', 'rank', 'pairwise', 'hinge', 'fidelity')
 # Flags that describe the machine, not the experiment: a resumed run may change them.
 MACHINE_FLAGS = ('device', 'num_workers', 'cache_dir', 'data_root', 'no_amp', 'precision', 'compile',
@@ -600,7 +597,7 @@ def run_round(round_idx, args, state, ctx):
     # Stored so that cross-dataset tests know which way this model's scores point.
     ctx['config']['higher_is_better'] = bool(dataset.higher_is_better)
     if rank == 0:
-        checkpoints.atomic_write_json(os.path.join(ctx['run_dir'], 'config.json'), ctx['config'])
+        runs.write_config(ctx['run_dir'], ctx['config'])
 
     seed_everything(round_seed)
     model = models_swin.build_model(args.model_size, use_multiscale=not args.no_multiscale,
@@ -642,18 +639,13 @@ def run_round(round_idx, args, state, ctx):
     bad_epochs = 0
     resume = state.pop('resume_checkpoint', None)
     if resume is not None and resume['round'] == round_idx:
-        raw_model.load_state_dict(resume['state_dict'])
-        optimizer.load_state_dict(resume['optimizer'])
-        first_epoch = resume['epoch']
-        best = resume['best']
-        bad_epochs = resume['early_stopping']['bad_epochs']
-        checkpoints.restore_rng_state(resume['rng_state'])
+        first_epoch, best, bad_epochs = ckpt.restore_training_state(resume, raw_model, optimizer)
         log(f'Resumed round {round_idx} after epoch {first_epoch} (best so far: '
             f'{json.dumps(best) if best else "none"})')
 
     run_dir = ctx['run_dir']
     ckpt_dir = run_dir if args.train_test_num == 1 else os.path.join(run_dir, f'round{round_idx}')
-    saver = checkpoints.CheckpointSaver(ckpt_dir, keep=args.keep_checkpoints) if rank == 0 else None
+    saver = ckpt.CheckpointSaver(ckpt_dir, keep=args.keep_checkpoints) if rank == 0 else None
 
     header = 'Epoch\tTrain_Loss\tTrain_SRCC\t' + ('Val_SRCC\t' if 'val' in eval_sets else '') + \
              'Test_SRCC\tTest_PLCC' + ('\tSPAQ_SRCC\tSPAQ_PLCC' if ctx['spaq'] else '')
@@ -671,8 +663,9 @@ def run_round(round_idx, args, state, ctx):
                 f'checkpoints in {run_dir} are intact.')
             state['status'] = 'diverged'
             return best, 'diverged'
-        row = {'round': round_idx, 'epoch': epoch + 1, 'lr_backbone': f'{lr_backbone:.3e}',
-               'lr_head': f'{lr_head:.3e}', 'train_loss': fmt(train_loss), 'train_srcc': fmt(train_srcc)}
+        row = runs.new_row(METRIC_COLUMNS)
+        row.update({'round': round_idx, 'epoch': epoch + 1, 'lr_backbone': f'{lr_backbone:.3e}',
+                    'lr_head': f'{lr_head:.3e}', 'train_loss': fmt(train_loss), 'train_srcc': fmt(train_srcc)})
         eval_seed = round_seed * 1000 + epoch if args.test_crop == 'random' else round_seed
         results = {}
         for name, (imgs, split_mos) in eval_sets.items():
@@ -687,7 +680,6 @@ def run_round(round_idx, args, state, ctx):
                                                 rank, world, eval_seed, 'SPAQ eval')
             row['spaq_srcc'], row['spaq_plcc'] = fmt(results['spaq']['srcc']), fmt(results['spaq']['plcc'])
         row['epoch_seconds'] = f'{seconds:.1f}'
-        row['test_crop'] = args.test_crop  # in the checkpoint's metrics; metrics.csv stays numbers only
         row['train_patches_per_s'] = f'{patches_per_s:.1f}'
 
         score = results[select_on]['srcc']
@@ -718,8 +710,9 @@ def run_round(round_idx, args, state, ctx):
 
         stop_now = not args.no_early_stopping and bad_epochs >= args.patience
         if rank == 0:
-            checkpoint = {'format': 'swin-iqa-checkpoint/1', 'state_dict': raw_model.state_dict(),
-                          'config': ctx['config'], 'epoch': epoch + 1, 'round': round_idx, 'metrics': row,
+            # the evaluation protocol goes in the checkpoint's metrics; metrics.csv stays numbers only
+            checkpoint = {'state_dict': raw_model.state_dict(), 'config': ctx['config'], 'epoch': epoch + 1,
+                          'round': round_idx, 'metrics': {**row, 'test_crop': args.test_crop},
                           'code_version': ctx['config']['code_version']}
             if improved:
                 path = saver.save_best(checkpoint, best['test_srcc'], best['test_plcc'])
@@ -728,12 +721,12 @@ def run_round(round_idx, args, state, ctx):
                     log(f'  new best ({select_on} SRCC {score:.4f}) saved: {path}')
             # round_complete: --resume from this file starts the next round instead of running this
             # one past its early stop (and overwriting its best checkpoint).
-            checkpoint.update(optimizer=optimizer.state_dict(), rng_state=checkpoints.capture_rng_state(), best=best,
+            checkpoint.update(optimizer=optimizer.state_dict(), rng_state=ckpt.capture_rng_state(), best=best,
                               early_stopping={'bad_epochs': bad_epochs}, rounds=state['rounds'],
                               round_complete=bool(stop_now or epoch + 1 == args.epochs),
                               train_seconds=time.time() - state['start_time'] + state.get('seconds_before', 0.0))
             saver.save_last(checkpoint)
-            checkpoints.atomic_write_csv(os.path.join(run_dir, 'metrics.csv'), METRIC_COLUMNS, state['rows'])
+            runs.write_metrics(run_dir, state['rows'])
             write_summary(run_dir, args, state, best, select_on, 'running')
         if stop_now:
             log(f'Early stopping: no {select_on} SRCC gain > {args.early_stopping_min_delta} for '
@@ -770,7 +763,7 @@ def best_intervals(raw_model, model, best, test_set, args, device, amp, seed):
     path = best.get('checkpoint')
     if not path or not os.path.exists(path):
         return {}
-    raw_model.load_state_dict(checkpoints.load_checkpoint(path)['state_dict'])
+    raw_model.load_state_dict(ckpt.load_checkpoint(path)['state_dict'])
     pred = predict_scores(model, test_set[0], patch_size=args.patch_size, patch_num=args.test_patch_num,
                           batch_size=args.eval_batch_size, crop=args.test_crop, seed=seed,
                           device=device, amp=amp, pad_batches=args.compile, place=False)
@@ -780,32 +773,23 @@ def best_intervals(raw_model, model, best, test_set, args, device, amp, seed):
 
 
 def write_summary(run_dir, args, state, best, select_on, status):
-    rounds = [r for r in state['rounds']] + ([best] if status == 'running' and best else [])
-    test_srccs = [r['test_srcc'] for r in rounds if r]
-    test_plccs = [r['test_plcc'] for r in rounds if r]
-    summary = {
-        'run_name': state['run_name'], 'name': args.name, 'status': status, 'select_on': select_on,
-        # the evaluation protocol: numbers of different protocols are not comparable
-        'test_crop': args.test_crop, 'test_patch_num': args.test_patch_num,
-        'best_epoch': best['epoch'] if best else None, 'best': best, 'rounds': state['rounds'],
-        'median_test_srcc': float(np.median(test_srccs)) if test_srccs else None,
-        'median_test_plcc': float(np.median(test_plccs)) if test_plccs else None,
-        'train_seconds': round(time.time() - state['start_time'] + state.get('seconds_before', 0.0), 1),
-        'train_patches_per_s': state['rows'][-1]['train_patches_per_s'] if state['rows'] else None,
-        'best_checkpoint': best.get('checkpoint') if best else None,
-        'params': state.get('params'),
-    }
-    checkpoints.atomic_write_json(os.path.join(run_dir, 'summary.json'), summary)
+    runs.write_summary(
+        run_dir, {'run_name': state['run_name'], 'name': args.name, 'select_on': select_on,
+                  # the evaluation protocol: numbers of different protocols are not comparable
+                  'test_crop': args.test_crop, 'test_patch_num': args.test_patch_num},
+        state, best, status, median_of=('srcc', 'plcc'),
+        tail={'train_patches_per_s': state['rows'][-1]['train_patches_per_s'] if state['rows'] else None,
+              'params': state.get('params')})
 
 
 def resolve_resume(path):
     """The checkpoint to resume from (RUN_DIR/last.pkl or the file given), loaded."""
-    ckpt_path = checkpoints.find_resume_file(path, '--resume')
-    ckpt = checkpoints.load_checkpoint(ckpt_path)
-    if ckpt.get('optimizer') is None or ckpt.get('config') is None:
+    ckpt_path = runs.find_resume_file(path, '--resume')
+    checkpoint = ckpt.load_checkpoint(ckpt_path)
+    if checkpoint.get('optimizer') is None or checkpoint.get('config') is None:
         raise SystemExit(f'--resume {ckpt_path}: this checkpoint has no training state (optimizer, RNG); '
                          'resume from the run folder or its last.pkl')
-    return ckpt_path, ckpt
+    return ckpt_path, checkpoint
 
 
 def main(argv=None):
@@ -816,7 +800,7 @@ def main(argv=None):
     if args.resume:
         resume_path, resume = resolve_resume(args.resume)
         stored = dict(resume['config'])
-        ignored = checkpoints.resume_args(args, parser, stored, MACHINE_FLAGS, 'resume')
+        ignored = runs.resume_args(args, parser, stored, MACHINE_FLAGS, 'resume')
         if 'val_ratio' not in stored:
             args.val_ratio = 0.0  # a run from before validation splits: keep its training images
         args.resume = resume_path
@@ -829,10 +813,10 @@ def main(argv=None):
         args.cache_dir = None
 
     if resume is not None:
-        run_dir = checkpoints.resumed_run_dir(resume_path, args.train_test_num)
+        run_dir = runs.resumed_run_dir(resume_path, args.train_test_num)
         run_name = os.path.basename(run_dir)
     else:
-        run_name = checkpoints.run_name(args.dataset if os.sep not in args.dataset else
+        run_name = runs.run_name(args.dataset if os.sep not in args.dataset else
                                         os.path.splitext(os.path.basename(args.dataset))[0],
                                         args.ranking_loss_alpha, datetime.datetime.now())
         run_dir = os.path.join(args.output_dir, run_name)
@@ -845,7 +829,7 @@ def main(argv=None):
     console = (sys.stdout, sys.stderr)
     if rank == 0:
         if resume is None:
-            run_dir, run_name = checkpoints.make_run_dir(args.output_dir, run_name)
+            run_dir, run_name = runs.make_run_dir(args.output_dir, run_name)
         os.makedirs(args.log_dir, exist_ok=True)
         log_file = open(os.path.join(args.log_dir, f'{run_name}.log'), 'a', encoding='utf-8')
         sys.stdout = Tee(console[0], log_file)
@@ -866,7 +850,7 @@ def main(argv=None):
             log('note: resuming uses the run\'s stored configuration; ignored: ' +
                 ', '.join(f'--{k}' for k in ignored))
         config = dict(vars(args))
-        config.update(run_name=run_name, code_version=checkpoints.code_version(),
+        config.update(run_name=run_name, code_version=runs.code_version(),
                       command='python train_swin.py ' + ' '.join(argv), world_size=world)
         if resume is not None:
             config['code_version'] = resume['config'].get('code_version', config['code_version'])
@@ -880,22 +864,8 @@ def main(argv=None):
         state = {'run_name': run_name, 'rows': [], 'rounds': [], 'start_time': time.time()}
         first_round = 1
         if resume is not None:
-            state['rounds'] = resume.get('rounds') or []
-            first_round = resume['round']
-            if resume.get('round_complete'):   # the round had ended (early stop or last epoch)
-                state['rounds'] = state['rounds'] + [resume['best']]
-                first_round += 1
-                log(f'Round {resume["round"]} had ended at epoch {resume["epoch"]}; resuming with round '
-                    f'{first_round}')
-            else:
-                state['resume_checkpoint'] = resume
-            state['seconds_before'] = float(resume.get('train_seconds') or 0.0)
-            metrics_path = os.path.join(run_dir, 'metrics.csv')
-            if os.path.exists(metrics_path):
-                with open(metrics_path, newline='') as f:
-                    for row in csv.DictReader(f):
-                        if (int(row['round']), int(row['epoch'])) <= (resume['round'], resume['epoch']):
-                            state['rows'].append(row)
+            first_round = runs.resume_rounds(resume, state, log)
+            state['rows'] = runs.read_metrics(run_dir, (resume['round'], resume['epoch']))
         # decode_once waits here (gloo, no NCCL timeout) while rank 0 decodes a cold cache
         wait_group = dist.new_group(backend='gloo', timeout=datetime.timedelta(days=1)) if world > 1 else None
         ctx = {'log': log, 'rank': rank, 'world': world, 'device': device, 'amp': amp, 'run_dir': run_dir,

@@ -40,7 +40,7 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import checkpoints  # noqa: E402
+from iqa.files import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402
 import cross_dataset_test  # noqa: E402
 import data_loader  # noqa: E402
 import evaluation  # noqa: E402
@@ -247,14 +247,14 @@ def profile_training(model, optimizer, sampler, epoch, steps, train_args, device
     wall_ms = (time.perf_counter() - start) * 1000
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:   # export, then write atomically
         prof.export_chrome_trace(os.path.join(tmp, 'trace.json'))
-        checkpoints.atomic_write_bytes(out_dir / 'trace.json', Path(tmp, 'trace.json').read_bytes())
+        atomic_write_bytes(out_dir / 'trace.json', Path(tmp, 'trace.json').read_bytes())
     events = prof.key_averages()
     files = [out_dir / 'trace.json']
     sort_keys = ['self_cpu_time_total'] + (['self_device_time_total'] if device.type == 'cuda' else [])
     for key in sort_keys:
         table = events.table(sort_by=key, row_limit=30)
         files.append(out_dir / f'key_averages_{key}.txt')
-        checkpoints.atomic_write_text(files[-1], table + '\n')
+        atomic_write_text(files[-1], table + '\n')
     data = next((e for e in events if e.key == DATA_LABEL), None)
     data_ms = data.cpu_time_total / 1000 if data is not None else 0.0
     text = (f'profile of {steps} training steps with data production: {wall_ms:.0f} ms wall (profiler on); '
@@ -446,7 +446,7 @@ def main(argv=None):
         print('\n' + text)
         print('written: ' + ', '.join(str(f) for f in files))
     if args.json:
-        checkpoints.atomic_write_json(args.json, {**r, 'targets': {k: {'value': v, 'goal': g, 'met': m}
+        atomic_write_json(args.json, {**r, 'targets': {k: {'value': v, 'goal': g, 'met': m}
                                                                    for k, (v, g, m) in r['targets'].items()}})
         print(f'written: {args.json}')
     return 0

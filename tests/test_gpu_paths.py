@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoints
+from iqa.ckpt import load_checkpoint
 import data_loader
 import run_setup
 import train_swin
@@ -207,7 +207,7 @@ def test_resume_after_an_early_stopped_round_starts_the_next_round(koniq_root, t
         train_swin.main(tiny_args(koniq_root, killed, *extra))
     monkeypatch.setattr(train_swin, 'train_one_epoch', real_epoch)
     run_dir = only_run_dir(killed)
-    assert checkpoints.load_checkpoint(os.path.join(run_dir, 'round1', 'last.pkl'))['round_complete'] is True
+    assert load_checkpoint(os.path.join(run_dir, 'round1', 'last.pkl'))['round_complete'] is True
     assert train_swin.main(['--resume', run_dir]) == 0
     assert without_timing(read_metrics(run_dir)) == without_timing(expected)
     assert os.listdir(os.path.join(run_dir, 'round1')).count('best_model_srcc_0.4500_plcc_0.4600.pkl') == 1
@@ -271,7 +271,7 @@ def test_ddp_divergence_on_one_rank_stops_both_with_one_summary(koniq_root, tmp_
     run_dir = only_run_dir(tmp_path)
     summary = json.load(open(os.path.join(run_dir, 'summary.json')))
     assert summary['status'] == 'diverged'
-    assert checkpoints.load_checkpoint(os.path.join(run_dir, 'last.pkl'))['epoch'] == 1
+    assert load_checkpoint(os.path.join(run_dir, 'last.pkl'))['epoch'] == 1
     log = open(tmp_path / 'logs' / (os.path.basename(run_dir) + '.log')).read()
     assert log.count('STOPPED:') == 1 and 'at epoch 2, step 1' in log
 

@@ -440,6 +440,20 @@ def test_resume_after_a_kill_ends_with_the_uninterrupted_metrics(tmp_path, monke
     assert read_rows(whole / 'training_log.csv') == read_rows(killed / 'training_log.csv')
 
 
+def test_resume_after_an_early_stop_trains_no_further_epoch(tmp_path, monkeypatch):
+    csv_path = make_prompt_csv(tmp_path / 'data')
+    scores = iter([0.5, 0.4, 0.3, 0.2])   # the selection SRCC falls: patience 1 stops after epoch 2
+    monkeypatch.setattr(train_clip, 'selection_score', lambda metrics, select_on: next(scores))
+    run_dir = run(tmp_path, csv_path, '--epochs 4 --early_stopping_patience 1')
+    assert len(read_rows(run_dir / 'metrics.csv')) == 2
+    best = [f for f in os.listdir(run_dir) if f.startswith('best_model_srccq_')]
+    assert train_clip.main(['--resume_from', str(run_dir)]) == 0
+    assert len(read_rows(run_dir / 'metrics.csv')) == 2
+    assert [f for f in os.listdir(run_dir) if f.startswith('best_model_srccq_')] == best
+    summary = json.loads((run_dir / 'summary.json').read_text())
+    assert summary['status'] == 'stopped_early' and summary['best_epoch'] == 1
+
+
 def test_cross_dataset_test_scores_a_clip_checkpoint(tmp_path):
     import cross_dataset_test
     data = tmp_path / 'agiqa'
