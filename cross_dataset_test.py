@@ -34,15 +34,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from iqa.ckpt import load_checkpoint
-from iqa.files import atomic_write_json, atomic_write_text
-from iqa.runs import code_version
 import clip_eval
 import data_loader
 import evaluation
 import iqa_metrics
 import models_swin
-import run_setup
+from iqa import runtime
+from iqa.ckpt import load_checkpoint
+from iqa.files import atomic_write_json, atomic_write_text
+from iqa.runs import code_version
 
 SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATASETS = ('koniq', 'spaq', 'kadid', 'agiqa')
@@ -73,7 +73,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser():
     # train_swin's parser: an unknown or misspelt flag stops with a "did you mean" hint
-    p = run_setup.SuggestingParser(
+    p = runtime.SuggestingParser(
         prog='cross_dataset_test.py', allow_abbrev=False,
         description='Evaluate a trained HyperIQA checkpoint on several IQA data sets (default), score '
                     'arbitrary images (--images), or print the model-complexity table (--complexity).',

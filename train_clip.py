@@ -25,10 +25,10 @@ import torch.nn.functional as F
 import clip_data
 import clip_eval
 import data_loader
-from iqa import ckpt, runs
+from iqa import ckpt, runs, runtime
 import iqa_metrics
 import models_clip
-from run_setup import SuggestingParser, Tee, make_optimizer, seed_everything, set_precision
+from iqa.runtime import SuggestingParser, make_optimizer, seed_everything, set_precision
 
 SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
 HEAD_METRICS = runs.CLIP_HEAD_METRICS
@@ -366,7 +366,7 @@ def build_model(args):
 
 def run_round(round_idx, args, state, ctx):
     """Train and evaluate one round; returns this round's best-epoch record and a status."""
-    log, device, amp, run_dir, data = ctx['log'], ctx['device'], ctx['amp'], ctx['run_dir'], ctx['data']
+    log, device, amp, data = ctx['log'], ctx['device'], ctx['amp'], ctx['data']
     round_seed = args.seed + round_idx - 1
     ds = data['dataset']
     if args.split_file:
@@ -387,6 +387,8 @@ def run_round(round_idx, args, state, ctx):
     n_prompts = {k: len({ds.prompts[i] for i in v}) for k, v in splits.items()}
     log(f'Round {round_idx}/{args.train_test_num}: split {source}: ' + ', '.join(
         f'{k} {len(v)} images / {n_prompts[k]} prompts' for k, v in splits.items()))
+    ctx['open_run']()   # the data check passed: now the run gets its folder and log
+    run_dir = ctx['run_dir']
     data['train'] = splits['train']
 
     model = ctx.pop('model', None)   # the first round's model is built before the data (see main)
@@ -592,11 +594,8 @@ def main(argv=None):
         label = 'demo' if args.data_csv_path == 'demo' else (
             os.path.basename(os.path.dirname(os.path.abspath(args.data_csv_path))) or 'data')
         run_name = f'{label}-clip_{datetime.datetime.now():%Y%m%d_%H%M%S}'
-        run_dir, run_name = runs.make_run_dir(args.output_dir, run_name)
-    os.makedirs(args.log_dir, exist_ok=True)
-    log_file = open(os.path.join(args.log_dir, f'{run_name}.log'), 'a', encoding='utf-8')
-    console = (sys.stdout, sys.stderr)
-    sys.stdout, sys.stderr = Tee(console[0], log_file), Tee(console[1], log_file)
+        run_dir = None   # created by open_run once the data check passed
+    console = runtime.capture_console()
 
     def log(message):
         print(message, flush=True)
@@ -611,7 +610,6 @@ def main(argv=None):
                       command='python train_clip.py ' + ' '.join(argv))
         if resume is not None:
             config.update({k: resume['config'][k] for k in ('code_version', 'command') if k in resume['config']})
-        runs.write_config(run_dir, config)
         log('=' * 72)
         log(f'Run {run_name}  ({"resumed" if resume else "new"}, device {device}, precision {"bf16 autocast" if amp else "fp32"})')
         for key in sorted(vars(args)):
@@ -627,8 +625,15 @@ def main(argv=None):
         first_model = build_model(args)
         data = load_data(args, log)
         state.update(scale_q=data['scale_q'], scale_c=data['scale_c'])
-        ctx = {'log': log, 'device': device, 'amp': amp, 'run_dir': run_dir, 'config': config, 'data': data,
+        ctx = {'log': log, 'device': device, 'amp': amp, 'run_dir': None, 'config': config, 'data': data,
                'model': first_model}
+
+        def open_run():
+            if ctx['run_dir'] is None:
+                ctx['run_dir'], name = runtime.open_run(args.output_dir, args.log_dir, run_name, run_dir)
+                config['run_name'] = state['run_name'] = name
+                runs.write_config(ctx['run_dir'], config)
+        ctx['open_run'] = open_run
         # the run's status is its last round's: a resumed, already ended last round keeps its own
         status = 'stopped_early' if resume is not None and resume['epoch'] < args.epochs else 'finished'
         best = None
@@ -637,6 +642,8 @@ def main(argv=None):
             if status == 'diverged':
                 break
             state['rounds'].append(best)
+        open_run()   # a resumed run whose rounds had all ended ran none
+        run_dir = ctx['run_dir']
         write_logs(run_dir, args, state['rows'])
         if status == 'diverged':
             write_summary(run_dir, args, state, best, 'val', 'diverged')
@@ -661,8 +668,7 @@ def main(argv=None):
         log(f'ERROR: {err}')
         raise SystemExit(2)
     finally:
-        sys.stdout, sys.stderr = console
-        log_file.close()
+        runtime.release_console(console)
 
 
 if __name__ == '__main__':

@@ -29,8 +29,8 @@ import data_loader
 import iqa_metrics
 import models_swin
 from evaluation import predict_scores
-from iqa import ckpt, runs
-from run_setup import (SuggestingParser, Tee, gather_to_all, make_optimizer, seed_everything, set_precision,
+from iqa import ckpt, runs, runtime
+from iqa.runtime import (SuggestingParser, gather_to_all, make_optimizer, seed_everything, set_precision,
                        setup_distributed)
 
 SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -594,6 +594,7 @@ def run_round(round_idx, args, state, ctx):
         f'{dataset.split_source}; train {len(splits["train"])}, val {len(splits.get("val", []))}, '
         f'test {len(splits["test"])} images; target {dataset.score_name}')
     log(f'Evaluation: {describe_test_crop(args.test_crop, args.test_patch_num)}')
+    ctx['open_run']()   # the data check passed: now the run gets its folder and log
     # Stored so that cross-dataset tests know which way this model's scores point.
     ctx['config']['higher_is_better'] = bool(dataset.higher_is_better)
     if rank == 0:
@@ -816,28 +817,11 @@ def main(argv=None):
         run_dir = runs.resumed_run_dir(resume_path, args.train_test_num)
         run_name = os.path.basename(run_dir)
     else:
+        run_dir = None   # created by open_run once the data check passed (rank 0's name for all)
         run_name = runs.run_name(args.dataset if os.sep not in args.dataset else
-                                        os.path.splitext(os.path.basename(args.dataset))[0],
-                                        args.ranking_loss_alpha, datetime.datetime.now())
-        run_dir = os.path.join(args.output_dir, run_name)
-        if world > 1:  # every rank must agree on the folder (clocks may tick between them)
-            names = [run_name]
-            dist.broadcast_object_list(names, src=0)
-            run_name = names[0]
-            run_dir = os.path.join(args.output_dir, run_name)
-    log_file = None
-    console = (sys.stdout, sys.stderr)
-    if rank == 0:
-        if resume is None:
-            run_dir, run_name = runs.make_run_dir(args.output_dir, run_name)
-        os.makedirs(args.log_dir, exist_ok=True)
-        log_file = open(os.path.join(args.log_dir, f'{run_name}.log'), 'a', encoding='utf-8')
-        sys.stdout = Tee(console[0], log_file)
-        sys.stderr = Tee(console[1], log_file)
-    if world > 1:
-        names = [run_dir, run_name]
-        dist.broadcast_object_list(names, src=0)
-        run_dir, run_name = names
+                                 os.path.splitext(os.path.basename(args.dataset))[0],
+                                 args.ranking_loss_alpha, datetime.datetime.now())
+    console = runtime.capture_console() if rank == 0 else None
 
     def log(message):
         if rank == 0:
@@ -868,8 +852,14 @@ def main(argv=None):
             state['rows'] = runs.read_metrics(run_dir, (resume['round'], resume['epoch']))
         # decode_once waits here (gloo, no NCCL timeout) while rank 0 decodes a cold cache
         wait_group = dist.new_group(backend='gloo', timeout=datetime.timedelta(days=1)) if world > 1 else None
-        ctx = {'log': log, 'rank': rank, 'world': world, 'device': device, 'amp': amp, 'run_dir': run_dir,
+        ctx = {'log': log, 'rank': rank, 'world': world, 'device': device, 'amp': amp, 'run_dir': None,
                'wait_group': wait_group, 'spaq': load_spaq(args, log, rank, world, wait_group)}
+
+        def open_run():
+            if ctx['run_dir'] is None:
+                ctx['run_dir'], name = runtime.open_run(args.output_dir, args.log_dir, run_name, run_dir, rank, world)
+                config['run_name'] = state['run_name'] = name
+        ctx['open_run'] = open_run
         # the run's status is its last round's: a resumed, already ended last round keeps its own
         status = 'stopped_early' if resume is not None and resume['epoch'] < args.epochs else 'finished'
         best = None
@@ -879,6 +869,8 @@ def main(argv=None):
             if status == 'diverged':
                 break
             state['rounds'].append(best)
+        ctx['open_run']()   # a resumed run whose rounds had all ended ran none
+        run_dir = ctx['run_dir']
         if rank == 0:
             final = 'diverged' if status == 'diverged' else status
             if status != 'diverged' and not any(state['rounds']):
@@ -915,9 +907,8 @@ def main(argv=None):
         log(f'ERROR: {err}')
         raise SystemExit(2)
     finally:
-        if log_file is not None:
-            sys.stdout, sys.stderr = console
-            log_file.close()
+        if console is not None:
+            runtime.release_console(console)
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 

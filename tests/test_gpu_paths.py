@@ -14,7 +14,7 @@ import torch
 
 from iqa.ckpt import load_checkpoint
 import data_loader
-import run_setup
+from iqa import runtime
 import train_swin
 from test_train_swin import (free_port, koniq_root, only_run_dir, read_metrics,  # noqa: F401 (fixture)
                              scripted_evaluation, tiny_args, without_timing)
@@ -31,7 +31,7 @@ def test_a_bare_cuda_device_is_made_canonical(monkeypatch):
     assert data_loader.canonical_device('cuda:1') == torch.device('cuda', 1)
     assert data_loader.canonical_device('cpu') == torch.device('cpu')
     monkeypatch.delenv('WORLD_SIZE', raising=False)
-    assert run_setup.setup_distributed('cuda') == (0, 1, torch.device('cuda', 0))
+    assert runtime.setup_distributed('cuda') == (0, 1, torch.device('cuda', 0))
 
 
 def test_host_images_that_do_not_fit_are_not_pinned_whole(monkeypatch):
@@ -100,7 +100,7 @@ def test_precision_flag_and_no_amp():
 
     def resolved(*argv):
         args = train_swin.check_args(parser.parse_args(list(argv)), lambda m: None)
-        return args.precision, run_setup.use_bf16(args.precision, cpu), run_setup.use_bf16(args.precision, cuda)
+        return args.precision, runtime.use_bf16(args.precision, cpu), runtime.use_bf16(args.precision, cuda)
     assert resolved() == ('auto', False, True)
     assert resolved('--precision', 'bf16') == ('bf16', True, True)
     assert resolved('--no_amp') == ('fp32', False, False)
@@ -403,11 +403,11 @@ def test_precision_sets_true_fp32_on_cuda_and_leaves_the_cpu_alone():
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        assert run_setup.set_precision('auto', torch.device('cpu')) is False
+        assert runtime.set_precision('auto', torch.device('cpu')) is False
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32   # CPU: untouched
-        assert run_setup.set_precision('fp32', torch.device('cuda', 0)) is False
+        assert runtime.set_precision('fp32', torch.device('cuda', 0)) is False
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
-        assert run_setup.set_precision('auto', torch.device('cuda', 0)) is True
-        assert run_setup.set_precision('bf16', torch.device('cpu')) is True
+        assert runtime.set_precision('auto', torch.device('cuda', 0)) is True
+        assert runtime.set_precision('bf16', torch.device('cpu')) is True
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

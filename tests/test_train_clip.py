@@ -568,3 +568,12 @@ def test_bf16_autocast_and_fused_adamw_run_on_the_cpu_as_on_cuda(tmp_path):
     assert train_clip.check_args(parse('--no_amp'), print).precision == 'fp32'
     with pytest.raises(SystemExit, match='contradicts --precision bf16'):
         train_clip.check_args(parse('--no_amp --precision bf16'), print)
+
+
+def test_a_run_that_fails_its_data_check_leaves_no_folder_and_no_log(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        run(tmp_path, tmp_path / 'no-such-folder' / 'data.csv')
+    assert stop.value.code == 2
+    assert 'DATA ERROR' in capsys.readouterr().out
+    for folder in ('runs', 'logs'):
+        assert not (tmp_path / folder).exists() or not list((tmp_path / folder).iterdir())

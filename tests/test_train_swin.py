@@ -640,3 +640,13 @@ def test_several_rounds_report_the_median_and_keep_each_rounds_checkpoints(koniq
     assert summary['median_test_srcc'] == pytest.approx(0.65)
     log = open(tmp_path / 'logs' / (os.path.basename(run_dir) + '.log')).read()
     assert 'Testing median SRCC 0.6500, median PLCC 0.6600 over 2 rounds' in log
+
+
+def test_a_run_that_fails_its_data_check_leaves_no_folder_and_no_log(tmp_path, capsys):
+    args = tiny_args(tmp_path / 'no-such-koniq', tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        train_swin.main(args)
+    assert stop.value.code == 2
+    assert 'DATA ERROR' in capsys.readouterr().out
+    for folder in ('checkpoints', 'logs'):
+        assert not (tmp_path / folder).exists() or not list((tmp_path / folder).iterdir())
