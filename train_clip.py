@@ -26,6 +26,7 @@ import clip_data
 import clip_eval
 import data_loader
 from iqa import ckpt, runs, runtime
+from iqa.schedule import lr_factor
 import iqa_metrics
 import models_clip
 from iqa.runtime import SuggestingParser, make_optimizer, seed_everything, set_precision
@@ -222,27 +223,7 @@ def check_args(args, warn):
     return args
 
 
-# --------------------------------------------------------------------------- schedule and loss
-
-def lr_factor(step, epoch, total_steps, args):
-    """Multiplier of the starting learning rates before optimizer step `step` (0-based) in `epoch`.
-
-    cosine / linear / constant follow transformers' get_*_schedule_with_warmup (the original's
-    scheduler, stepped once per optimizer step): a linear warm-up over warmup_ratio of all steps
-    (factor 0 at step 0), then a half cosine or a straight line to 0, or flat. step is StepLR:
-    gamma ** (epoch // step_size), no warm-up."""
-    if args.scheduler == 'step':
-        return args.step_lr_gamma ** (epoch // args.step_lr_step_size)
-    warmup = int(args.warmup_ratio * total_steps)
-    if step < warmup:
-        return step / max(1, warmup)
-    if args.scheduler == 'constant':
-        return 1.0
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    if args.scheduler == 'linear':
-        return max(0.0, 1.0 - progress)
-    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-
+# --------------------------------------------------------------------------- loss
 
 def consistency_loss(out, target, args):
     """MSE of the consistency. Strict residual (--use_refinement, default): the coarse score learns

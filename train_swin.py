@@ -11,7 +11,6 @@ checkpoints/<dataset>-swin[-ranking-alphaA]_<time>/ (config.json, metrics.csv,
 summary.json, best_model_srcc_X_plcc_Y.pkl, last.pkl) and logs/<run>.log.
 """
 import argparse
-import contextlib
 import datetime
 import json
 import math
@@ -22,20 +21,19 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from tqdm import tqdm
 
 import data_loader
 import iqa_metrics
 import models_swin
 from evaluation import predict_scores
 from iqa import ckpt, runs, runtime
-from iqa.runtime import (SuggestingParser, gather_to_all, make_optimizer, seed_everything, set_precision,
-                       setup_distributed)
+from iqa.engine import CHECK_EVERY, check_losses, measure_step_bytes, train_one_epoch  # noqa: F401 (tests)
+from iqa.losses import LOSS_TYPES, margin_ranking_loss, quality_loss, rank_loss, total_loss  # noqa: F401 (tests)
+from iqa.runtime import SuggestingParser, make_optimizer, seed_everything, set_precision, setup_distributed
+from iqa.schedule import learning_rates
 
 SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
 METRIC_COLUMNS = runs.swin_metric_columns()
-LOSS_TYPES = ('l1', 'l2', 'srcc', 'rank', 'pairwise', 'hinge', 'fidelity')
 # Flags that describe the machine, not the experiment: a resumed run may change them.
 MACHINE_FLAGS = ('device', 'num_workers', 'cache_dir', 'data_root', 'no_amp', 'precision', 'compile',
                  'eval_batch_size', 'images_on')
@@ -222,142 +220,6 @@ def check_args(args, warn):
     return args
 
 
-# --------------------------------------------------------------------------- losses
-
-def quality_loss(pred, mos, loss_type, margin=0.1):
-    """The main training loss between (B,) predictions and (B,) MOS.
-
-    `rank` and `pairwise` are the user's formulas (same name, same meaning, so old ablations
-    re-run here compute what they computed); `hinge` and `fidelity` are this project's variants.
-    """
-    if loss_type == 'l1':
-        return F.l1_loss(pred, mos)
-    if loss_type == 'l2':
-        return F.mse_loss(pred, mos)
-    if loss_type == 'srcc':
-        return 1.0 - batch_correlation(pred, mos)
-    if loss_type == 'rank':
-        return rank_loss(pred, mos)
-    if loss_type == 'pairwise':
-        return pairwise_fidelity_loss(pred, mos)
-    if loss_type == 'hinge':
-        return margin_ranking_loss(pred, mos, margin)
-    if loss_type == 'fidelity':
-        return fidelity_loss(pred, mos)
-    raise ValueError(f'unknown loss_type {loss_type!r}')
-
-
-def batch_correlation(pred, mos, eps=1e-8):
-    """Pearson correlation over the batch: a differentiable stand-in for SRCC."""
-    p = pred - pred.mean()
-    m = mos - mos.mean()
-    return (p * m).sum() / (p.norm() * m.norm() + eps)
-
-
-def _pair_differences(pred, mos):
-    """(dp, dy) of the ordered pairs i != j whose targets differ (|y_i - y_j| > 1e-6).
-
-    The user's pairwise losses average over exactly these pairs; a pair and its mirror give the
-    same term in both losses below, so ordered or unordered pairs give the same mean.
-    """
-    dp = pred[:, None] - pred[None, :]
-    dy = mos[:, None] - mos[None, :]
-    mask = dy.abs() > 1e-6  # also drops the diagonal
-    return dp[mask], dy[mask]
-
-
-def rank_loss(pred, mos):
-    """The user's `--loss_type rank`: mean of max(0, |dp| - e * dy) over pairs with different MOS.
-
-    dp = p_i - p_j, dy = y_i - y_j, e = sign(dp) (1 where dp = 0). A pair ordered like its MOS
-    costs max(0, |dp| - |dy|): the predicted gap may not exceed the MOS gap; a pair ordered
-    against it costs |dp| + |dy|. Unlike a margin hinge it is in MOS units. 0 when all MOS are equal.
-    """
-    dp, dy = _pair_differences(pred, mos)
-    if dp.numel() == 0:
-        return pred.sum() * 0.0
-    e = torch.where(dp >= 0, 1.0, -1.0).to(dp.dtype)
-    return F.relu(dp.abs() - e * dy).mean()
-
-
-def pairwise_fidelity_loss(pred, mos, sigma=0.1, eps=1e-8):
-    """The user's `--loss_type pairwise`: fidelity loss with logistic pair probabilities.
-
-    p_gt = sigmoid(dy), p_pred = sigmoid(1.702 dp / (sqrt(2) sigma)) (1.702 x makes the logistic
-    a close approximation of the normal CDF, i.e. Thurstone with per-image std sigma = 0.1);
-    loss = 1 - sqrt(p_gt p_pred + eps) - sqrt((1 - p_gt)(1 - p_pred) + eps), averaged over
-    the pairs of `_pair_differences`. 0 pairs (all MOS equal) give 0.
-    """
-    dp, dy = _pair_differences(pred, mos)
-    if dp.numel() == 0:
-        return pred.sum() * 0.0
-    p_gt = torch.sigmoid(dy)
-    p_pred = torch.sigmoid(1.702 * dp / (math.sqrt(2) * sigma))
-    loss = 1 - torch.sqrt(p_gt * p_pred + eps) - torch.sqrt((1 - p_gt) * (1 - p_pred) + eps)
-    return loss.mean()
-
-
-def margin_ranking_loss(pred, mos, margin=0.1):
-    """Mean hinge max(0, margin - (p_i - p_j) * sign(y_i - y_j)) over pairs with y_i != y_j.
-
-    The user's ranking loss added by `--ranking_loss_alpha` (their solver's
-    pairwise_ranking_loss), and `--loss_type hinge` on its own: it penalises every pair the
-    model orders against the MOS (or separates by less than `margin`). 0 when all MOS are equal.
-    """
-    sign = torch.sign(mos[:, None] - mos[None, :])
-    hinge = F.relu(margin - (pred[:, None] - pred[None, :]) * sign)
-    mask = sign != 0
-    if not mask.any():
-        return pred.sum() * 0.0
-    return hinge[mask].mean()
-
-
-def fidelity_loss(pred, mos, eps=1e-12):
-    """`--loss_type fidelity`: pairwise fidelity loss of Tsai et al. 2007 (UNIQUE/LIQE for IQA).
-
-    This project's variant, not the user's `pairwise`: P(i better than j) = Phi((p_i - p_j) /
-    sqrt(2)) under a Thurstone model with unit variance; the target is 1, 0.5 or 0 from the
-    MOS order. Averaged over pairs i < j.
-    """
-    i, j = torch.triu_indices(len(pred), len(pred), offset=1, device=pred.device)
-    prob = 0.5 * (1 + torch.erf((pred[i] - pred[j]) / 2))  # Phi(d / sqrt 2) = (1 + erf(d / 2)) / 2
-    target = (torch.sign(mos[i] - mos[j]) + 1) / 2
-    loss = 1 - torch.sqrt(target * prob + eps) - torch.sqrt((1 - target) * (1 - prob) + eps)
-    return loss.mean()
-
-
-def total_loss(pred, mos, args):
-    loss = quality_loss(pred, mos, args.loss_type, args.ranking_loss_margin)
-    if args.ranking_loss_alpha > 0:
-        loss = loss + args.ranking_loss_alpha * margin_ranking_loss(pred, mos, args.ranking_loss_margin)
-    return loss
-
-
-# --------------------------------------------------------------------------- schedule
-
-def learning_rates(epoch, args):
-    """(backbone lr, head lr) for a 0-based epoch.
-
-    Cosine decays each group to `min_lr_ratio` x its own start. The user's code
-    used CosineAnnealingLR(eta_min=1e-6) for both groups, which *raises* the
-    learning rate during training whenever it starts below 1e-6 (their best runs
-    used lr=5e-7); a floor proportional to each group's lr cannot do that.
-    """
-    base_backbone, base_head = args.lr, args.lr * args.lr_ratio
-    if epoch < args.warmup_epochs:
-        f = (epoch + 1) / (args.warmup_epochs + 1)
-        return base_backbone * f, base_head * f
-    if args.lr_scheduler == 'cosine':
-        span = max(args.epochs - args.warmup_epochs, 1)
-        progress = (epoch - args.warmup_epochs) / span
-        f = args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-        return base_backbone * f, base_head * f
-    if args.lr_scheduler == 'step':
-        # Original HyperIQA: the backbone keeps its lr, the hyper-network's drops 10x every 6 epochs.
-        return base_backbone, base_head / 10 ** (epoch // 6)
-    return base_backbone, base_head
-
-
 # --------------------------------------------------------------------------- evaluation
 
 def describe_test_crop(crop, patch_num):
@@ -380,110 +242,6 @@ def evaluate_split(model, images_u8, mos, direction, args, device, amp, rank, wo
 
 
 # --------------------------------------------------------------------------- training
-
-# Reading a value back from the GPU (loss.item(), .cpu()) waits for all queued work, which
-# stops the data for the next batch from being prepared while the GPU computes. So losses and
-# predictions stay on the device and are read every CHECK_EVERY steps (progress bar, NaN check).
-CHECK_EVERY = 25
-
-
-def check_losses(losses, first_step, epoch, world=1):
-    """Raise FloatingPointError at the first non-finite loss of `losses` (device tensors).
-
-    With several processes all of them decide together: the first bad step is all-reduced,
-    so every rank raises at the same check. A rank that stopped alone left the others waiting
-    in the next collective until torchrun tore the job down, with no summary written.
-    """
-    if not losses:   # an epoch of a multiple of CHECK_EVERY steps was checked in full already
-        return
-    values = torch.stack(losses)
-    bad = ~torch.isfinite(values)
-    n = len(losses)
-    first_bad = torch.where(bad.any(), bad.int().argmax(), n).reshape(1)   # stays on the device
-    if world > 1:
-        dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
-    i = int(first_bad.item())
-    if i < n:
-        value = values[i].item()
-        where = f'at epoch {epoch + 1}, step {first_step + i + 1}'
-        if math.isfinite(value):
-            raise FloatingPointError(f'loss is not finite on another process {where}')
-        raise FloatingPointError(f'loss is {value} {where}')
-
-
-def train_one_epoch(model, optimizer, sampler, epoch, args, device, amp, rank, world, progress_desc):
-    """One pass over every (image, patch) pair. Returns (mean loss, train SRCC, patches/s, seconds)."""
-    model.train()
-    losses, preds, targets = [], [], []
-    checked = 0
-    n_patches = 0
-    start = time.perf_counter()
-    bar = tqdm(total=len(sampler), desc=progress_desc, unit='batch', file=sys.__stderr__,
-               disable=rank != 0, mininterval=1.0, leave=False)
-    optimizer.zero_grad(set_to_none=True)
-    for step, (patches, mos, _) in enumerate(sampler.batches(epoch)):
-        last_of_group = (step + 1) % args.grad_accum_steps == 0 or step + 1 == len(sampler)
-        sync = contextlib.nullcontext() if last_of_group or world == 1 else model.no_sync()
-        with sync:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                pred = model(patches).float()
-            loss = total_loss(pred, mos, args)
-            (loss / args.grad_accum_steps).backward()
-        if last_of_group:
-            if args.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
-        preds.append(pred.detach())
-        targets.append(mos)
-        n_patches += patches.shape[0]
-        bar.update(1)
-        if (step + 1) % CHECK_EVERY == 0:
-            check_losses(losses[checked:], checked, epoch, world)
-            checked = len(losses)
-            elapsed = time.perf_counter() - start
-            bar.set_postfix(loss=f'{torch.stack(losses).mean().item():.4f}',
-                            patches_s=f'{n_patches * world / max(elapsed, 1e-9):.0f}', refresh=False)
-    bar.close()
-    check_losses(losses[checked:], checked, epoch, world)
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    pred_all = gather_to_all(torch.cat(preds).cpu().numpy(), world)
-    mos_all = gather_to_all(torch.cat(targets).cpu().numpy(), world)
-    loss_all = gather_to_all(torch.stack(losses).cpu().numpy(), world)
-    return float(np.mean(loss_all)), iqa_metrics.srcc(pred_all, mos_all), n_patches * world / seconds, seconds
-
-
-def measure_step_bytes(model, args, device, amp):
-    """GPU memory one training step needs beyond what is allocated now: the peak of a forward +
-    backward on a random batch of --batch_size, minus the current allocation, plus AdamW's two
-    fp32 state tensors per parameter (created at the first optimizer step). 0 off CUDA.
-
-    The probe leaves no trace: RNG states and buffers (BatchNorm statistics) are restored and
-    the gradients dropped, so a run is the same with or without it.
-    """
-    if device.type != 'cuda':
-        return 0
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
-    torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    with torch.random.fork_rng(devices=[device]):
-        x = torch.randn(args.batch_size, 3, args.patch_size, args.patch_size, device=device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            pred = model(x).float()
-        total_loss(pred, torch.rand(args.batch_size, device=device), args).backward()
-        torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device)
-    model.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        for name, b in model.named_buffers():
-            b.copy_(buffers[name])
-    adam_state = 2 * sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
-    return int(peak - before + adam_state)
-
 
 def plan_and_place(image_sets, args, device, amp, world, raw_model, log):
     """Measure one step, plan where each image set lives (data_loader.plan_image_memory), print
@@ -658,7 +416,7 @@ def run_round(round_idx, args, state, ctx):
         try:
             train_loss, train_srcc, patches_per_s, seconds = train_one_epoch(
                 model, optimizer, sampler, epoch, args, device, amp, rank, world,
-                f'Round {round_idx} epoch {epoch + 1}/{args.epochs}')
+                f'Round {round_idx} epoch {epoch + 1}/{args.epochs}', total_loss)
         except FloatingPointError as err:
             log(f'STOPPED: {err}. The model diverged (try a lower --lr or --max_grad_norm); the last good '
                 f'checkpoints in {run_dir} are intact.')
