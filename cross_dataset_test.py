@@ -18,14 +18,12 @@ The model is rebuilt from the configuration a train_swin.py checkpoint stores; t
 bare state_dicts load too (the architecture is read off the weight names and shapes).
 Nothing is downloaded: the model is built with random weights and the checkpoint loaded strictly.
 """
-import argparse
 import contextlib
 import csv
 import glob
 import io
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -40,6 +38,8 @@ import evaluation
 import iqa_metrics
 import models_swin
 from iqa import runtime
+from iqa.engine import count_flops
+from iqa.runtime import HelpFormatter, UsageError, device_name, resolve_device
 from iqa.ckpt import load_checkpoint
 from iqa.files import atomic_write_json, atomic_write_text
 from iqa.runs import code_version
@@ -56,20 +56,7 @@ IMAGES_PER_CHUNK = 64
 EXIT_NOTHING_TO_SCORE = 2
 
 
-class UsageError(Exception):
-    """A bad flag, file or data set named on the command line; main() prints it and exits 2."""
-
-
 # --------------------------------------------------------------------------- flags
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults in the help, except where the text already explains them or there is none."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, False) or 'default' in (action.help or ''):
-            return action.help
-        return super()._get_help_string(action)
-
 
 def build_parser():
     # train_swin's parser: an unknown or misspelt flag stops with a "did you mean" hint
@@ -155,19 +142,6 @@ def build_parser():
     g.add_argument('--num_workers', type=int, default=None, metavar='N',
                    help='threads decoding images (default: all cores)')
     return p
-
-
-def resolve_device(flag):
-    """torch.device for --device; 'auto' picks CUDA when there is one."""
-    if flag == 'auto':
-        return data_loader.canonical_device('cuda' if torch.cuda.is_available() else 'cpu')
-    try:
-        device = torch.device(flag)
-    except RuntimeError as err:
-        raise UsageError(f'--device {flag}: {err}') from None
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise UsageError(f'--device {flag}: this machine has no usable CUDA GPU (try --device cpu)')
-    return data_loader.canonical_device(device)   # 'cuda' -> cuda:0: compared with tensors' devices
 
 
 # --------------------------------------------------------------------------- model
@@ -669,19 +643,6 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def count_flops(model, x):
-    """FLOPs of one forward pass, counted by torch.utils.flop_counter.FlopCounterMode.
-
-    It counts matrix multiplies and convolutions at 2 FLOPs per multiply-add (elementwise ops,
-    softmax and norms are not counted); fvcore/thop/ptflops count multiply-adds and call them
-    FLOPs, so GMACs = FLOPs / 2 is the number comparable with the usual "Swin-B 15.4G".
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
-    return int(counter.get_total_flops())
-
-
 def time_forward(model, x, runs, warmup, amp, device):
     """Seconds of each of `runs` forward passes after `warmup` untimed ones (CUDA synchronised)."""
     times = []
@@ -723,19 +684,6 @@ def measure_complexity(size, device, batch_size, runs, amp):
     if device.type == 'cuda':
         torch.cuda.empty_cache()
     return row
-
-
-def device_name(device):
-    """The GPU's or CPU's model name: timings mean little without it."""
-    if device.type == 'cuda':
-        return f'{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})'
-    name = platform.processor() or platform.machine()
-    try:
-        with open('/proc/cpuinfo') as f:
-            name = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), name)
-    except OSError:
-        pass  # not Linux
-    return f'CPU {name}, {torch.get_num_threads()} threads'
 
 
 def complexity_table(rows, device, batch_size, runs, amp):

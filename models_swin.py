@@ -18,7 +18,6 @@ Run ``python models_swin.py`` to print the size of every variant.
 """
 import argparse
 import contextlib
-import os
 
 import timm
 import torch

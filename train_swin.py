@@ -27,7 +27,8 @@ import iqa_metrics
 import models_swin
 from evaluation import predict_scores
 from iqa import ckpt, runs, runtime
-from iqa.engine import CHECK_EVERY, check_losses, measure_step_bytes, train_one_epoch  # noqa: F401 (tests)
+from iqa.engine import (CHECK_EVERY, TRAIN_DEFAULTS, check_losses, measure_step_bytes,  # noqa: F401 (tests)
+                        train_one_epoch)
 from iqa.losses import LOSS_TYPES, margin_ranking_loss, quality_loss, rank_loss, total_loss  # noqa: F401 (tests)
 from iqa.runtime import SuggestingParser, make_optimizer, seed_everything, set_precision, setup_distributed
 from iqa.schedule import learning_rates
@@ -68,7 +69,7 @@ def build_parser():
                    help='skip the SPAQ cross-test after each epoch (on when spaq-test/ exists)')
 
     g = p.add_argument_group('Model')
-    g.add_argument('--model_size', default='base', choices=models_swin.MODEL_SIZES,
+    g.add_argument('--model_size', default=TRAIN_DEFAULTS['model_size'], choices=models_swin.MODEL_SIZES,
                    help='Swin size (nano = tiny random model for CPU tests/demo; resnet50 = original HyperIQA)')
     g.add_argument('--attention_fusion', action='store_true',
                    help='weight the four multi-scale stages with a learned attention net')
@@ -82,39 +83,50 @@ def build_parser():
                    help='ImageNet weights from a local file instead of the hub (offline clusters)')
 
     g = p.add_argument_group('Training')
-    g.add_argument('--epochs', type=int, default=10, metavar='N', help='epochs per round')
-    g.add_argument('--batch_size', type=int, default=32, metavar='N', help='training patches per step (per process)')
-    g.add_argument('--eval_batch_size', type=int, default=64, metavar='N', help='patches per evaluation forward')
-    g.add_argument('--train_patch_num', type=int, default=20, metavar='N', help='random crops per training image per epoch')
-    g.add_argument('--test_patch_num', type=int, default=20, metavar='N', help='crops per evaluated image (scores averaged)')
-    g.add_argument('--patch_size', type=int, default=224, metavar='PX', help='crop size')
+    g.add_argument('--epochs', type=int, default=TRAIN_DEFAULTS['epochs'], metavar='N', help='epochs per round')
+    g.add_argument('--batch_size', type=int, default=TRAIN_DEFAULTS['batch_size'], metavar='N',
+                   help='training patches per step (per process)')
+    g.add_argument('--eval_batch_size', type=int, default=TRAIN_DEFAULTS['eval_batch_size'], metavar='N',
+                   help='patches per evaluation forward')
+    g.add_argument('--train_patch_num', type=int, default=20, metavar='N',
+                   help='random crops per training image per epoch')
+    g.add_argument('--test_patch_num', type=int, default=20, metavar='N',
+                   help='crops per evaluated image (scores averaged)')
+    g.add_argument('--patch_size', type=int, default=TRAIN_DEFAULTS['patch_size'], metavar='PX', help='crop size')
     g.add_argument('--train_test_num', type=int, default=1, metavar='N',
                    help='rounds (new random split each round where there is no official split); the median is reported')
     g.add_argument('--no_color_jitter', action='store_true',
                    help='turn off ColorJitter(0.1, 0.1, 0.1, 0.05) on training crops')
-    g.add_argument('--grad_accum_steps', type=int, default=1, metavar='N', help='batches per optimizer step')
-    g.add_argument('--max_grad_norm', type=float, default=1.0, metavar='X', help='gradient clipping (0 = off)')
+    g.add_argument('--grad_accum_steps', type=int, default=TRAIN_DEFAULTS['grad_accum_steps'], metavar='N',
+                   help='batches per optimizer step')
+    g.add_argument('--max_grad_norm', type=float, default=TRAIN_DEFAULTS['max_grad_norm'], metavar='X',
+                   help='gradient clipping (0 = off)')
 
     g = p.add_argument_group('Optimizer and learning-rate schedule')
-    g.add_argument('--lr', type=float, default=5e-6, metavar='LR', help='backbone learning rate (AdamW)')
-    g.add_argument('--lr_ratio', type=float, default=10, metavar='R', help='head learning rate = lr x R')
-    g.add_argument('--weight_decay', type=float, default=2e-4, metavar='WD', help='AdamW weight decay')
-    g.add_argument('--lr_scheduler', default='cosine', choices=('cosine', 'step', 'none'),
+    g.add_argument('--lr', type=float, default=TRAIN_DEFAULTS['lr'], metavar='LR',
+                   help='backbone learning rate (AdamW)')
+    g.add_argument('--lr_ratio', type=float, default=TRAIN_DEFAULTS['lr_ratio'], metavar='R',
+                   help='head learning rate = lr x R')
+    g.add_argument('--weight_decay', type=float, default=TRAIN_DEFAULTS['weight_decay'], metavar='WD',
+                   help='AdamW weight decay')
+    g.add_argument('--lr_scheduler', default=TRAIN_DEFAULTS['lr_scheduler'], choices=('cosine', 'step', 'none'),
                    help='cosine: per-epoch decay of each group to min_lr_ratio x its start; '
                         'step: head lr / 10 every 6 epochs (original HyperIQA); none: constant')
     g.add_argument('--no_lr_scheduler', action='store_true', help='same as --lr_scheduler none')
-    g.add_argument('--min_lr_ratio', type=float, default=0.01, metavar='R',
+    g.add_argument('--min_lr_ratio', type=float, default=TRAIN_DEFAULTS['min_lr_ratio'], metavar='R',
                    help='cosine floor as a fraction of each group\'s starting lr')
-    g.add_argument('--warmup_epochs', type=int, default=0, metavar='N', help='linear warm-up epochs')
+    g.add_argument('--warmup_epochs', type=int, default=TRAIN_DEFAULTS['warmup_epochs'], metavar='N',
+                   help='linear warm-up epochs')
 
     g = p.add_argument_group('Loss')
-    g.add_argument('--loss_type', default='l1', choices=LOSS_TYPES,
+    g.add_argument('--loss_type', default=TRAIN_DEFAULTS['loss_type'], choices=LOSS_TYPES,
                    help='l1/l2 on MOS; srcc = 1 - batch Pearson correlation; rank and pairwise = the user\'s '
                         'pairwise rank and fidelity losses; hinge = margin ranking loss; fidelity = Thurstone '
                         'fidelity loss (formulas: README, Losses)')
-    g.add_argument('--ranking_loss_alpha', type=float, default=0.0, metavar='A',
+    g.add_argument('--ranking_loss_alpha', type=float, default=TRAIN_DEFAULTS['ranking_loss_alpha'], metavar='A',
                    help='weight of the margin ranking loss added to the main loss (0 = off)')
-    g.add_argument('--ranking_loss_margin', type=float, default=0.1, metavar='M', help='margin of the ranking losses')
+    g.add_argument('--ranking_loss_margin', type=float, default=TRAIN_DEFAULTS['ranking_loss_margin'], metavar='M',
+                   help='margin of the ranking losses')
 
     g = p.add_argument_group('Evaluation, selection and early stopping')
     g.add_argument('--test_crop', default='fixed', choices=data_loader.EVAL_CROPS,

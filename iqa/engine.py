@@ -3,6 +3,7 @@
 train_swin.py runs it every epoch; benchmarks/bench_train.py and benchmarks/gpu_check.py run it
 on their own data, so what they measure is what the trainer runs.
 """
+import argparse
 import contextlib
 import math
 import sys
@@ -16,6 +17,21 @@ from tqdm import tqdm
 import iqa_metrics
 from iqa.losses import total_loss
 from iqa.runtime import gather_to_all
+
+# The Swin trainer's defaults for what a training step does: train_swin.py's flags default to
+# them and the benchmarks train with them, so both run the same step.
+TRAIN_DEFAULTS = {'model_size': 'base', 'epochs': 10, 'batch_size': 32, 'eval_batch_size': 64, 'patch_size': 224,
+                  'grad_accum_steps': 1, 'max_grad_norm': 1.0, 'lr': 5e-6, 'lr_ratio': 10, 'weight_decay': 2e-4,
+                  'lr_scheduler': 'cosine', 'min_lr_ratio': 0.01, 'warmup_epochs': 0, 'loss_type': 'l1',
+                  'ranking_loss_alpha': 0.0, 'ranking_loss_margin': 0.1, 'compile': False}
+
+
+def train_settings(**changes):
+    """TRAIN_DEFAULTS with `changes`, as the namespace train_one_epoch and the loss read."""
+    unknown = set(changes) - set(TRAIN_DEFAULTS)
+    if unknown:
+        raise TypeError(f'unknown training settings {sorted(unknown)}')
+    return argparse.Namespace(**{**TRAIN_DEFAULTS, **changes})
 
 
 # Reading a value back from the GPU (loss.item(), .cpu()) waits for all queued work, which
@@ -122,3 +138,16 @@ def measure_step_bytes(model, args, device, amp):
             b.copy_(buffers[name])
     adam_state = 2 * sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
     return int(peak - before + adam_state)
+
+
+def count_flops(model, x):
+    """FLOPs of one forward pass, counted by torch.utils.flop_counter.FlopCounterMode.
+
+    It counts matrix multiplies and convolutions at 2 FLOPs per multiply-add (elementwise ops,
+    softmax and norms are not counted); fvcore/thop/ptflops count multiply-adds and call them
+    FLOPs, so GMACs = FLOPs / 2 is the number comparable with the usual "Swin-B 15.4G".
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return int(counter.get_total_flops())

@@ -9,6 +9,7 @@ import argparse
 import difflib
 import io
 import os
+import platform
 import random
 import socket
 import sys
@@ -20,6 +21,19 @@ import torch.distributed as dist
 
 from data_loader import canonical_device
 from iqa import runs
+
+
+class UsageError(Exception):
+    """A bad flag, file or data set named on the command line; main() prints it and exits 2."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the help, except where the text already explains them or there is none."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or 'default' in (action.help or ''):
+            return action.help
+        return super()._get_help_string(action)
 
 
 class SuggestingParser(argparse.ArgumentParser):
@@ -41,6 +55,32 @@ class SuggestingParser(argparse.ArgumentParser):
                 lines.append(f'unknown flag {flag}{hint}')
             self.error('; '.join(lines) + '\nNothing was run. See --help for every flag.')
         return parsed
+
+
+def resolve_device(flag):
+    """torch.device for --device; 'auto' picks CUDA when there is one."""
+    if flag == 'auto':
+        return canonical_device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        device = torch.device(flag)
+    except RuntimeError as err:
+        raise UsageError(f'--device {flag}: {err}') from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise UsageError(f'--device {flag}: this machine has no usable CUDA GPU (try --device cpu)')
+    return canonical_device(device)   # 'cuda' -> cuda:0: compared with tensors' devices
+
+
+def device_name(device):
+    """The GPU's or CPU's model name: timings mean little without it."""
+    if device.type == 'cuda':
+        return f'{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})'
+    name = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            name = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), name)
+    except OSError:
+        pass  # not Linux
+    return f'CPU {name}, {torch.get_num_threads()} threads'
 
 
 def setup_distributed(device_flag):
