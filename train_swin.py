@@ -34,7 +34,7 @@ from iqa.runtime import SuggestingParser, make_optimizer, seed_everything, set_p
 from iqa.schedule import learning_rates
 
 SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
-METRIC_COLUMNS = runs.swin_metric_columns()
+METRIC_COLUMNS = runs.swin_metric_columns()   # with the default --cross_test spaq
 # Flags that describe the machine, not the experiment: a resumed run may change them.
 MACHINE_FLAGS = ('device', 'num_workers', 'cache_dir', 'data_root', 'no_amp', 'precision', 'compile',
                  'eval_batch_size', 'images_on')
@@ -65,8 +65,11 @@ def build_parser():
                    help='decoded-image cache ("none" disables it)')
     g.add_argument('--skip_bad_images', action='store_true',
                    help='skip unreadable/missing/too-small images with a warning instead of stopping')
+    g.add_argument('--cross_test', nargs='+', default=['spaq'], metavar='NAME',
+                   help='data sets scored after each epoch, each when its folder (e.g. spaq-test/) exists; '
+                        'metrics.csv gets NAME_srcc and NAME_plcc for each')
     g.add_argument('--no_spaq', action='store_true',
-                   help='skip the SPAQ cross-test after each epoch (on when spaq-test/ exists)')
+                   help='do not score spaq after each epoch (its metrics.csv columns stay, empty)')
 
     g = p.add_argument_group('Model')
     g.add_argument('--model_size', default=TRAIN_DEFAULTS['model_size'], choices=models_swin.MODEL_SIZES,
@@ -224,6 +227,9 @@ def check_args(args, warn):
         errors.append('--patience must be at least 1 (use --no_early_stopping to turn it off)')
     if args.no_pretrained and args.pretrained_path:
         errors.append('--no_pretrained and --pretrained_path contradict each other')
+    for name in args.cross_test:
+        if name not in data_loader.DEFAULT_ROOTS:
+            errors.append(f'--cross_test {name}: not a data set name ({", ".join(data_loader.DEFAULT_ROOTS)})')
     if args.pretrained_path and not os.path.isfile(args.pretrained_path):
         errors.append(f'--pretrained_path {args.pretrained_path}: no such file')
     if errors:
@@ -312,27 +318,34 @@ def decode_once(load, args, rank, world, wait_group):
         dist.barrier(group=wait_group)
 
 
-def load_spaq(args, log, rank=0, world=1, wait_group=None):
-    """The SPAQ cross-test set, when spaq-test/ exists and --no_spaq is not given."""
-    if args.no_spaq or args.dataset in ('spaq',):
+def load_cross_test(name, args, log, rank=0, world=1, wait_group=None):
+    """(images, mos, direction) of one --cross_test set when its folder exists, else None."""
+    if name == args.dataset or (name == 'spaq' and args.no_spaq):
         return None
-    root = os.path.join(SCRIPT_DIR, data_loader.DEFAULT_ROOTS['spaq'])
+    root = os.path.join(SCRIPT_DIR, data_loader.DEFAULT_ROOTS[name])
     if not os.path.isdir(root):
         return None
+    label = name.upper()
     try:
-        spaq = data_loader.load_dataset('spaq', root)
+        dataset = data_loader.load_dataset(name, root)
         images, kept = decode_once(
             lambda workers: data_loader.load_images(
-                spaq.paths, resize_hw=tuple(args.resize), cache_dir=args.cache_dir, num_workers=workers,
+                dataset.paths, resize_hw=tuple(args.resize), cache_dir=args.cache_dir, num_workers=workers,
                 skip_bad=True, min_hw=(args.patch_size, args.patch_size), progress=rank == 0),
             args, rank, world, wait_group)
     except data_loader.DataError as err:
         # A broken side test must not cost the training run; say so loudly instead.
-        log(f'WARNING: SPAQ cross-test skipped, {root} is not readable: {err}')
+        log(f'WARNING: {label} cross-test skipped, {root} is not readable: {err}')
         return None
-    log(f'SPAQ cross-test: {len(kept)} images from {root} (turn off with --no_spaq)')
+    log(f'{label} cross-test: {len(kept)} images from {root} (turn off with '
+        + ('--no_spaq)' if name == 'spaq' else 'a --cross_test without it)'))
     # kept in host memory here: the memory plan of the first round decides where it lives
-    return images, spaq.mos[kept], (1 if spaq.higher_is_better else -1)
+    return images, dataset.mos[kept], (1 if dataset.higher_is_better else -1)
+
+
+def load_spaq(args, log, rank=0, world=1, wait_group=None):
+    """The SPAQ cross-test set, when spaq-test/ exists and --no_spaq is not given."""
+    return load_cross_test('spaq', args, log, rank, world, wait_group)
 
 
 def run_round(round_idx, args, state, ctx):
@@ -383,11 +396,11 @@ def run_round(round_idx, args, state, ctx):
     image_sets = {'train': images[splits['train']]}
     image_sets.update({name: images[splits[name]] for name in ('val', 'test') if len(splits.get(name, []))})
     del images  # the splits hold their own copies; KonIQ's full set is 5.9 GB
-    if ctx['spaq']:
-        image_sets['spaq'] = ctx['spaq'][0]
+    for name, (cross_images, _, _) in ctx['cross'].items():
+        image_sets[name] = cross_images
     image_sets = plan_and_place(image_sets, args, device, amp, world, raw_model, log)
-    if ctx['spaq']:
-        ctx['spaq'] = (image_sets.pop('spaq'),) + tuple(ctx['spaq'][1:])
+    for name, (_, cross_mos, cross_dir) in ctx['cross'].items():
+        ctx['cross'][name] = (image_sets.pop(name), cross_mos, cross_dir)
     optimizer = make_optimizer(groups, args, device)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -419,7 +432,7 @@ def run_round(round_idx, args, state, ctx):
     saver = ckpt.CheckpointSaver(ckpt_dir, keep=args.keep_checkpoints) if rank == 0 else None
 
     header = 'Epoch\tTrain_Loss\tTrain_SRCC\t' + ('Val_SRCC\t' if 'val' in eval_sets else '') + \
-             'Test_SRCC\tTest_PLCC' + ('\tSPAQ_SRCC\tSPAQ_PLCC' if ctx['spaq'] else '')
+             'Test_SRCC\tTest_PLCC' + ''.join(f'\t{n.upper()}_SRCC\t{n.upper()}_PLCC' for n in ctx['cross'])
     log(header)
     status = 'finished'
     for epoch in range(first_epoch, args.epochs):
@@ -434,7 +447,7 @@ def run_round(round_idx, args, state, ctx):
                 f'checkpoints in {run_dir} are intact.')
             state['status'] = 'diverged'
             return best, 'diverged'
-        row = runs.new_row(METRIC_COLUMNS)
+        row = runs.new_row(runs.swin_metric_columns(args.cross_test))
         row.update({'round': round_idx, 'epoch': epoch + 1, 'lr_backbone': f'{lr_backbone:.3e}',
                     'lr_head': f'{lr_head:.3e}', 'train_loss': fmt(train_loss), 'train_srcc': fmt(train_srcc)})
         eval_seed = round_seed * 1000 + epoch if args.test_crop == 'random' else round_seed
@@ -444,12 +457,11 @@ def run_round(round_idx, args, state, ctx):
                                               eval_seed, f'{name} eval')
             for metric in ('srcc', 'plcc', 'krcc'):
                 row[f'{name}_{metric}'] = fmt(results[name][metric])
-        if ctx['spaq']:
-            spaq_images, spaq_mos, spaq_dir = ctx['spaq']
-            direction = spaq_dir * (1 if dataset.higher_is_better else -1)
-            results['spaq'], _ = evaluate_split(model, spaq_images, spaq_mos, direction, args, device, amp,
-                                                rank, world, eval_seed, 'SPAQ eval')
-            row['spaq_srcc'], row['spaq_plcc'] = fmt(results['spaq']['srcc']), fmt(results['spaq']['plcc'])
+        for name, (cross_images, cross_mos, cross_dir) in ctx['cross'].items():
+            direction = cross_dir * (1 if dataset.higher_is_better else -1)
+            results[name], _ = evaluate_split(model, cross_images, cross_mos, direction, args, device, amp,
+                                              rank, world, eval_seed, f'{name.upper()} eval')
+            row[f'{name}_srcc'], row[f'{name}_plcc'] = fmt(results[name]['srcc']), fmt(results[name]['plcc'])
         row['epoch_seconds'] = f'{seconds:.1f}'
         row['train_patches_per_s'] = f'{patches_per_s:.1f}'
 
@@ -475,7 +487,7 @@ def run_round(round_idx, args, state, ctx):
             epoch + 1, train_loss, train_srcc,
             f'{results["val"]["srcc"]:.4f}\t\t' if 'val' in results else '', results['test']['srcc'],
             results['test']['plcc'],
-            f'\t{results["spaq"]["srcc"]:.4f}\t\t{results["spaq"]["plcc"]:.4f}' if 'spaq' in results else '')
+            ''.join(f'\t{results[n]["srcc"]:.4f}\t\t{results[n]["plcc"]:.4f}' for n in ctx['cross']))
             + f'\t({seconds:.0f} s, {patches_per_s:.0f} patches/s, lr {lr_backbone:.2e}/{lr_head:.2e})'
             + ('  * best' if improved else ''))
 
@@ -623,7 +635,9 @@ def main(argv=None):
         # decode_once waits here (gloo, no NCCL timeout) while rank 0 decodes a cold cache
         wait_group = dist.new_group(backend='gloo', timeout=datetime.timedelta(days=1)) if world > 1 else None
         ctx = {'log': log, 'rank': rank, 'world': world, 'device': device, 'amp': amp, 'run_dir': None,
-               'wait_group': wait_group, 'spaq': load_spaq(args, log, rank, world, wait_group)}
+               'wait_group': wait_group}
+        ctx['cross'] = {name: sets for name in args.cross_test
+                        if (sets := load_cross_test(name, args, log, rank, world, wait_group)) is not None}
 
         def open_run():
             if ctx['run_dir'] is None:

@@ -650,3 +650,20 @@ def test_a_run_that_fails_its_data_check_leaves_no_folder_and_no_log(tmp_path, c
     assert 'DATA ERROR' in capsys.readouterr().out
     for folder in ('checkpoints', 'logs'):
         assert not (tmp_path / folder).exists() or not list((tmp_path / folder).iterdir())
+
+
+def test_cross_test_is_a_list_with_two_columns_per_set(koniq_root, tmp_path, monkeypatch):
+    from dataset_fixtures import make_json_list
+    spaq = tmp_path / 'spaq-test'
+    make_json_list(spaq, 'spaq_test.json', n=5)
+    monkeypatch.setitem(data_loader.DEFAULT_ROOTS, 'spaq', spaq)
+    monkeypatch.setitem(data_loader.DEFAULT_ROOTS, 'kadid-10k', tmp_path / 'no-kadid')   # not there: empty cells
+    argv = [a for a in tiny_args(koniq_root, tmp_path, epochs=1) if a != '--no_spaq']
+    assert train_swin.main(argv + ['--cross_test', 'kadid-10k', 'spaq']) == 0
+    rows = read_metrics(only_run_dir(tmp_path))
+    columns = list(rows[0])
+    assert columns[columns.index('test_krcc') + 1:columns.index('epoch_seconds')] == [
+        'kadid-10k_srcc', 'kadid-10k_plcc', 'spaq_srcc', 'spaq_plcc']
+    assert rows[0]['kadid-10k_srcc'] == '' and -1 <= float(rows[0]['spaq_srcc']) <= 1
+    with pytest.raises(SystemExit, match='--cross_test nope: not a data set name'):
+        train_swin.check_args(train_swin.build_parser().parse_args(['--cross_test', 'nope']), print)
