@@ -468,18 +468,10 @@ def run_round(round_idx, args, state, ctx):
         checkpoint = {'state_dict': model.state_dict(), 'model_config': model.model_config(), 'config': ctx['config'],
                       'label_scales': [data['scale_q'], data['scale_c']], 'epoch': epoch + 1, 'round': round_idx,
                       'metrics': row, 'code_version': ctx['config']['code_version']}
-        if improved:
-            path = saver.save_best(checkpoint, best['test_srcc_q'], best['test_srcc_c'])
-            if path is not None:
-                best['checkpoint'] = path
-                log(f'  new best (val {args.select_on} SRCC {score:.4f}) saved: {path}')
-        # round_complete: --resume from this file starts the next round instead of running this
-        # one past its early stop (and overwriting its best checkpoint).
-        checkpoint.update(optimizer=optimizer.state_dict(), rng_state=ckpt.capture_rng_state(), best=best,
-                          early_stopping={'bad_epochs': bad_epochs}, step=state['step'], rounds=state['rounds'],
-                          round_complete=stop_now or epoch + 1 == args.epochs,
-                          train_seconds=time.time() - state['start_time'] + state['seconds_before'])
-        saver.save_last(checkpoint)
+        ckpt.save_epoch(saver, checkpoint, best=best, improved=improved, name_keys=('test_srcc_q', 'test_srcc_c'),
+                        selection=f'val {args.select_on} SRCC {score:.4f}', log=log, optimizer=optimizer,
+                        bad_epochs=bad_epochs, state=state, round_complete=stop_now or epoch + 1 == args.epochs,
+                        step=state['step'])
         write_logs(run_dir, args, state['rows'])
         write_summary(run_dir, args, state, best, select_split, 'running')
         if stop_now:

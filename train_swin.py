@@ -497,18 +497,9 @@ def run_round(round_idx, args, state, ctx):
             checkpoint = {'state_dict': raw_model.state_dict(), 'config': ctx['config'], 'epoch': epoch + 1,
                           'round': round_idx, 'metrics': {**row, 'test_crop': args.test_crop},
                           'code_version': ctx['config']['code_version']}
-            if improved:
-                path = saver.save_best(checkpoint, best['test_srcc'], best['test_plcc'])
-                if path is not None:
-                    best['checkpoint'] = path
-                    log(f'  new best ({select_on} SRCC {score:.4f}) saved: {path}')
-            # round_complete: --resume from this file starts the next round instead of running this
-            # one past its early stop (and overwriting its best checkpoint).
-            checkpoint.update(optimizer=optimizer.state_dict(), rng_state=ckpt.capture_rng_state(), best=best,
-                              early_stopping={'bad_epochs': bad_epochs}, rounds=state['rounds'],
-                              round_complete=bool(stop_now or epoch + 1 == args.epochs),
-                              train_seconds=time.time() - state['start_time'] + state.get('seconds_before', 0.0))
-            saver.save_last(checkpoint)
+            ckpt.save_epoch(saver, checkpoint, best=best, improved=improved, name_keys=('test_srcc', 'test_plcc'),
+                            selection=f'{select_on} SRCC {score:.4f}', log=log, optimizer=optimizer,
+                            bad_epochs=bad_epochs, state=state, round_complete=stop_now or epoch + 1 == args.epochs)
             runs.write_metrics(run_dir, state['rows'])
             write_summary(run_dir, args, state, best, select_on, 'running')
         if stop_now:

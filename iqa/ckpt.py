@@ -17,6 +17,7 @@ import random
 import re
 import shutil
 import sys
+import time
 
 import numpy as np
 import torch
@@ -256,6 +257,25 @@ class CheckpointSaver:
         previous = (f'the previous {path} is intact' if os.path.exists(path)
                     else f'there is no earlier {LAST_NAME}')
         return self._save(checkpoint, path, previous)
+
+
+def save_epoch(saver, checkpoint, *, best, improved, name_keys, selection, log, optimizer, bad_epochs, state,
+               round_complete, **extra):
+    """Save one epoch of either trainer: a new best checkpoint when the epoch improved (named after
+    best[k] for k in name_keys; its path goes into `best`), then last.pkl with the training state
+    --resume needs, plus `extra`. round_complete: the round ended with this epoch (early stop or its
+    last epoch), so --resume from this file starts the next round instead of running this one past
+    its end and overwriting its best checkpoint."""
+    if improved:
+        path = saver.save_best(checkpoint, *(best[k] for k in name_keys))
+        if path is not None:
+            best['checkpoint'] = path
+            log(f'  new best ({selection}) saved: {path}')
+    checkpoint.update(optimizer=optimizer.state_dict(), rng_state=capture_rng_state(), best=best,
+                      early_stopping={'bad_epochs': bad_epochs}, rounds=state['rounds'],
+                      round_complete=bool(round_complete),
+                      train_seconds=time.time() - state['start_time'] + state.get('seconds_before', 0.0), **extra)
+    saver.save_last(checkpoint)
 
 
 # --------------------------------------------------------------------------- loading
