@@ -561,8 +561,7 @@ def main(argv=None):
         args.cache_dir = None
 
     if resume is not None:
-        run_dir = runs.resumed_run_dir(resume_path, args.train_test_num)
-        run_name = os.path.basename(run_dir)
+        run_dir, run_name = runs.resumed_run(resume_path, args.train_test_num)
     else:
         label = 'demo' if args.data_csv_path == 'demo' else (
             os.path.basename(os.path.dirname(os.path.abspath(args.data_csv_path))) or 'data')

@@ -587,8 +587,7 @@ def main(argv=None):
         args.cache_dir = None
 
     if resume is not None:
-        run_dir = runs.resumed_run_dir(resume_path, args.train_test_num)
-        run_name = os.path.basename(run_dir)
+        run_dir, run_name = runs.resumed_run(resume_path, args.train_test_num)
     else:
         run_dir = None   # created by open_run once the data check passed (rank 0's name for all)
         run_name = runs.run_name(args.dataset if os.sep not in args.dataset else

@@ -179,6 +179,12 @@ def resumed_run_dir(ckpt_path, train_test_num):
 
 
 
+def resumed_run(ckpt_path, train_test_num):
+    """(run folder, run name) of the run a last.pkl belongs to."""
+    run_dir = resumed_run_dir(ckpt_path, train_test_num)
+    return run_dir, os.path.basename(run_dir)
+
+
 def resume_rounds(resume, state, log):
     """Set up `state` for a resumed run from its last.pkl; returns the first round to run.
 
