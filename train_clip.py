@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import clip_data
@@ -29,7 +30,8 @@ from iqa import ckpt, runs, runtime
 from iqa.schedule import lr_factor
 import iqa_metrics
 import models_clip
-from iqa.runtime import SuggestingParser, make_optimizer, seed_everything, set_precision
+from iqa.runtime import (SuggestingParser, average_gradients, make_optimizer, seed_everything, set_precision,
+                         setup_distributed)
 
 SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
 HEAD_METRICS = runs.CLIP_HEAD_METRICS
@@ -249,6 +251,9 @@ def train_one_epoch(model, optimizer, data, epoch, round_seed, args, device, amp
     order = torch.randperm(n, generator=torch.Generator().manual_seed(round_seed * 1000 + epoch))
     aug = torch.Generator().manual_seed(round_seed * 1000 + epoch + 500)
     batches = [order[i:i + args.batch_size] for i in range(0, n, args.batch_size)]
+    rank, world = state.get('rank', 0), state.get('world', 1)
+    if world > 1:   # each process takes every world-th image of a batch; a batch too small to share is left out
+        batches = [batch[rank::world] for batch in batches if len(batch) >= world]
     totals = torch.zeros(4, device=device)
     start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
@@ -285,6 +290,7 @@ def train_one_epoch(model, optimizer, data, epoch, round_seed, args, device, amp
         (loss / args.grad_accum_steps).backward()
         totals += torch.stack([loss.detach(), lq.detach(), lc.detach(), le.detach()]).float()
         if (b + 1) % args.grad_accum_steps == 0 or b + 1 == len(batches):
+            average_gradients([p for g in optimizer.param_groups for p in g['params']], world)
             if args.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g['params']],
                                                args.max_grad_norm)
@@ -294,6 +300,9 @@ def train_one_epoch(model, optimizer, data, epoch, round_seed, args, device, amp
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state['step'] += 1
+    if world > 1:
+        dist.all_reduce(totals)
+        totals /= world
     means = (totals / max(1, len(batches))).tolist()
     if not all(math.isfinite(v) for v in means):
         raise FloatingPointError(f'non-finite training loss in epoch {epoch + 1} ({means[0]})')
@@ -418,8 +427,9 @@ def run_round(round_idx, args, state, ctx):
         log(f'Resumed round {round_idx} after epoch {first_epoch}')
 
     ckpt_dir = run_dir if args.train_test_num == 1 else os.path.join(run_dir, f'round{round_idx}')
+    rank = state.get('rank', 0)
     saver = ckpt.CheckpointSaver(ckpt_dir, keep=1, warn=lambda m: log(f'WARNING: {m}'), fmt=ckpt.CLIP_FORMAT,
-                                 best_name=ckpt.CLIP_BEST)
+                                 best_name=ckpt.CLIP_BEST) if rank == 0 else None
     eval_sets = {k: splits[k] for k in ('val', 'test') if k in splits}
     log('Epoch\tLoss (q, c, exp)\t\t\tval SRCC q / c\t\ttest SRCC q / c')
     status = 'finished'
@@ -465,15 +475,17 @@ def run_round(round_idx, args, state, ctx):
             f'{images_per_s:.0f} img/s, lr {lrs[0]:.2e}/{lrs[1]:.2e})' + ('  * best' if improved else ''))
 
         stop_now = bool(args.early_stopping_patience and bad_epochs >= args.early_stopping_patience)
-        checkpoint = {'state_dict': model.state_dict(), 'model_config': model.model_config(), 'config': ctx['config'],
-                      'label_scales': [data['scale_q'], data['scale_c']], 'epoch': epoch + 1, 'round': round_idx,
-                      'metrics': row, 'code_version': ctx['config']['code_version']}
-        ckpt.save_epoch(saver, checkpoint, best=best, improved=improved, name_keys=('test_srcc_q', 'test_srcc_c'),
-                        selection=f'val {args.select_on} SRCC {score:.4f}', log=log, optimizer=optimizer,
-                        bad_epochs=bad_epochs, state=state, round_complete=stop_now or epoch + 1 == args.epochs,
-                        step=state['step'])
-        write_logs(run_dir, args, state['rows'])
-        write_summary(run_dir, args, state, best, select_split, 'running')
+        if rank == 0:   # every process holds the same model and the same evaluation; one writes
+            checkpoint = {'state_dict': model.state_dict(), 'model_config': model.model_config(),
+                          'config': ctx['config'], 'label_scales': [data['scale_q'], data['scale_c']],
+                          'epoch': epoch + 1, 'round': round_idx, 'metrics': row,
+                          'code_version': ctx['config']['code_version']}
+            ckpt.save_epoch(saver, checkpoint, best=best, improved=improved, name_keys=('test_srcc_q', 'test_srcc_c'),
+                            selection=f'val {args.select_on} SRCC {score:.4f}', log=log, optimizer=optimizer,
+                            bad_epochs=bad_epochs, state=state, round_complete=stop_now or epoch + 1 == args.epochs,
+                            step=state['step'])
+            write_logs(run_dir, args, state['rows'])
+            write_summary(run_dir, args, state, best, select_split, 'running')
         if stop_now:
             log(f'Early stopping: no val {args.select_on} SRCC gain > {args.early_stopping_min_delta} for '
                 f'{bad_epochs} epochs.')
@@ -554,8 +566,7 @@ def main(argv=None):
     warnings = []
     args = check_args(args, warnings.append)
 
-    device_name = args.device if args.device != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
-    device = data_loader.canonical_device(device_name)   # 'cuda' -> cuda:0, so device checks compare equal
+    rank, world, device = setup_distributed(args.device)   # torchrun: one process per device
     amp = set_precision(args.precision, device)   # bf16 autocast needs no GradScaler (that is fp16's)
     if args.cache_dir in ('none', ''):
         args.cache_dir = None
@@ -567,10 +578,11 @@ def main(argv=None):
             os.path.basename(os.path.dirname(os.path.abspath(args.data_csv_path))) or 'data')
         run_name = f'{label}-clip_{datetime.datetime.now():%Y%m%d_%H%M%S}'
         run_dir = None   # created by open_run once the data check passed
-    console = runtime.capture_console()
+    console = runtime.capture_console() if rank == 0 else None
 
     def log(message):
-        print(message, flush=True)
+        if rank == 0:
+            print(message, flush=True)
 
     try:
         for message in warnings:
@@ -579,7 +591,7 @@ def main(argv=None):
             log('note: resuming uses the run\'s stored configuration; ignored: ' + ', '.join(f'--{k}' for k in ignored))
         config = dict(vars(args))
         config.update(run_name=run_name, system='clip', code_version=runs.code_version(),
-                      command='python train_clip.py ' + ' '.join(argv))
+                      command='python train_clip.py ' + ' '.join(argv), world_size=world)
         if resume is not None:
             config.update({k: resume['config'][k] for k in ('code_version', 'command') if k in resume['config']})
         log('=' * 72)
@@ -588,7 +600,8 @@ def main(argv=None):
             log(f'  {key:<26} {getattr(args, key)}')
         log('=' * 72)
         # The model first: a missing pretrained model must stop the run before minutes of image decoding.
-        state = {'run_name': run_name, 'rows': [], 'rounds': [], 'start_time': time.time(), 'seconds_before': 0.0}
+        state = {'run_name': run_name, 'rows': [], 'rounds': [], 'start_time': time.time(), 'seconds_before': 0.0,
+                 'rank': rank, 'world': world}
         first_round = 1
         if resume is not None:
             first_round = runs.resume_rounds(resume, state, log)
@@ -602,9 +615,10 @@ def main(argv=None):
 
         def open_run():
             if ctx['run_dir'] is None:
-                ctx['run_dir'], name = runtime.open_run(args.output_dir, args.log_dir, run_name, run_dir)
+                ctx['run_dir'], name = runtime.open_run(args.output_dir, args.log_dir, run_name, run_dir, rank, world)
                 config['run_name'] = state['run_name'] = name
-                runs.write_config(ctx['run_dir'], config)
+                if rank == 0:
+                    runs.write_config(ctx['run_dir'], config)
         ctx['open_run'] = open_run
         # the run's status is its last round's: a resumed, already ended last round keeps its own
         status = 'stopped_early' if resume is not None and resume['epoch'] < args.epochs else 'finished'
@@ -616,6 +630,8 @@ def main(argv=None):
             state['rounds'].append(best)
         open_run()   # a resumed run whose rounds had all ended ran none
         run_dir = ctx['run_dir']
+        if rank != 0:   # the files and the result line are rank 0's
+            return 3 if status == 'diverged' else 0
         write_logs(run_dir, args, state['rows'])
         if status == 'diverged':
             write_summary(run_dir, args, state, best, 'val', 'diverged')
@@ -640,7 +656,10 @@ def main(argv=None):
         log(f'ERROR: {err}')
         raise SystemExit(2)
     finally:
-        runtime.release_console(console)
+        if console is not None:
+            runtime.release_console(console)
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == '__main__':

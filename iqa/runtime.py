@@ -110,6 +110,18 @@ def gather_to_all(array, world_size):
     return np.concatenate(parts)
 
 
+def average_gradients(params, world_size):
+    """Average the gradients of `params` over the processes (identity for 1 process): after it every
+    rank holds the gradient of the whole batch and takes the same optimizer step. Parameters without
+    a gradient (unused by the model's forward) have none on every rank and are left alone."""
+    if world_size == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world_size
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)

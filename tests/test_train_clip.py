@@ -577,3 +577,30 @@ def test_a_run_that_fails_its_data_check_leaves_no_folder_and_no_log(tmp_path, c
     assert 'DATA ERROR' in capsys.readouterr().out
     for folder in ('runs', 'logs'):
         assert not (tmp_path / folder).exists() or not list((tmp_path / folder).iterdir())
+
+
+def test_two_process_torchrun_on_cpu_trains_one_model_and_writes_one_run(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    csv_path = make_prompt_csv(tmp_path / 'data')
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nnodes', '1', '--nproc_per_node', '2',
+           '--master_addr', '127.0.0.1', '--master_port', str(port), os.path.join(root, 'train_clip.py'),
+           *shlex.split(f'--data_csv_path {csv_path} --clip_model nano --no_pretrained --epochs 2 --batch_size 8 '
+                        f'--lr 1e-3 --output_dir {tmp_path / "runs"} --log_dir {tmp_path / "logs"} '
+                        f'--cache_dir none --num_workers 1 --device cpu')]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    runs = list((tmp_path / 'runs').iterdir())
+    assert len(runs) == 1 and len(list((tmp_path / 'logs').iterdir())) == 1   # only rank 0 writes
+    assert json.loads((runs[0] / 'config.json').read_text())['world_size'] == 2
+    assert len(read_rows(runs[0] / 'metrics.csv')) == 2
+    summary = json.loads((runs[0] / 'summary.json').read_text())
+    assert summary['status'] == 'finished'
+    model, _ = clip_eval.load_model(summary['best_checkpoint'])
+    assert isinstance(model, models_clip.ClipQualityModel)
