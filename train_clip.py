@@ -580,15 +580,9 @@ def main(argv=None):
         run_dir = None   # created by open_run once the data check passed
     console = runtime.capture_console() if rank == 0 else None
 
-    def log(message):
-        if rank == 0:
-            print(message, flush=True)
-
+    log = runtime.rank_log(rank)
     try:
-        for message in warnings:
-            log(f'WARNING: {message}')
-        if ignored:
-            log('note: resuming uses the run\'s stored configuration; ignored: ' + ', '.join(f'--{k}' for k in ignored))
+        runtime.log_warnings(log, warnings, ignored)
         config = dict(vars(args))
         config.update(run_name=run_name, system='clip', code_version=runs.code_version(),
                       command='python train_clip.py ' + ' '.join(argv), world_size=world)
@@ -649,17 +643,10 @@ def main(argv=None):
         log('Best test SRCC_Q %.4f PLCC_Q %.4f SRCC_C %.4f PLCC_C %.4f (%s)%s' % (
             res['srcc_q'], res['plcc_q'], res['srcc_c'], res['plcc_c'], how, ci))
         return 0
-    except data_loader.DataError as err:
-        log(f'DATA ERROR: {err}')
-        raise SystemExit(2)
-    except models_clip.PretrainedWeightsError as err:
-        log(f'ERROR: {err}')
-        raise SystemExit(2)
+    except (data_loader.DataError, models_clip.PretrainedWeightsError) as err:
+        runtime.stop_run(err, log)
     finally:
-        if console is not None:
-            runtime.release_console(console)
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        runtime.end_run(console, world)
 
 
 if __name__ == '__main__':

@@ -570,7 +570,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    resume = None
+    resume, ignored = None, []
     if args.resume:
         resume_path, resume = resolve_resume(args.resume)
         stored = dict(resume['config'])
@@ -595,16 +595,9 @@ def main(argv=None):
                                  args.ranking_loss_alpha, datetime.datetime.now())
     console = runtime.capture_console() if rank == 0 else None
 
-    def log(message):
-        if rank == 0:
-            print(message, flush=True)
-
+    log = runtime.rank_log(rank)
     try:
-        for message in warnings:
-            log(f'WARNING: {message}')
-        if resume is not None and ignored:
-            log('note: resuming uses the run\'s stored configuration; ignored: ' +
-                ', '.join(f'--{k}' for k in ignored))
+        runtime.log_warnings(log, warnings, ignored)
         config = dict(vars(args))
         config.update(run_name=run_name, code_version=runs.code_version(),
                       command='python train_swin.py ' + ' '.join(argv), world_size=world)
@@ -674,17 +667,10 @@ def main(argv=None):
             else:
                 write_summary(run_dir, args, state, best, args.select_on, 'diverged')
         return 0 if status != 'diverged' else 3
-    except data_loader.DataError as err:
-        log(f'DATA ERROR: {err}')
-        raise SystemExit(2)
-    except models_swin.PretrainedWeightsError as err:
-        log(f'ERROR: {err}')
-        raise SystemExit(2)
+    except (data_loader.DataError, models_swin.PretrainedWeightsError) as err:
+        runtime.stop_run(err, log)
     finally:
-        if console is not None:
-            runtime.release_console(console)
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        runtime.end_run(console, world)
 
 
 if __name__ == '__main__':

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_loader import canonical_device
+from data_loader import DataError, canonical_device
 from iqa import runs
 
 
@@ -188,6 +188,36 @@ def release_console(console):
     sys.stdout, sys.stderr = console
     if log_file is not None and not isinstance(log_file, io.StringIO):
         log_file.close()
+
+
+def rank_log(rank):
+    """log(message) for the trainers: printed (and so logged) by rank 0 only, flushed at once."""
+    def log(message):
+        if rank == 0:
+            print(message, flush=True)
+    return log
+
+
+def log_warnings(log, warnings, ignored):
+    """The flag warnings of check_args, and the flags a resumed run ignores."""
+    for message in warnings:
+        log(f'WARNING: {message}')
+    if ignored:
+        log('note: resuming uses the run\'s stored configuration; ignored: ' + ', '.join(f'--{k}' for k in ignored))
+
+
+def stop_run(err, log):
+    """A run stopped by bad data (DataError) or missing pretrained weights: say so, exit status 2."""
+    log(f'DATA ERROR: {err}' if isinstance(err, DataError) else f'ERROR: {err}')
+    raise SystemExit(2)
+
+
+def end_run(console, world_size):
+    """Put the console back (rank 0: `console` from capture_console) and leave the process group."""
+    if console is not None:
+        release_console(console)
+    if world_size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def use_bf16(precision, device):
