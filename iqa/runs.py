@@ -123,7 +123,6 @@ def code_version(folder=None):
     return version
 
 
-
 def make_run_dir(output_dir, run_name):
     """Create the run's folder and return (run_dir, run_name); a name already taken (two runs
     started in the same second, one per GPU) gets a _2, _3 ... suffix instead of sharing it.
@@ -176,7 +175,6 @@ def resumed_run_dir(ckpt_path, train_test_num):
     if os.path.basename(run_dir).startswith('round') and train_test_num > 1:
         run_dir = os.path.dirname(run_dir)
     return run_dir
-
 
 
 def resumed_run(ckpt_path, train_test_num):
