@@ -24,24 +24,14 @@ import re
 import statistics
 import sys
 
-from checkpoints import atomic_write_bytes
+from iqa.files import atomic_write_bytes
+from iqa.runs import CLIP_METRIC_COLUMNS, RUN_FILES, SWIN_METRIC_COLUMNS
 
-# The per-epoch CSV train_swin.py writes (see the run-folder format in the README). Order matters
-# only for writing; reading is by name, so a later column added at the end does not break us.
-METRICS_COLUMNS = (
-    'round', 'epoch', 'lr_backbone', 'lr_head', 'train_loss', 'train_srcc',
-    'val_srcc', 'val_plcc', 'val_krcc', 'test_srcc', 'test_plcc', 'test_krcc',
-    'spaq_srcc', 'spaq_plcc', 'epoch_seconds', 'train_patches_per_s', 'is_best',
-)
-# The per-epoch CSV train_clip.py writes: the same bookkeeping, one set of metrics per head
-# (_q quality, _c consistency) instead of one SRCC/PLCC. A run is read as a CLIP run when its
-# metrics.csv has these columns.
-CLIP_HEAD_METRICS = ('srcc_q', 'plcc_q', 'krcc_q', 'srcc_c', 'plcc_c', 'krcc_c')
-CLIP_METRICS_COLUMNS = (
-    ('round', 'epoch', 'lr_backbone', 'lr_head', 'train_loss', 'train_loss_q', 'train_loss_c', 'train_loss_exp')
-    + tuple(f'val_{m}' for m in CLIP_HEAD_METRICS) + tuple(f'test_{m}' for m in CLIP_HEAD_METRICS)
-    + ('c_base_alpha', 'c_base_beta', 'epoch_seconds', 'train_images_per_s', 'is_best'))
-RUN_FILES = ('config.json', 'metrics.csv', 'summary.json')
+# The per-epoch CSVs of the two trainers and the files of a run folder: iqa.runs owns them. Reading
+# is by name, so a later column added at the end does not break us; a run is read as a CLIP run
+# when its metrics.csv has CLIP_METRICS_COLUMNS (one set of metrics per head, _q and _c).
+METRICS_COLUMNS = SWIN_METRIC_COLUMNS
+CLIP_METRICS_COLUMNS = CLIP_METRIC_COLUMNS
 
 # Config keys that say where or how a run was bookkept, not what was trained; two runs that differ
 # only here are the same experiment. Keys ending in these suffixes are paths, ignored likewise.

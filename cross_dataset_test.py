@@ -20,14 +20,12 @@ The model is rebuilt from the configuration a train_swin.py checkpoint stores; t
 bare state_dicts load too (the architecture is read off the weight names and shapes).
 Nothing is downloaded: the model is built with random weights and the checkpoint loaded strictly.
 """
-import argparse
 import contextlib
 import csv
 import glob
 import io
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -36,14 +34,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import checkpoints
 import data_loader
 import models_swin
-import run_setup
-from iqa import evaluation
+from iqa import evaluation, runtime, scoring
 from iqa import metrics as iqa_metrics
-from iqa import scoring
+from iqa.ckpt import load_checkpoint
 from iqa.clip import evaluation as clip_eval
+from iqa.engine import count_flops
+from iqa.files import atomic_write_json, atomic_write_text
+from iqa.runs import code_version
+from iqa.runtime import HelpFormatter, UsageError, device_name, resolve_device
 from iqa.scoring import is_training_set  # noqa: F401  (the rule's home; tests use it here)
 
 SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -58,24 +58,11 @@ IMAGES_PER_CHUNK = 64
 EXIT_NOTHING_TO_SCORE = 2
 
 
-class UsageError(Exception):
-    """A bad flag, file or data set named on the command line; main() prints it and exits 2."""
-
-
 # --------------------------------------------------------------------------- flags
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults in the help, except where the text already explains them or there is none."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, False) or 'default' in (action.help or ''):
-            return action.help
-        return super()._get_help_string(action)
-
 
 def build_parser():
     # train_swin's parser: an unknown or misspelt flag stops with a "did you mean" hint
-    p = run_setup.SuggestingParser(
+    p = runtime.SuggestingParser(
         prog='cross_dataset_test.py', allow_abbrev=False,
         description='Evaluate a trained HyperIQA checkpoint on several IQA data sets (default), score '
                     'arbitrary images (--images), or print the model-complexity table (--complexity).',
@@ -162,19 +149,6 @@ def build_parser():
     return p
 
 
-def resolve_device(flag):
-    """torch.device for --device; 'auto' picks CUDA when there is one."""
-    if flag == 'auto':
-        return data_loader.canonical_device('cuda' if torch.cuda.is_available() else 'cpu')
-    try:
-        device = torch.device(flag)
-    except RuntimeError as err:
-        raise UsageError(f'--device {flag}: {err}') from None
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise UsageError(f'--device {flag}: this machine has no usable CUDA GPU (try --device cpu)')
-    return data_loader.canonical_device(device)   # 'cuda' -> cuda:0: compared with tensors' devices
-
-
 # --------------------------------------------------------------------------- model
 
 def model_architecture(ckpt, args):
@@ -227,7 +201,7 @@ def load_model(path, args, device):
     that names the keys, never a silently half-random model.
     """
     try:
-        ckpt = checkpoints.load_checkpoint(path)
+        ckpt = load_checkpoint(path)
     except (FileNotFoundError, ValueError) as err:
         raise UsageError(f'--checkpoint: {err}') from None
     arch, source = model_architecture(ckpt, args)
@@ -462,7 +436,7 @@ def run_cross_dataset(args, device, amp):
         'higher_is_better': settings['higher_is_better'],
         'device': str(device),
         'amp': amp,
-        'code_version': checkpoints.code_version(),
+        'code_version': code_version(),
         'results': results,
         'in_domain': in_domain,
         'cross_domain_mean': cross_mean,
@@ -471,7 +445,7 @@ def run_cross_dataset(args, device, amp):
     }
     os.makedirs(args.output_dir, exist_ok=True)
     path = results_path(args.output_dir, args.checkpoint, arch['model_size'])
-    checkpoints.atomic_write_json(path, out)
+    atomic_write_json(path, out)
 
     print()
     print(results_table(results))
@@ -582,7 +556,7 @@ def run_images(args, device, amp):
         writer.writerow([path, '' if score is None else f'{score:.6f}', error])
     folder = os.path.dirname(os.path.abspath(output))
     os.makedirs(folder, exist_ok=True)
-    checkpoints.atomic_write_text(output, buf.getvalue())
+    atomic_write_text(output, buf.getvalue())
 
     n_bad = sum(1 for e in errors if e)
     direction = 'higher is better' if settings['higher_is_better'] else 'lower is better'
@@ -602,19 +576,6 @@ def run_images(args, device, amp):
 def _sync(device):
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
-
-
-def count_flops(model, x):
-    """FLOPs of one forward pass, counted by torch.utils.flop_counter.FlopCounterMode.
-
-    It counts matrix multiplies and convolutions at 2 FLOPs per multiply-add (elementwise ops,
-    softmax and norms are not counted); fvcore/thop/ptflops count multiply-adds and call them
-    FLOPs, so GMACs = FLOPs / 2 is the number comparable with the usual "Swin-B 15.4G".
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
-    return int(counter.get_total_flops())
 
 
 def time_forward(model, x, runs, warmup, amp, device):
@@ -660,19 +621,6 @@ def measure_complexity(size, device, batch_size, runs, amp):
     return row
 
 
-def device_name(device):
-    """The GPU's or CPU's model name: timings mean little without it."""
-    if device.type == 'cuda':
-        return f'{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})'
-    name = platform.processor() or platform.machine()
-    try:
-        with open('/proc/cpuinfo') as f:
-            name = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), name)
-    except OSError:
-        pass  # not Linux
-    return f'CPU {name}, {torch.get_num_threads()} threads'
-
-
 def complexity_table(rows, device, batch_size, runs, amp):
     lines = ['| model | variant | params (M) | GMACs | GFLOPs | latency bs1 (ms) | '
              f'throughput bs{batch_size} (img/s) |',
@@ -707,7 +655,7 @@ def run_complexity(args, device, amp):
     table = complexity_table(rows, device, batch_size, args.runs, amp)
     print(table)
     if args.output:
-        checkpoints.atomic_write_text(args.output, table + '\n')
+        atomic_write_text(args.output, table + '\n')
         print(f'\nwritten to {args.output}')
     return 0
 

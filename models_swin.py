@@ -18,9 +18,6 @@ Run ``python models_swin.py`` to print the size of every variant.
 """
 import argparse
 import contextlib
-import os
-import socket
-import urllib.parse
 
 import timm
 import torch
@@ -28,7 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-import checkpoints
+from iqa.ckpt import strip_wrapper_prefixes
+from iqa.runtime import PROXY_VARIABLES as _PROXY_VARIABLES  # noqa: F401 (tests)
+from iqa.runtime import hub_unreachable as _hub_host_unresolvable
 
 MODEL_SIZES = ('nano', 'tiny', 'small', 'base', 'resnet50')
 
@@ -73,30 +72,6 @@ def _offline_message(what, err):
             '  * pass a local weights file:  --pretrained_path /path/to/weights.safetensors|.pth\n'
             '    (build_model(..., pretrained_path=...)), e.g. copied from a machine with internet, or\n'
             '  * train from random initialisation: --no_pretrained (build_model(..., pretrained=False)).')
-
-
-_PROXY_VARIABLES = ('HTTPS_PROXY', 'https_proxy', 'HTTP_PROXY', 'http_proxy', 'ALL_PROXY', 'all_proxy')
-
-
-def _hub_host_unresolvable():
-    """True when the model hub's host name does not resolve and no proxy would resolve it.
-
-    On an offline node huggingface_hub retries a failed request five times with back-off,
-    so the way-out message came only after about 45 s. A failed name lookup is immediate and
-    means no request can succeed, so the hub is then consulted in offline mode (the local
-    cache still serves weights downloaded earlier) and the message comes at once.
-    """
-    if any(os.environ.get(name) for name in _PROXY_VARIABLES):
-        return False
-    import huggingface_hub.constants as hub
-    host = urllib.parse.urlparse(hub.ENDPOINT).hostname
-    if not host:
-        return False
-    try:
-        socket.getaddrinfo(host, 443)
-    except OSError:
-        return True
-    return False
 
 
 @contextlib.contextmanager
@@ -377,9 +352,9 @@ class HyperIQA(nn.Module):
 
 
 def normalise_state_dict(state_dict, expected_keys=None):
-    """Strip DDP/compile prefixes (checkpoints.strip_wrapper_prefixes) and drop buffers that
+    """Strip DDP/compile prefixes (strip_wrapper_prefixes) and drop buffers that
     timm rebuilds itself when the model does not expect them."""
-    out = checkpoints.strip_wrapper_prefixes(state_dict)
+    out = strip_wrapper_prefixes(state_dict)
     if expected_keys is not None:
         expected = set(expected_keys)
         out = {k: v for k, v in out.items()

@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from checkpoints import atomic_write_bytes  # noqa: E402
+from iqa.files import atomic_write_bytes  # noqa: E402
 from collect_results import (RunReadError, best_row, config_diff, find_runs, is_clip_rows,  # noqa: E402
                              load_run, pick_baseline, run_result)
 

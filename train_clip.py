@@ -12,8 +12,8 @@ best_model_srccq_X_srccc_Y.pkl, last.pkl) and logs/<run>.log, whose last line is
 "Best test SRCC_Q ... SRCC_C ...".
 """
 import argparse
+import csv
 import datetime
-import glob
 import math
 import os
 import sys
@@ -21,26 +21,26 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-import checkpoints
 import data_loader
+from iqa import ckpt, runs, runtime
 from iqa import metrics as iqa_metrics
 from iqa.clip import data as clip_data
 from iqa.clip import evaluation as clip_eval
 from iqa.clip import models as models_clip
 from iqa.clip import weights as clip_weights
-from run_setup import SuggestingParser, Tee, make_optimizer, seed_everything, set_precision
+from iqa.runtime import (SuggestingParser, average_gradients, make_optimizer, seed_everything, set_precision,
+                         setup_distributed)
+from iqa.schedule import lr_factor
 
 SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
-HEAD_METRICS = ('srcc_q', 'plcc_q', 'krcc_q', 'srcc_c', 'plcc_c', 'krcc_c')
-METRIC_COLUMNS = (['round', 'epoch', 'lr_backbone', 'lr_head', 'train_loss', 'train_loss_q', 'train_loss_c',
-                   'train_loss_exp'] + [f'val_{m}' for m in HEAD_METRICS] + [f'test_{m}' for m in HEAD_METRICS]
-                  + ['c_base_alpha', 'c_base_beta', 'epoch_seconds', 'train_images_per_s', 'is_best'])
+HEAD_METRICS = runs.CLIP_HEAD_METRICS
+METRIC_COLUMNS = list(runs.CLIP_METRIC_COLUMNS)
 # the original program's training_log.csv (its s_q ... p_c were on its only held-out split: ours is val)
 LOG_CSV_COLUMNS = ['epoch', 'train_loss', 'lq', 'lc', 'le', 's_q', 'p_q', 's_c', 'p_c', 'best_s_c', 'lr']
 MACHINE_FLAGS = ('device', 'num_workers', 'cache_dir', 'no_amp', 'precision', 'eval_batch_size', 'pin_memory', 'no_pin_memory')
-BEST_PATTERN = 'best_model_srccq_*_srccc_*.pkl'
 
 
 # --------------------------------------------------------------------------- flags
@@ -264,27 +264,7 @@ def check_args(args, warn):
     return args
 
 
-# --------------------------------------------------------------------------- schedule and loss
-
-def lr_factor(step, epoch, total_steps, args):
-    """Multiplier of the starting learning rates before optimizer step `step` (0-based) in `epoch`.
-
-    cosine / linear / constant follow transformers' get_*_schedule_with_warmup (the original's
-    scheduler, stepped once per optimizer step): a linear warm-up over warmup_ratio of all steps
-    (factor 0 at step 0), then a half cosine or a straight line to 0, or flat. step is StepLR:
-    gamma ** (epoch // step_size), no warm-up."""
-    if args.scheduler == 'step':
-        return args.step_lr_gamma ** (epoch // args.step_lr_step_size)
-    warmup = int(args.warmup_ratio * total_steps)
-    if step < warmup:
-        return step / max(1, warmup)
-    if args.scheduler == 'constant':
-        return 1.0
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    if args.scheduler == 'linear':
-        return max(0.0, 1.0 - progress)
-    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-
+# --------------------------------------------------------------------------- loss
 
 def consistency_loss(out, target, args):
     """MSE of the consistency. The original's default, strict residual, is
@@ -310,6 +290,9 @@ def train_one_epoch(model, optimizer, data, epoch, round_seed, args, device, amp
     order = torch.randperm(n, generator=torch.Generator().manual_seed(round_seed * 1000 + epoch))
     aug = torch.Generator().manual_seed(round_seed * 1000 + epoch + 500)
     batches = [order[i:i + args.batch_size] for i in range(0, n, args.batch_size)]
+    rank, world = state.get('rank', 0), state.get('world', 1)
+    if world > 1:   # each process takes every world-th image of a batch; a batch too small to share is left out
+        batches = [batch[rank::world] for batch in batches if len(batch) >= world]
     totals = torch.zeros(4, device=device)
     start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
@@ -347,6 +330,7 @@ def train_one_epoch(model, optimizer, data, epoch, round_seed, args, device, amp
         (loss / args.grad_accum_steps).backward()
         totals += torch.stack([loss.detach(), lq.detach(), lc.detach(), le.detach()]).float()
         if (b + 1) % args.grad_accum_steps == 0 or b + 1 == len(batches):
+            average_gradients([p for g in optimizer.param_groups for p in g['params']], world)
             if args.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g['params']],
                                                args.max_grad_norm)
@@ -356,6 +340,9 @@ def train_one_epoch(model, optimizer, data, epoch, round_seed, args, device, amp
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state['step'] += 1
+    if world > 1:
+        dist.all_reduce(totals)
+        totals /= world
     means = (totals / max(1, len(batches))).tolist()
     if not all(math.isfinite(v) for v in means):
         raise FloatingPointError(f'non-finite training loss in epoch {epoch + 1} ({means[0]})')
@@ -386,6 +373,20 @@ def original_log_values(val, previous, args, next_lr_factor):
     return values
 
 
+def restore_log_values(run_dir, log_csv, rows):
+    """Attach to the kept metrics.csv rows of a resumed run the original's log values they were
+    written with (metrics.csv rounds to 4 digits; training_log.csv keeps the original's 6 and its
+    running best), so the resumed run writes the log the uninterrupted one would."""
+    path = os.path.join(run_dir, log_csv)
+    if not os.path.exists(path):
+        return
+    with open(path, newline='') as f:
+        logged = list(csv.DictReader(f))
+    for row, old in zip(rows, logged):   # one log row per metrics row, in the same order
+        row['training_log'] = {k: float(old[k]) if old.get(k) not in (None, '') else None
+                               for k in ('s_q', 'p_q', 's_c', 'p_c', 'best_s_c', 'lr')}
+
+
 def original_log_row(row):
     """One training_log.csv row in the original's columns and number formats."""
     def f6(key):
@@ -403,24 +404,9 @@ def original_log_row(row):
 
 
 def write_logs(run_dir, args, rows):
-    checkpoints.atomic_write_csv(os.path.join(run_dir, 'metrics.csv'), METRIC_COLUMNS, rows)
-    checkpoints.atomic_write_csv(os.path.join(run_dir, args.log_csv), LOG_CSV_COLUMNS,
-                                 [original_log_row(row) for row in rows])
-
-
-def best_checkpoint_name(srcc_q, srcc_c):
-    """'best_model_srccq_0.8123_srccc_0.7456.pkl': both test SRCCs of the selected epoch."""
-    return f'best_model_srccq_{srcc_q:.4f}_srccc_{srcc_c:.4f}.pkl'
-
-
-def save_checkpoint(checkpoint, path, log):
-    """Atomic save; a full disk is reported and training goes on with the previous file intact."""
-    try:
-        checkpoints.atomic_torch_save(checkpoints.check_weights_only_safe(checkpoint), path)
-    except OSError as err:
-        log(f'WARNING: could not save {path}: {err.strerror or err}; the previous file is intact, training continues')
-        return None
-    return path
+    # metrics.csv holds numbers only; the original's log values ride in the row for training_log.csv
+    runs.write_metrics(run_dir, [{k: v for k, v in row.items() if k != 'training_log'} for row in rows])
+    runs.write_metrics(run_dir, [original_log_row(row) for row in rows], args.log_csv)
 
 
 def selection_score(metrics, select_on):
@@ -449,7 +435,7 @@ def build_model(args, log=None):
 
 def run_round(round_idx, args, state, ctx):
     """Train and evaluate one round; returns this round's best-epoch record and a status."""
-    log, device, amp, run_dir, data = ctx['log'], ctx['device'], ctx['amp'], ctx['run_dir'], ctx['data']
+    log, device, amp, data = ctx['log'], ctx['device'], ctx['amp'], ctx['data']
     round_seed = args.seed + round_idx - 1
     ds = data['dataset']
     # the one split rule cross_dataset_test.py redraws from a checkpoint (clip_data.draw_split)
@@ -467,6 +453,8 @@ def run_round(round_idx, args, state, ctx):
     n_prompts = {k: len({ds.prompts[i] for i in v}) for k, v in splits.items()}
     log(f'Round {round_idx}/{args.train_test_num}: split {source}: ' + ', '.join(
         f'{k} {len(v)} images / {n_prompts[k]} prompts' for k, v in splits.items()))
+    ctx['open_run']()   # the data check passed: now the run gets its folder and log
+    run_dir = ctx['run_dir']
     data['train'] = splits['train']
 
     model = ctx.pop('model', None)   # the first round's model is built before the data (see main)
@@ -511,15 +499,14 @@ def run_round(round_idx, args, state, ctx):
     first_epoch, best, bad_epochs = 0, None, 0
     resume = state.pop('resume_checkpoint', None)
     if resume is not None and resume['round'] == round_idx:
-        model.load_state_dict(resume['state_dict'])
-        optimizer.load_state_dict(resume['optimizer'])
-        first_epoch, best, bad_epochs = resume['epoch'], resume['best'], resume['bad_epochs']
+        first_epoch, best, bad_epochs = ckpt.restore_training_state(resume, model, optimizer)
         state['step'] = resume['step']
-        checkpoints.restore_rng_state(resume['rng_state'])
         log(f'Resumed round {round_idx} after epoch {first_epoch}')
 
     ckpt_dir = run_dir if args.train_test_num == 1 else os.path.join(run_dir, f'round{round_idx}')
-    os.makedirs(ckpt_dir, exist_ok=True)
+    rank = state.get('rank', 0)
+    saver = ckpt.CheckpointSaver(ckpt_dir, keep=1, warn=lambda m: log(f'WARNING: {m}'), fmt=ckpt.CLIP_FORMAT,
+                                 best_name=ckpt.CLIP_BEST) if rank == 0 else None
     eval_sets = {k: splits[k] for k in ('val', 'test') if k in splits}
     log('Epoch\tLoss (q, c, exp)\t\t\tval SRCC q / c\t\ttest SRCC q / c')
     status = 'finished'
@@ -532,10 +519,11 @@ def run_round(round_idx, args, state, ctx):
                 f'in {run_dir} are intact.')
             return best, 'diverged'
         lrs = [g['lr'] for g in optimizer.param_groups]
-        row = {'round': round_idx, 'epoch': epoch + 1, 'lr_backbone': f'{lrs[0]:.3e}', 'lr_head': f'{lrs[1]:.3e}',
-               'train_loss': fmt(loss, '.6f'), 'train_loss_q': fmt(lq, '.6f'), 'train_loss_c': fmt(lc, '.6f'),
-               'train_loss_exp': fmt(le, '.6f'), 'epoch_seconds': f'{seconds:.1f}',
-               'train_images_per_s': f'{images_per_s:.1f}'}
+        row = runs.new_row(METRIC_COLUMNS)
+        row.update({'round': round_idx, 'epoch': epoch + 1, 'lr_backbone': f'{lrs[0]:.3e}',
+                    'lr_head': f'{lrs[1]:.3e}', 'train_loss': fmt(loss, '.6f'), 'train_loss_q': fmt(lq, '.6f'),
+                    'train_loss_c': fmt(lc, '.6f'), 'train_loss_exp': fmt(le, '.6f'),
+                    'epoch_seconds': f'{seconds:.1f}', 'train_images_per_s': f'{images_per_s:.1f}'})
         if not args.no_residual_learning:
             row['c_base_alpha'] = fmt(model.c_base_scale.item())
             row['c_base_beta'] = fmt(model.c_base_bias.item())
@@ -552,7 +540,7 @@ def run_round(round_idx, args, state, ctx):
         improved = best is None or (not math.isnan(score) and score > previous + args.early_stopping_min_delta)
         if improved:
             bad_epochs = 0
-            best = {'epoch': epoch + 1, 'select_srcc': None if math.isnan(score) else score,
+            best = {'epoch': epoch + 1, 'select_srcc': None if math.isnan(score) else score, 'select_split': select_split,
                     **{f'val_{m}': results.get('val', {}).get(m) for m in HEAD_METRICS},
                     **{f'test_{m}': results['test'][m] for m in HEAD_METRICS}}
         else:
@@ -568,26 +556,19 @@ def run_round(round_idx, args, state, ctx):
             f'{results["test"]["srcc_q"]:.4f} / {results["test"]["srcc_c"]:.4f}\t({seconds:.0f} s, '
             f'{images_per_s:.0f} img/s, lr {lrs[0]:.2e}/{lrs[1]:.2e})' + ('  * best' if improved else ''))
 
-        checkpoint = {'format': clip_eval.CLIP_CHECKPOINT_FORMAT, 'state_dict': model.state_dict(),
-                      'model_config': model.model_config(), 'config': ctx['config'],
-                      'label_scales': [data['scale_q'], data['scale_c']], 'epoch': epoch + 1, 'round': round_idx,
-                      'metrics': row, 'code_version': ctx['config']['code_version']}
-        if improved:
-            path = save_checkpoint(checkpoint, os.path.join(ckpt_dir, best_checkpoint_name(
-                best['test_srcc_q'], best['test_srcc_c'])), log)
-            if path is not None:
-                for old in glob.glob(os.path.join(ckpt_dir, BEST_PATTERN)):
-                    if os.path.abspath(old) != os.path.abspath(path):
-                        os.remove(old)
-                best['checkpoint'] = path
-                log(f'  new best (val {args.select_on} SRCC {score:.4f}) saved: {path}')
-        checkpoint.update(optimizer=optimizer.state_dict(), rng_state=checkpoints.capture_rng_state(), best=best,
-                          bad_epochs=bad_epochs, step=state['step'], rows=state['rows'], rounds=state['rounds'],
-                          train_seconds=time.time() - state['start_time'] + state['seconds_before'])
-        save_checkpoint(checkpoint, os.path.join(ckpt_dir, checkpoints.LAST_NAME), log)
-        write_logs(run_dir, args, state['rows'])
-        write_summary(run_dir, args, state, best, select_split, 'running')
-        if args.early_stopping_patience and bad_epochs >= args.early_stopping_patience:
+        stop_now = bool(args.early_stopping_patience and bad_epochs >= args.early_stopping_patience)
+        if rank == 0:   # every process holds the same model and the same evaluation; one writes
+            checkpoint = {'state_dict': model.state_dict(), 'model_config': model.model_config(),
+                          'config': ctx['config'], 'label_scales': [data['scale_q'], data['scale_c']],
+                          'epoch': epoch + 1, 'round': round_idx, 'metrics': row,
+                          'code_version': ctx['config']['code_version']}
+            ckpt.save_epoch(saver, checkpoint, best=best, improved=improved, name_keys=('test_srcc_q', 'test_srcc_c'),
+                            selection=f'val {args.select_on} SRCC {score:.4f}', log=log, optimizer=optimizer,
+                            bad_epochs=bad_epochs, state=state, round_complete=stop_now or epoch + 1 == args.epochs,
+                            step=state['step'])
+            write_logs(run_dir, args, state['rows'])
+            write_summary(run_dir, args, state, best, select_split, 'running')
+        if stop_now:
             log(f'Early stopping: no val {args.select_on} SRCC gain > {args.early_stopping_min_delta} for '
                 f'{bad_epochs} epochs.')
             status = 'stopped_early'
@@ -596,7 +577,7 @@ def run_round(round_idx, args, state, ctx):
     best['no_val'] = no_val
     if best.get('checkpoint') and os.path.exists(best['checkpoint']):
         # bootstrap 95% intervals of the selected epoch's test SRCCs, from its saved weights
-        model.load_state_dict(torch.load(best['checkpoint'], map_location='cpu', weights_only=True)['state_dict'])
+        model.load_state_dict(ckpt.load_checkpoint(best['checkpoint'])['state_dict'])
         idx = splits['test']
         q, c, _ = clip_eval.predict(model, data['images'][idx], data['prompt_ids'], data['prompt_index'][idx],
                                     batch_size=args.eval_batch_size, device=device, amp=args.eval_precision == 'bf16')
@@ -606,32 +587,29 @@ def run_round(round_idx, args, state, ctx):
 
 
 def write_summary(run_dir, args, state, best, select_split, status):
-    rounds = list(state['rounds']) + ([best] if status == 'running' and best else [])
-    med = {}
-    for m in ('srcc_q', 'plcc_q', 'srcc_c', 'plcc_c'):
-        values = [r[f'test_{m}'] for r in rounds if r and r.get(f'test_{m}') is not None]
-        med[f'median_test_{m}'] = float(np.median(values)) if values else None
-    summary = {'run_name': state['run_name'], 'name': args.name, 'system': 'clip', 'status': status,
-               'select_on': args.select_on, 'select_split': select_split,
-               'best_epoch': best['epoch'] if best else None, 'best': best, 'rounds': state['rounds'], **med,
-               'label_scales': {'quality': state['scale_q'], 'consistency': state['scale_c']},
-               'train_seconds': round(time.time() - state['start_time'] + state['seconds_before'], 1),
-               'params': state.get('params'), 'trainable_params': state.get('trainable_params'),
-               'best_checkpoint': best.get('checkpoint') if best else None}
-    checkpoints.atomic_write_json(os.path.join(run_dir, 'summary.json'), summary)
+    runs.write_summary(
+        run_dir, {'run_name': state['run_name'], 'name': args.name, 'system': 'clip', 'select_on': args.select_on,
+                  'select_split': select_split},
+        state, best, status, median_of=('srcc_q', 'plcc_q', 'srcc_c', 'plcc_c'),
+        tail={'label_scales': {'quality': state['scale_q'], 'consistency': state['scale_c']},
+              'params': state.get('params'), 'trainable_params': state.get('trainable_params')})
 
 
 # --------------------------------------------------------------------------- main
 
 def resolve_resume(path):
     """The checkpoint to resume from (RUN_DIR/last.pkl or the file given), loaded."""
-    ckpt_path = checkpoints.find_resume_file(path, '--resume_from')
+    ckpt_path = runs.find_resume_file(path, '--resume_from')
     clip_weights.refuse_foreign_resume(ckpt_path)
-    ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get('format') != clip_eval.CLIP_CHECKPOINT_FORMAT or 'optimizer' not in ckpt:
+    checkpoint = ckpt.load_checkpoint(ckpt_path)
+    if checkpoint['format'] != ckpt.CLIP_FORMAT or checkpoint['optimizer'] is None:
         raise SystemExit(f'--resume_from {ckpt_path}: not a train_clip.py last.pkl with training state '
                          '(resume from the run folder or its last.pkl)')
-    return ckpt_path, ckpt
+    if checkpoint['round_complete'] is None:   # a file from before round_complete: derive it
+        config, bad = checkpoint['config'], checkpoint['early_stopping']['bad_epochs']
+        patience = config.get('early_stopping_patience')
+        checkpoint['round_complete'] = bool(checkpoint['epoch'] >= config['epochs'] or (patience and bad >= patience))
+    return ckpt_path, checkpoint
 
 
 def load_data(args, log, model):
@@ -676,75 +654,81 @@ def main(argv=None):
     ignored = []
     if args.resume_from:
         resume_path, resume = resolve_resume(args.resume_from)
-        ignored = checkpoints.resume_args(args, parser, dict(resume['config']), MACHINE_FLAGS, 'resume_from')
+        ignored = runs.resume_args(args, parser, dict(resume['config']), MACHINE_FLAGS, 'resume_from')
         args.resume_from = resume_path
     warnings = []
     args = check_args(args, warnings.append)
 
-    device_name = args.device if args.device != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
-    device = data_loader.canonical_device(device_name)   # 'cuda' -> cuda:0, so device checks compare equal
+    rank, world, device = setup_distributed(args.device)   # torchrun: one process per device
     amp = set_precision(args.precision, device)   # bf16 autocast needs no GradScaler (that is fp16's)
     if args.cache_dir in ('none', ''):
         args.cache_dir = None
 
     if resume is not None:
-        run_dir = checkpoints.resumed_run_dir(resume_path, args.train_test_num)
-        run_name = os.path.basename(run_dir)
+        run_dir, run_name = runs.resumed_run(resume_path, args.train_test_num)
     else:
         label = 'demo' if args.data_csv_path == 'demo' else (
             os.path.basename(os.path.dirname(os.path.abspath(args.data_csv_path))) or 'data')
         run_name = f'{label}-clip_{datetime.datetime.now():%Y%m%d_%H%M%S}'
-        run_dir, run_name = checkpoints.make_run_dir(args.output_dir, run_name)
-    os.makedirs(args.log_dir, exist_ok=True)
-    log_file = open(os.path.join(args.log_dir, f'{run_name}.log'), 'a', encoding='utf-8')
-    console = (sys.stdout, sys.stderr)
-    sys.stdout, sys.stderr = Tee(console[0], log_file), Tee(console[1], log_file)
+        run_dir = None   # created by open_run once the data check passed
+    console = runtime.capture_console() if rank == 0 else None
 
-    def log(message):
-        print(message, flush=True)
-
+    log = runtime.rank_log(rank)
     try:
-        for message in warnings:
-            log(f'WARNING: {message}')
-        if ignored:
-            log('note: resuming uses the run\'s stored configuration; ignored: ' + ', '.join(f'--{k}' for k in ignored))
+        runtime.log_warnings(log, warnings, ignored)
         config = dict(vars(args))
-        config.update(run_name=run_name, system='clip', code_version=checkpoints.code_version(),
-                      command='python train_clip.py ' + ' '.join(argv), **clip_data.split_paths(args))
+        config.update(run_name=run_name, system='clip', code_version=runs.code_version(),
+                      command='python train_clip.py ' + ' '.join(argv), world_size=world,
+                      **clip_data.split_paths(args))
         if resume is not None:
             config.update({k: resume['config'][k] for k in ('code_version', 'command', *clip_data.SPLIT_PATH_KEYS)
                            if k in resume['config']})
-        checkpoints.atomic_write_json(os.path.join(run_dir, 'config.json'), config)
         log('=' * 72)
         log(f'Run {run_name}  ({"resumed" if resume else "new"}, device {device}, precision {"bf16 autocast" if amp else "fp32"})')
         for key in sorted(vars(args)):
             log(f'  {key:<26} {getattr(args, key)}')
         log('=' * 72)
         # The model first: a missing pretrained model must stop the run before minutes of image decoding.
-        first_round = resume['round'] if resume is not None else 1
+        state = {'run_name': run_name, 'rows': [], 'rounds': [], 'start_time': time.time(), 'seconds_before': 0.0,
+                 'rank': rank, 'world': world}
+        first_round = 1
+        if resume is not None:
+            first_round = runs.resume_rounds(resume, state, log)
+            state['rows'] = runs.read_metrics(run_dir, (resume['round'], resume['epoch']))
+            restore_log_values(run_dir, args.log_csv, state['rows'])
         seed_everything(args.seed + first_round - 1)
         first_model = build_model(args, log)
         if args.init_from:   # the weights may have set model flags: config.json describes what trains
             config.update(vars(args))
-            checkpoints.atomic_write_json(os.path.join(run_dir, 'config.json'), config)
         data = load_data(args, log, first_model)
-        state = {'run_name': run_name, 'rows': [], 'rounds': [], 'start_time': time.time(), 'seconds_before': 0.0,
-                 'scale_q': data['scale_q'], 'scale_c': data['scale_c']}
-        if resume is not None:
-            state.update(rows=list(resume['rows']), rounds=list(resume['rounds']), resume_checkpoint=resume,
-                         seconds_before=float(resume.get('train_seconds') or 0.0))
-        ctx = {'log': log, 'device': device, 'amp': amp, 'run_dir': run_dir, 'config': config, 'data': data,
+        state.update(scale_q=data['scale_q'], scale_c=data['scale_c'])
+        ctx = {'log': log, 'device': device, 'amp': amp, 'run_dir': None, 'config': config, 'data': data,
                'model': first_model}
-        best, status = None, 'finished'
+
+        def open_run():
+            if ctx['run_dir'] is None:
+                ctx['run_dir'], name = runtime.open_run(args.output_dir, args.log_dir, run_name, run_dir, rank, world)
+                config['run_name'] = state['run_name'] = name
+                if rank == 0:
+                    runs.write_config(ctx['run_dir'], config)
+        ctx['open_run'] = open_run
+        # the run's status is its last round's: a resumed, already ended last round keeps its own
+        status = 'stopped_early' if resume is not None and resume['epoch'] < args.epochs else 'finished'
+        best = None
         for round_idx in range(first_round, args.train_test_num + 1):
             best, status = run_round(round_idx, args, state, ctx)
             if status == 'diverged':
                 break
             state['rounds'].append(best)
+        open_run()   # a resumed run whose rounds had all ended ran none
+        run_dir = ctx['run_dir']
+        if rank != 0:   # the files and the result line are rank 0's
+            return 3 if status == 'diverged' else 0
         write_logs(run_dir, args, state['rows'])
         if status == 'diverged':
             write_summary(run_dir, args, state, best, 'val', 'diverged')
             return 3
+        best = best or state['rounds'][-1]
         write_summary(run_dir, args, state, best, best['select_split'], status)
         finished = [r for r in state['rounds'] if r]
         res = {m: float(np.median([r[f'test_{m}'] for r in finished])) for m in ('srcc_q', 'plcc_q', 'srcc_c', 'plcc_c')}
@@ -758,15 +742,10 @@ def main(argv=None):
         log('Best test SRCC_Q %.4f PLCC_Q %.4f SRCC_C %.4f PLCC_C %.4f (%s)%s' % (
             res['srcc_q'], res['plcc_q'], res['srcc_c'], res['plcc_c'], how, ci))
         return 0
-    except data_loader.DataError as err:
-        log(f'DATA ERROR: {err}')
-        raise SystemExit(2)
-    except models_clip.PretrainedWeightsError as err:
-        log(f'ERROR: {err}')
-        raise SystemExit(2)
+    except (data_loader.DataError, models_clip.PretrainedWeightsError) as err:
+        runtime.stop_run(err, log)
     finally:
-        sys.stdout, sys.stderr = console
-        log_file.close()
+        runtime.end_run(console, world)
 
 
 if __name__ == '__main__':

@@ -11,8 +11,6 @@ checkpoints/<dataset>-swin[-ranking-alphaA]_<time>/ (config.json, metrics.csv,
 summary.json, best_model_srcc_X_plcc_Y.pkl, last.pkl) and logs/<run>.log.
 """
 import argparse
-import contextlib
-import csv
 import datetime
 import json
 import math
@@ -23,23 +21,21 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from tqdm import tqdm
 
-import checkpoints
 import data_loader
 import models_swin
+from iqa import ckpt, runs, runtime
 from iqa import metrics as iqa_metrics
 from iqa.data import placement
 from iqa.evaluation import predict_scores
-from run_setup import (SuggestingParser, Tee, gather_to_all, make_optimizer, seed_everything, set_precision,
-                       setup_distributed)
+from iqa.engine import (CHECK_EVERY, TRAIN_DEFAULTS, check_losses, measure_step_bytes,  # noqa: F401 (tests)
+                        train_one_epoch)
+from iqa.losses import LOSS_TYPES, margin_ranking_loss, quality_loss, rank_loss, total_loss  # noqa: F401 (tests)
+from iqa.runtime import SuggestingParser, make_optimizer, seed_everything, set_precision, setup_distributed
+from iqa.schedule import learning_rates
 
 SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
-METRIC_COLUMNS = ['round', 'epoch', 'lr_backbone', 'lr_head', 'train_loss', 'train_srcc',
-                  'val_srcc', 'val_plcc', 'val_krcc', 'test_srcc', 'test_plcc', 'test_krcc',
-                  'spaq_srcc', 'spaq_plcc', 'epoch_seconds', 'train_patches_per_s', 'is_best']
-LOSS_TYPES = ('l1', 'l2', 'srcc', 'rank', 'pairwise', 'hinge', 'fidelity')
+METRIC_COLUMNS = runs.swin_metric_columns()   # with the default --cross_test spaq
 # Flags that describe the machine, not the experiment: a resumed run may change them.
 MACHINE_FLAGS = ('device', 'num_workers', 'cache_dir', 'data_root', 'no_amp', 'precision', 'compile',
                  'eval_batch_size', 'images_on')
@@ -70,11 +66,14 @@ def build_parser():
                    help='decoded-image cache ("none" disables it)')
     g.add_argument('--skip_bad_images', action='store_true',
                    help='skip unreadable/missing/too-small images with a warning instead of stopping')
+    g.add_argument('--cross_test', nargs='+', default=['spaq'], metavar='NAME',
+                   help='data sets scored after each epoch, each when its folder (e.g. spaq-test/) exists; '
+                        'metrics.csv gets NAME_srcc and NAME_plcc for each')
     g.add_argument('--no_spaq', action='store_true',
-                   help='skip the SPAQ cross-test after each epoch (on when spaq-test/ exists)')
+                   help='do not score spaq after each epoch (its metrics.csv columns stay, empty)')
 
     g = p.add_argument_group('Model')
-    g.add_argument('--model_size', default='base', choices=models_swin.MODEL_SIZES,
+    g.add_argument('--model_size', default=TRAIN_DEFAULTS['model_size'], choices=models_swin.MODEL_SIZES,
                    help='Swin size (nano = tiny random model for CPU tests/demo; resnet50 = original HyperIQA)')
     g.add_argument('--attention_fusion', action='store_true',
                    help='weight the four multi-scale stages with a learned attention net')
@@ -88,39 +87,50 @@ def build_parser():
                    help='ImageNet weights from a local file instead of the hub (offline clusters)')
 
     g = p.add_argument_group('Training')
-    g.add_argument('--epochs', type=int, default=10, metavar='N', help='epochs per round')
-    g.add_argument('--batch_size', type=int, default=32, metavar='N', help='training patches per step (per process)')
-    g.add_argument('--eval_batch_size', type=int, default=64, metavar='N', help='patches per evaluation forward')
-    g.add_argument('--train_patch_num', type=int, default=20, metavar='N', help='random crops per training image per epoch')
-    g.add_argument('--test_patch_num', type=int, default=20, metavar='N', help='crops per evaluated image (scores averaged)')
-    g.add_argument('--patch_size', type=int, default=224, metavar='PX', help='crop size')
+    g.add_argument('--epochs', type=int, default=TRAIN_DEFAULTS['epochs'], metavar='N', help='epochs per round')
+    g.add_argument('--batch_size', type=int, default=TRAIN_DEFAULTS['batch_size'], metavar='N',
+                   help='training patches per step (per process)')
+    g.add_argument('--eval_batch_size', type=int, default=TRAIN_DEFAULTS['eval_batch_size'], metavar='N',
+                   help='patches per evaluation forward')
+    g.add_argument('--train_patch_num', type=int, default=20, metavar='N',
+                   help='random crops per training image per epoch')
+    g.add_argument('--test_patch_num', type=int, default=20, metavar='N',
+                   help='crops per evaluated image (scores averaged)')
+    g.add_argument('--patch_size', type=int, default=TRAIN_DEFAULTS['patch_size'], metavar='PX', help='crop size')
     g.add_argument('--train_test_num', type=int, default=1, metavar='N',
                    help='rounds (new random split each round where there is no official split); the median is reported')
     g.add_argument('--no_color_jitter', action='store_true',
                    help='turn off ColorJitter(0.1, 0.1, 0.1, 0.05) on training crops')
-    g.add_argument('--grad_accum_steps', type=int, default=1, metavar='N', help='batches per optimizer step')
-    g.add_argument('--max_grad_norm', type=float, default=1.0, metavar='X', help='gradient clipping (0 = off)')
+    g.add_argument('--grad_accum_steps', type=int, default=TRAIN_DEFAULTS['grad_accum_steps'], metavar='N',
+                   help='batches per optimizer step')
+    g.add_argument('--max_grad_norm', type=float, default=TRAIN_DEFAULTS['max_grad_norm'], metavar='X',
+                   help='gradient clipping (0 = off)')
 
     g = p.add_argument_group('Optimizer and learning-rate schedule')
-    g.add_argument('--lr', type=float, default=5e-6, metavar='LR', help='backbone learning rate (AdamW)')
-    g.add_argument('--lr_ratio', type=float, default=10, metavar='R', help='head learning rate = lr x R')
-    g.add_argument('--weight_decay', type=float, default=2e-4, metavar='WD', help='AdamW weight decay')
-    g.add_argument('--lr_scheduler', default='cosine', choices=('cosine', 'step', 'none'),
+    g.add_argument('--lr', type=float, default=TRAIN_DEFAULTS['lr'], metavar='LR',
+                   help='backbone learning rate (AdamW)')
+    g.add_argument('--lr_ratio', type=float, default=TRAIN_DEFAULTS['lr_ratio'], metavar='R',
+                   help='head learning rate = lr x R')
+    g.add_argument('--weight_decay', type=float, default=TRAIN_DEFAULTS['weight_decay'], metavar='WD',
+                   help='AdamW weight decay')
+    g.add_argument('--lr_scheduler', default=TRAIN_DEFAULTS['lr_scheduler'], choices=('cosine', 'step', 'none'),
                    help='cosine: per-epoch decay of each group to min_lr_ratio x its start; '
                         'step: head lr / 10 every 6 epochs (original HyperIQA); none: constant')
     g.add_argument('--no_lr_scheduler', action='store_true', help='same as --lr_scheduler none')
-    g.add_argument('--min_lr_ratio', type=float, default=0.01, metavar='R',
+    g.add_argument('--min_lr_ratio', type=float, default=TRAIN_DEFAULTS['min_lr_ratio'], metavar='R',
                    help='cosine floor as a fraction of each group\'s starting lr')
-    g.add_argument('--warmup_epochs', type=int, default=0, metavar='N', help='linear warm-up epochs')
+    g.add_argument('--warmup_epochs', type=int, default=TRAIN_DEFAULTS['warmup_epochs'], metavar='N',
+                   help='linear warm-up epochs')
 
     g = p.add_argument_group('Loss')
-    g.add_argument('--loss_type', default='l1', choices=LOSS_TYPES,
+    g.add_argument('--loss_type', default=TRAIN_DEFAULTS['loss_type'], choices=LOSS_TYPES,
                    help='l1/l2 on MOS; srcc = 1 - batch Pearson correlation; rank and pairwise = the user\'s '
                         'pairwise rank and fidelity losses; hinge = margin ranking loss; fidelity = Thurstone '
                         'fidelity loss (formulas: README, Losses)')
-    g.add_argument('--ranking_loss_alpha', type=float, default=0.0, metavar='A',
+    g.add_argument('--ranking_loss_alpha', type=float, default=TRAIN_DEFAULTS['ranking_loss_alpha'], metavar='A',
                    help='weight of the margin ranking loss added to the main loss (0 = off)')
-    g.add_argument('--ranking_loss_margin', type=float, default=0.1, metavar='M', help='margin of the ranking losses')
+    g.add_argument('--ranking_loss_margin', type=float, default=TRAIN_DEFAULTS['ranking_loss_margin'], metavar='M',
+                   help='margin of the ranking losses')
 
     g = p.add_argument_group('Evaluation, selection and early stopping')
     g.add_argument('--test_crop', default='fixed', choices=data_loader.EVAL_CROPS,
@@ -218,148 +228,15 @@ def check_args(args, warn):
         errors.append('--patience must be at least 1 (use --no_early_stopping to turn it off)')
     if args.no_pretrained and args.pretrained_path:
         errors.append('--no_pretrained and --pretrained_path contradict each other')
+    for name in args.cross_test:
+        if name not in data_loader.DEFAULT_ROOTS:
+            errors.append(f'--cross_test {name}: not a data set name ({", ".join(data_loader.DEFAULT_ROOTS)})')
     if args.pretrained_path and not os.path.isfile(args.pretrained_path):
         errors.append(f'--pretrained_path {args.pretrained_path}: no such file')
     if errors:
         raise SystemExit('train_swin.py: error: ' + '\n  '.join([''] + errors).lstrip('\n') +
                          '\nNothing was run.')
     return args
-
-
-# --------------------------------------------------------------------------- losses
-
-def quality_loss(pred, mos, loss_type, margin=0.1):
-    """The main training loss between (B,) predictions and (B,) MOS.
-
-    `rank` and `pairwise` are the user's formulas (same name, same meaning, so old ablations
-    re-run here compute what they computed); `hinge` and `fidelity` are this project's variants.
-    """
-    if loss_type == 'l1':
-        return F.l1_loss(pred, mos)
-    if loss_type == 'l2':
-        return F.mse_loss(pred, mos)
-    if loss_type == 'srcc':
-        return 1.0 - batch_correlation(pred, mos)
-    if loss_type == 'rank':
-        return rank_loss(pred, mos)
-    if loss_type == 'pairwise':
-        return pairwise_fidelity_loss(pred, mos)
-    if loss_type == 'hinge':
-        return margin_ranking_loss(pred, mos, margin)
-    if loss_type == 'fidelity':
-        return fidelity_loss(pred, mos)
-    raise ValueError(f'unknown loss_type {loss_type!r}')
-
-
-def batch_correlation(pred, mos, eps=1e-8):
-    """Pearson correlation over the batch: a differentiable stand-in for SRCC."""
-    p = pred - pred.mean()
-    m = mos - mos.mean()
-    return (p * m).sum() / (p.norm() * m.norm() + eps)
-
-
-def _pair_differences(pred, mos):
-    """(dp, dy) of the ordered pairs i != j whose targets differ (|y_i - y_j| > 1e-6).
-
-    The user's pairwise losses average over exactly these pairs; a pair and its mirror give the
-    same term in both losses below, so ordered or unordered pairs give the same mean.
-    """
-    dp = pred[:, None] - pred[None, :]
-    dy = mos[:, None] - mos[None, :]
-    mask = dy.abs() > 1e-6  # also drops the diagonal
-    return dp[mask], dy[mask]
-
-
-def rank_loss(pred, mos):
-    """The user's `--loss_type rank`: mean of max(0, |dp| - e * dy) over pairs with different MOS.
-
-    dp = p_i - p_j, dy = y_i - y_j, e = sign(dp) (1 where dp = 0). A pair ordered like its MOS
-    costs max(0, |dp| - |dy|): the predicted gap may not exceed the MOS gap; a pair ordered
-    against it costs |dp| + |dy|. Unlike a margin hinge it is in MOS units. 0 when all MOS are equal.
-    """
-    dp, dy = _pair_differences(pred, mos)
-    if dp.numel() == 0:
-        return pred.sum() * 0.0
-    e = torch.where(dp >= 0, 1.0, -1.0).to(dp.dtype)
-    return F.relu(dp.abs() - e * dy).mean()
-
-
-def pairwise_fidelity_loss(pred, mos, sigma=0.1, eps=1e-8):
-    """The user's `--loss_type pairwise`: fidelity loss with logistic pair probabilities.
-
-    p_gt = sigmoid(dy), p_pred = sigmoid(1.702 dp / (sqrt(2) sigma)) (1.702 x makes the logistic
-    a close approximation of the normal CDF, i.e. Thurstone with per-image std sigma = 0.1);
-    loss = 1 - sqrt(p_gt p_pred + eps) - sqrt((1 - p_gt)(1 - p_pred) + eps), averaged over
-    the pairs of `_pair_differences`. 0 pairs (all MOS equal) give 0.
-    """
-    dp, dy = _pair_differences(pred, mos)
-    if dp.numel() == 0:
-        return pred.sum() * 0.0
-    p_gt = torch.sigmoid(dy)
-    p_pred = torch.sigmoid(1.702 * dp / (math.sqrt(2) * sigma))
-    loss = 1 - torch.sqrt(p_gt * p_pred + eps) - torch.sqrt((1 - p_gt) * (1 - p_pred) + eps)
-    return loss.mean()
-
-
-def margin_ranking_loss(pred, mos, margin=0.1):
-    """Mean hinge max(0, margin - (p_i - p_j) * sign(y_i - y_j)) over pairs with y_i != y_j.
-
-    The user's ranking loss added by `--ranking_loss_alpha` (their solver's
-    pairwise_ranking_loss), and `--loss_type hinge` on its own: it penalises every pair the
-    model orders against the MOS (or separates by less than `margin`). 0 when all MOS are equal.
-    """
-    sign = torch.sign(mos[:, None] - mos[None, :])
-    hinge = F.relu(margin - (pred[:, None] - pred[None, :]) * sign)
-    mask = sign != 0
-    if not mask.any():
-        return pred.sum() * 0.0
-    return hinge[mask].mean()
-
-
-def fidelity_loss(pred, mos, eps=1e-12):
-    """`--loss_type fidelity`: pairwise fidelity loss of Tsai et al. 2007 (UNIQUE/LIQE for IQA).
-
-    This project's variant, not the user's `pairwise`: P(i better than j) = Phi((p_i - p_j) /
-    sqrt(2)) under a Thurstone model with unit variance; the target is 1, 0.5 or 0 from the
-    MOS order. Averaged over pairs i < j.
-    """
-    i, j = torch.triu_indices(len(pred), len(pred), offset=1, device=pred.device)
-    prob = 0.5 * (1 + torch.erf((pred[i] - pred[j]) / 2))  # Phi(d / sqrt 2) = (1 + erf(d / 2)) / 2
-    target = (torch.sign(mos[i] - mos[j]) + 1) / 2
-    loss = 1 - torch.sqrt(target * prob + eps) - torch.sqrt((1 - target) * (1 - prob) + eps)
-    return loss.mean()
-
-
-def total_loss(pred, mos, args):
-    loss = quality_loss(pred, mos, args.loss_type, args.ranking_loss_margin)
-    if args.ranking_loss_alpha > 0:
-        loss = loss + args.ranking_loss_alpha * margin_ranking_loss(pred, mos, args.ranking_loss_margin)
-    return loss
-
-
-# --------------------------------------------------------------------------- schedule
-
-def learning_rates(epoch, args):
-    """(backbone lr, head lr) for a 0-based epoch.
-
-    Cosine decays each group to `min_lr_ratio` x its own start. The user's code
-    used CosineAnnealingLR(eta_min=1e-6) for both groups, which *raises* the
-    learning rate during training whenever it starts below 1e-6 (their best runs
-    used lr=5e-7); a floor proportional to each group's lr cannot do that.
-    """
-    base_backbone, base_head = args.lr, args.lr * args.lr_ratio
-    if epoch < args.warmup_epochs:
-        f = (epoch + 1) / (args.warmup_epochs + 1)
-        return base_backbone * f, base_head * f
-    if args.lr_scheduler == 'cosine':
-        span = max(args.epochs - args.warmup_epochs, 1)
-        progress = (epoch - args.warmup_epochs) / span
-        f = args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-        return base_backbone * f, base_head * f
-    if args.lr_scheduler == 'step':
-        # Original HyperIQA: the backbone keeps its lr, the hyper-network's drops 10x every 6 epochs.
-        return base_backbone, base_head / 10 ** (epoch // 6)
-    return base_backbone, base_head
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -384,110 +261,6 @@ def evaluate_split(model, images_u8, mos, direction, args, device, amp, rank, wo
 
 
 # --------------------------------------------------------------------------- training
-
-# Reading a value back from the GPU (loss.item(), .cpu()) waits for all queued work, which
-# stops the data for the next batch from being prepared while the GPU computes. So losses and
-# predictions stay on the device and are read every CHECK_EVERY steps (progress bar, NaN check).
-CHECK_EVERY = 25
-
-
-def check_losses(losses, first_step, epoch, world=1):
-    """Raise FloatingPointError at the first non-finite loss of `losses` (device tensors).
-
-    With several processes all of them decide together: the first bad step is all-reduced,
-    so every rank raises at the same check. A rank that stopped alone left the others waiting
-    in the next collective until torchrun tore the job down, with no summary written.
-    """
-    if not losses:   # an epoch of a multiple of CHECK_EVERY steps was checked in full already
-        return
-    values = torch.stack(losses)
-    bad = ~torch.isfinite(values)
-    n = len(losses)
-    first_bad = torch.where(bad.any(), bad.int().argmax(), n).reshape(1)   # stays on the device
-    if world > 1:
-        dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
-    i = int(first_bad.item())
-    if i < n:
-        value = values[i].item()
-        where = f'at epoch {epoch + 1}, step {first_step + i + 1}'
-        if math.isfinite(value):
-            raise FloatingPointError(f'loss is not finite on another process {where}')
-        raise FloatingPointError(f'loss is {value} {where}')
-
-
-def train_one_epoch(model, optimizer, sampler, epoch, args, device, amp, rank, world, progress_desc):
-    """One pass over every (image, patch) pair. Returns (mean loss, train SRCC, patches/s, seconds)."""
-    model.train()
-    losses, preds, targets = [], [], []
-    checked = 0
-    n_patches = 0
-    start = time.perf_counter()
-    bar = tqdm(total=len(sampler), desc=progress_desc, unit='batch', file=sys.__stderr__,
-               disable=rank != 0, mininterval=1.0, leave=False)
-    optimizer.zero_grad(set_to_none=True)
-    for step, (patches, mos, _) in enumerate(sampler.batches(epoch)):
-        last_of_group = (step + 1) % args.grad_accum_steps == 0 or step + 1 == len(sampler)
-        sync = contextlib.nullcontext() if last_of_group or world == 1 else model.no_sync()
-        with sync:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                pred = model(patches).float()
-            loss = total_loss(pred, mos, args)
-            (loss / args.grad_accum_steps).backward()
-        if last_of_group:
-            if args.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
-        preds.append(pred.detach())
-        targets.append(mos)
-        n_patches += patches.shape[0]
-        bar.update(1)
-        if (step + 1) % CHECK_EVERY == 0:
-            check_losses(losses[checked:], checked, epoch, world)
-            checked = len(losses)
-            elapsed = time.perf_counter() - start
-            bar.set_postfix(loss=f'{torch.stack(losses).mean().item():.4f}',
-                            patches_s=f'{n_patches * world / max(elapsed, 1e-9):.0f}', refresh=False)
-    bar.close()
-    check_losses(losses[checked:], checked, epoch, world)
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    pred_all = gather_to_all(torch.cat(preds).cpu().numpy(), world)
-    mos_all = gather_to_all(torch.cat(targets).cpu().numpy(), world)
-    loss_all = gather_to_all(torch.stack(losses).cpu().numpy(), world)
-    return float(np.mean(loss_all)), iqa_metrics.srcc(pred_all, mos_all), n_patches * world / seconds, seconds
-
-
-def measure_step_bytes(model, args, device, amp):
-    """GPU memory one training step needs beyond what is allocated now: the peak of a forward +
-    backward on a random batch of --batch_size, minus the current allocation, plus AdamW's two
-    fp32 state tensors per parameter (created at the first optimizer step). 0 off CUDA.
-
-    The probe leaves no trace: RNG states and buffers (BatchNorm statistics) are restored and
-    the gradients dropped, so a run is the same with or without it.
-    """
-    if device.type != 'cuda':
-        return 0
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
-    torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    with torch.random.fork_rng(devices=[device]):
-        x = torch.randn(args.batch_size, 3, args.patch_size, args.patch_size, device=device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            pred = model(x).float()
-        total_loss(pred, torch.rand(args.batch_size, device=device), args).backward()
-        torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device)
-    model.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        for name, b in model.named_buffers():
-            b.copy_(buffers[name])
-    adam_state = 2 * sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
-    return int(peak - before + adam_state)
-
 
 def plan_and_place(image_sets, args, device, amp, world, raw_model, log):
     """Measure a training step and an evaluation batch, plan where each image set lives and move
@@ -540,27 +313,34 @@ def decode_once(load, args, rank, world, wait_group):
         dist.barrier(group=wait_group)
 
 
-def load_spaq(args, log, rank=0, world=1, wait_group=None):
-    """The SPAQ cross-test set, when spaq-test/ exists and --no_spaq is not given."""
-    if args.no_spaq or args.dataset in ('spaq',):
+def load_cross_test(name, args, log, rank=0, world=1, wait_group=None):
+    """(images, mos, direction) of one --cross_test set when its folder exists, else None."""
+    if name == args.dataset or (name == 'spaq' and args.no_spaq):
         return None
-    root = os.path.join(SCRIPT_DIR, data_loader.DEFAULT_ROOTS['spaq'])
+    root = os.path.join(SCRIPT_DIR, data_loader.DEFAULT_ROOTS[name])
     if not os.path.isdir(root):
         return None
+    label = name.upper()
     try:
-        spaq = data_loader.load_dataset('spaq', root)
+        dataset = data_loader.load_dataset(name, root)
         images, kept = decode_once(
             lambda workers: data_loader.load_images(
-                spaq.paths, resize_hw=tuple(args.resize), cache_dir=args.cache_dir, num_workers=workers,
+                dataset.paths, resize_hw=tuple(args.resize), cache_dir=args.cache_dir, num_workers=workers,
                 skip_bad=True, min_hw=(args.patch_size, args.patch_size), progress=rank == 0),
             args, rank, world, wait_group)
     except data_loader.DataError as err:
         # A broken side test must not cost the training run; say so loudly instead.
-        log(f'WARNING: SPAQ cross-test skipped, {root} is not readable: {err}')
+        log(f'WARNING: {label} cross-test skipped, {root} is not readable: {err}')
         return None
-    log(f'SPAQ cross-test: {len(kept)} images from {root} (turn off with --no_spaq)')
+    log(f'{label} cross-test: {len(kept)} images from {root} (turn off with '
+        + ('--no_spaq)' if name == 'spaq' else 'a --cross_test without it)'))
     # kept in host memory here: the memory plan of the first round decides where it lives
-    return images, spaq.mos[kept], (1 if spaq.higher_is_better else -1)
+    return images, dataset.mos[kept], (1 if dataset.higher_is_better else -1)
+
+
+def load_spaq(args, log, rank=0, world=1, wait_group=None):
+    """The SPAQ cross-test set, when spaq-test/ exists and --no_spaq is not given."""
+    return load_cross_test('spaq', args, log, rank, world, wait_group)
 
 
 def run_round(round_idx, args, state, ctx):
@@ -592,10 +372,11 @@ def run_round(round_idx, args, state, ctx):
         f'{dataset.split_source}; train {len(splits["train"])}, val {len(splits.get("val", []))}, '
         f'test {len(splits["test"])} images; target {dataset.score_name}')
     log(f'Evaluation: {describe_test_crop(args.test_crop, args.test_patch_num)}')
+    ctx['open_run']()   # the data check passed: now the run gets its folder and log
     # Stored so that cross-dataset tests know which way this model's scores point.
     ctx['config']['higher_is_better'] = bool(dataset.higher_is_better)
     if rank == 0:
-        checkpoints.atomic_write_json(os.path.join(ctx['run_dir'], 'config.json'), ctx['config'])
+        runs.write_config(ctx['run_dir'], ctx['config'])
 
     seed_everything(round_seed)
     model = models_swin.build_model(args.model_size, use_multiscale=not args.no_multiscale,
@@ -611,11 +392,11 @@ def run_round(round_idx, args, state, ctx):
     image_sets = {name: data_loader.ImageRows(images, splits[name])
                   for name in ('train', 'val', 'test') if name == 'train' or len(splits.get(name, []))}
     del images
-    if ctx['spaq']:
-        image_sets['spaq'] = ctx['spaq'][0]
+    for name, (cross_images, _, _) in ctx['cross'].items():
+        image_sets[name] = cross_images
     image_sets = plan_and_place(image_sets, args, device, amp, world, raw_model, log)
-    if ctx['spaq']:
-        ctx['spaq'] = (image_sets.pop('spaq'),) + tuple(ctx['spaq'][1:])
+    for name, (_, cross_mos, cross_dir) in ctx['cross'].items():
+        ctx['cross'][name] = (image_sets.pop(name), cross_mos, cross_dir)
     optimizer = make_optimizer(groups, args, device)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -638,21 +419,16 @@ def run_round(round_idx, args, state, ctx):
     bad_epochs = 0
     resume = state.pop('resume_checkpoint', None)
     if resume is not None and resume['round'] == round_idx:
-        raw_model.load_state_dict(resume['state_dict'])
-        optimizer.load_state_dict(resume['optimizer'])
-        first_epoch = resume['epoch']
-        best = resume['best']
-        bad_epochs = resume['early_stopping']['bad_epochs']
-        checkpoints.restore_rng_state(resume['rng_state'])
+        first_epoch, best, bad_epochs = ckpt.restore_training_state(resume, raw_model, optimizer)
         log(f'Resumed round {round_idx} after epoch {first_epoch} (best so far: '
             f'{json.dumps(best) if best else "none"})')
 
     run_dir = ctx['run_dir']
     ckpt_dir = run_dir if args.train_test_num == 1 else os.path.join(run_dir, f'round{round_idx}')
-    saver = checkpoints.CheckpointSaver(ckpt_dir, keep=args.keep_checkpoints) if rank == 0 else None
+    saver = ckpt.CheckpointSaver(ckpt_dir, keep=args.keep_checkpoints) if rank == 0 else None
 
     header = 'Epoch\tTrain_Loss\tTrain_SRCC\t' + ('Val_SRCC\t' if 'val' in eval_sets else '') + \
-             'Test_SRCC\tTest_PLCC' + ('\tSPAQ_SRCC\tSPAQ_PLCC' if ctx['spaq'] else '')
+             'Test_SRCC\tTest_PLCC' + ''.join(f'\t{n.upper()}_SRCC\t{n.upper()}_PLCC' for n in ctx['cross'])
     log(header)
     status = 'finished'
     for epoch in range(first_epoch, args.epochs):
@@ -661,14 +437,15 @@ def run_round(round_idx, args, state, ctx):
         try:
             train_loss, train_srcc, patches_per_s, seconds = train_one_epoch(
                 model, optimizer, sampler, epoch, args, device, amp, rank, world,
-                f'Round {round_idx} epoch {epoch + 1}/{args.epochs}')
+                f'Round {round_idx} epoch {epoch + 1}/{args.epochs}', total_loss)
         except FloatingPointError as err:
             log(f'STOPPED: {err}. The model diverged (try a lower --lr or --max_grad_norm); the last good '
                 f'checkpoints in {run_dir} are intact.')
             state['status'] = 'diverged'
             return best, 'diverged'
-        row = {'round': round_idx, 'epoch': epoch + 1, 'lr_backbone': f'{lr_backbone:.3e}',
-               'lr_head': f'{lr_head:.3e}', 'train_loss': fmt(train_loss), 'train_srcc': fmt(train_srcc)}
+        row = runs.new_row(runs.swin_metric_columns(args.cross_test))
+        row.update({'round': round_idx, 'epoch': epoch + 1, 'lr_backbone': f'{lr_backbone:.3e}',
+                    'lr_head': f'{lr_head:.3e}', 'train_loss': fmt(train_loss), 'train_srcc': fmt(train_srcc)})
         eval_seed = round_seed * 1000 + epoch if args.test_crop == 'random' else round_seed
         results = {}
         for name, (imgs, split_mos) in eval_sets.items():
@@ -676,14 +453,12 @@ def run_round(round_idx, args, state, ctx):
                                               eval_seed, f'{name} eval')
             for metric in ('srcc', 'plcc', 'krcc'):
                 row[f'{name}_{metric}'] = fmt(results[name][metric])
-        if ctx['spaq']:
-            spaq_images, spaq_mos, spaq_dir = ctx['spaq']
-            direction = spaq_dir * (1 if dataset.higher_is_better else -1)
-            results['spaq'], _ = evaluate_split(model, spaq_images, spaq_mos, direction, args, device, amp,
-                                                rank, world, eval_seed, 'SPAQ eval')
-            row['spaq_srcc'], row['spaq_plcc'] = fmt(results['spaq']['srcc']), fmt(results['spaq']['plcc'])
+        for name, (cross_images, cross_mos, cross_dir) in ctx['cross'].items():
+            direction = cross_dir * (1 if dataset.higher_is_better else -1)
+            results[name], _ = evaluate_split(model, cross_images, cross_mos, direction, args, device, amp,
+                                              rank, world, eval_seed, f'{name.upper()} eval')
+            row[f'{name}_srcc'], row[f'{name}_plcc'] = fmt(results[name]['srcc']), fmt(results[name]['plcc'])
         row['epoch_seconds'] = f'{seconds:.1f}'
-        row['test_crop'] = args.test_crop  # in the checkpoint's metrics; metrics.csv stays numbers only
         row['train_patches_per_s'] = f'{patches_per_s:.1f}'
 
         score = results[select_on]['srcc']
@@ -708,28 +483,20 @@ def run_round(round_idx, args, state, ctx):
             epoch + 1, train_loss, train_srcc,
             f'{results["val"]["srcc"]:.4f}\t\t' if 'val' in results else '', results['test']['srcc'],
             results['test']['plcc'],
-            f'\t{results["spaq"]["srcc"]:.4f}\t\t{results["spaq"]["plcc"]:.4f}' if 'spaq' in results else '')
+            ''.join(f'\t{results[n]["srcc"]:.4f}\t\t{results[n]["plcc"]:.4f}' for n in ctx['cross']))
             + f'\t({seconds:.0f} s, {patches_per_s:.0f} patches/s, lr {lr_backbone:.2e}/{lr_head:.2e})'
             + ('  * best' if improved else ''))
 
         stop_now = not args.no_early_stopping and bad_epochs >= args.patience
         if rank == 0:
-            checkpoint = {'format': 'swin-iqa-checkpoint/1', 'state_dict': raw_model.state_dict(),
-                          'config': ctx['config'], 'epoch': epoch + 1, 'round': round_idx, 'metrics': row,
+            # the evaluation protocol goes in the checkpoint's metrics; metrics.csv stays numbers only
+            checkpoint = {'state_dict': raw_model.state_dict(), 'config': ctx['config'], 'epoch': epoch + 1,
+                          'round': round_idx, 'metrics': {**row, 'test_crop': args.test_crop},
                           'code_version': ctx['config']['code_version']}
-            if improved:
-                path = saver.save_best(checkpoint, best['test_srcc'], best['test_plcc'])
-                if path is not None:
-                    best['checkpoint'] = path
-                    log(f'  new best ({select_on} SRCC {score:.4f}) saved: {path}')
-            # round_complete: --resume from this file starts the next round instead of running this
-            # one past its early stop (and overwriting its best checkpoint).
-            checkpoint.update(optimizer=optimizer.state_dict(), rng_state=checkpoints.capture_rng_state(), best=best,
-                              early_stopping={'bad_epochs': bad_epochs}, rounds=state['rounds'],
-                              round_complete=bool(stop_now or epoch + 1 == args.epochs),
-                              train_seconds=time.time() - state['start_time'] + state.get('seconds_before', 0.0))
-            saver.save_last(checkpoint)
-            checkpoints.atomic_write_csv(os.path.join(run_dir, 'metrics.csv'), METRIC_COLUMNS, state['rows'])
+            ckpt.save_epoch(saver, checkpoint, best=best, improved=improved, name_keys=('test_srcc', 'test_plcc'),
+                            selection=f'{select_on} SRCC {score:.4f}', log=log, optimizer=optimizer,
+                            bad_epochs=bad_epochs, state=state, round_complete=stop_now or epoch + 1 == args.epochs)
+            runs.write_metrics(run_dir, state['rows'])
             write_summary(run_dir, args, state, best, select_on, 'running')
         if stop_now:
             log(f'Early stopping: no {select_on} SRCC gain > {args.early_stopping_min_delta} for '
@@ -766,7 +533,7 @@ def best_intervals(raw_model, model, best, test_set, args, device, amp, seed):
     path = best.get('checkpoint')
     if not path or not os.path.exists(path):
         return {}
-    raw_model.load_state_dict(checkpoints.load_checkpoint(path)['state_dict'])
+    raw_model.load_state_dict(ckpt.load_checkpoint(path)['state_dict'])
     pred = predict_scores(model, test_set[0], patch_size=args.patch_size, patch_num=args.test_patch_num,
                           batch_size=args.eval_batch_size, crop=args.test_crop, seed=seed,
                           device=device, amp=amp, pad_batches=args.compile, place=False)
@@ -776,43 +543,34 @@ def best_intervals(raw_model, model, best, test_set, args, device, amp, seed):
 
 
 def write_summary(run_dir, args, state, best, select_on, status):
-    rounds = [r for r in state['rounds']] + ([best] if status == 'running' and best else [])
-    test_srccs = [r['test_srcc'] for r in rounds if r]
-    test_plccs = [r['test_plcc'] for r in rounds if r]
-    summary = {
-        'run_name': state['run_name'], 'name': args.name, 'status': status, 'select_on': select_on,
-        # the evaluation protocol: numbers of different protocols are not comparable
-        'test_crop': args.test_crop, 'test_patch_num': args.test_patch_num,
-        'best_epoch': best['epoch'] if best else None, 'best': best, 'rounds': state['rounds'],
-        'median_test_srcc': float(np.median(test_srccs)) if test_srccs else None,
-        'median_test_plcc': float(np.median(test_plccs)) if test_plccs else None,
-        'train_seconds': round(time.time() - state['start_time'] + state.get('seconds_before', 0.0), 1),
-        'train_patches_per_s': state['rows'][-1]['train_patches_per_s'] if state['rows'] else None,
-        'best_checkpoint': best.get('checkpoint') if best else None,
-        'params': state.get('params'),
-    }
-    checkpoints.atomic_write_json(os.path.join(run_dir, 'summary.json'), summary)
+    runs.write_summary(
+        run_dir, {'run_name': state['run_name'], 'name': args.name, 'select_on': select_on,
+                  # the evaluation protocol: numbers of different protocols are not comparable
+                  'test_crop': args.test_crop, 'test_patch_num': args.test_patch_num},
+        state, best, status, median_of=('srcc', 'plcc'),
+        tail={'train_patches_per_s': state['rows'][-1]['train_patches_per_s'] if state['rows'] else None,
+              'params': state.get('params')})
 
 
 def resolve_resume(path):
     """The checkpoint to resume from (RUN_DIR/last.pkl or the file given), loaded."""
-    ckpt_path = checkpoints.find_resume_file(path, '--resume')
-    ckpt = checkpoints.load_checkpoint(ckpt_path)
-    if ckpt.get('optimizer') is None or ckpt.get('config') is None:
+    ckpt_path = runs.find_resume_file(path, '--resume')
+    checkpoint = ckpt.load_checkpoint(ckpt_path)
+    if checkpoint.get('optimizer') is None or checkpoint.get('config') is None:
         raise SystemExit(f'--resume {ckpt_path}: this checkpoint has no training state (optimizer, RNG); '
                          'resume from the run folder or its last.pkl')
-    return ckpt_path, ckpt
+    return ckpt_path, checkpoint
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    resume = None
+    resume, ignored = None, []
     if args.resume:
         resume_path, resume = resolve_resume(args.resume)
         stored = dict(resume['config'])
-        ignored = checkpoints.resume_args(args, parser, stored, MACHINE_FLAGS, 'resume')
+        ignored = runs.resume_args(args, parser, stored, MACHINE_FLAGS, 'resume')
         if 'val_ratio' not in stored:
             args.val_ratio = 0.0  # a run from before validation splits: keep its training images
         args.resume = resume_path
@@ -825,44 +583,19 @@ def main(argv=None):
         args.cache_dir = None
 
     if resume is not None:
-        run_dir = checkpoints.resumed_run_dir(resume_path, args.train_test_num)
-        run_name = os.path.basename(run_dir)
+        run_dir, run_name = runs.resumed_run(resume_path, args.train_test_num)
     else:
-        run_name = checkpoints.run_name(args.dataset if os.sep not in args.dataset else
-                                        os.path.splitext(os.path.basename(args.dataset))[0],
-                                        args.ranking_loss_alpha, datetime.datetime.now())
-        run_dir = os.path.join(args.output_dir, run_name)
-        if world > 1:  # every rank must agree on the folder (clocks may tick between them)
-            names = [run_name]
-            dist.broadcast_object_list(names, src=0)
-            run_name = names[0]
-            run_dir = os.path.join(args.output_dir, run_name)
-    log_file = None
-    console = (sys.stdout, sys.stderr)
-    if rank == 0:
-        if resume is None:
-            run_dir, run_name = checkpoints.make_run_dir(args.output_dir, run_name)
-        os.makedirs(args.log_dir, exist_ok=True)
-        log_file = open(os.path.join(args.log_dir, f'{run_name}.log'), 'a', encoding='utf-8')
-        sys.stdout = Tee(console[0], log_file)
-        sys.stderr = Tee(console[1], log_file)
-    if world > 1:
-        names = [run_dir, run_name]
-        dist.broadcast_object_list(names, src=0)
-        run_dir, run_name = names
+        run_dir = None   # created by open_run once the data check passed (rank 0's name for all)
+        run_name = runs.run_name(args.dataset if os.sep not in args.dataset else
+                                 os.path.splitext(os.path.basename(args.dataset))[0],
+                                 args.ranking_loss_alpha, datetime.datetime.now())
+    console = runtime.capture_console() if rank == 0 else None
 
-    def log(message):
-        if rank == 0:
-            print(message, flush=True)
-
+    log = runtime.rank_log(rank)
     try:
-        for message in warnings:
-            log(f'WARNING: {message}')
-        if resume is not None and ignored:
-            log('note: resuming uses the run\'s stored configuration; ignored: ' +
-                ', '.join(f'--{k}' for k in ignored))
+        runtime.log_warnings(log, warnings, ignored)
         config = dict(vars(args))
-        config.update(run_name=run_name, code_version=checkpoints.code_version(),
+        config.update(run_name=run_name, code_version=runs.code_version(),
                       command='python train_swin.py ' + ' '.join(argv), world_size=world)
         if resume is not None:
             config['code_version'] = resume['config'].get('code_version', config['code_version'])
@@ -876,26 +609,20 @@ def main(argv=None):
         state = {'run_name': run_name, 'rows': [], 'rounds': [], 'start_time': time.time()}
         first_round = 1
         if resume is not None:
-            state['rounds'] = resume.get('rounds') or []
-            first_round = resume['round']
-            if resume.get('round_complete'):   # the round had ended (early stop or last epoch)
-                state['rounds'] = state['rounds'] + [resume['best']]
-                first_round += 1
-                log(f'Round {resume["round"]} had ended at epoch {resume["epoch"]}; resuming with round '
-                    f'{first_round}')
-            else:
-                state['resume_checkpoint'] = resume
-            state['seconds_before'] = float(resume.get('train_seconds') or 0.0)
-            metrics_path = os.path.join(run_dir, 'metrics.csv')
-            if os.path.exists(metrics_path):
-                with open(metrics_path, newline='') as f:
-                    for row in csv.DictReader(f):
-                        if (int(row['round']), int(row['epoch'])) <= (resume['round'], resume['epoch']):
-                            state['rows'].append(row)
+            first_round = runs.resume_rounds(resume, state, log)
+            state['rows'] = runs.read_metrics(run_dir, (resume['round'], resume['epoch']))
         # decode_once waits here (gloo, no NCCL timeout) while rank 0 decodes a cold cache
         wait_group = dist.new_group(backend='gloo', timeout=datetime.timedelta(days=1)) if world > 1 else None
-        ctx = {'log': log, 'rank': rank, 'world': world, 'device': device, 'amp': amp, 'run_dir': run_dir,
-               'wait_group': wait_group, 'spaq': load_spaq(args, log, rank, world, wait_group)}
+        ctx = {'log': log, 'rank': rank, 'world': world, 'device': device, 'amp': amp, 'run_dir': None,
+               'wait_group': wait_group}
+        ctx['cross'] = {name: sets for name in args.cross_test
+                        if (sets := load_cross_test(name, args, log, rank, world, wait_group)) is not None}
+
+        def open_run():
+            if ctx['run_dir'] is None:
+                ctx['run_dir'], name = runtime.open_run(args.output_dir, args.log_dir, run_name, run_dir, rank, world)
+                config['run_name'] = state['run_name'] = name
+        ctx['open_run'] = open_run
         # the run's status is its last round's: a resumed, already ended last round keeps its own
         status = 'stopped_early' if resume is not None and resume['epoch'] < args.epochs else 'finished'
         best = None
@@ -905,6 +632,8 @@ def main(argv=None):
             if status == 'diverged':
                 break
             state['rounds'].append(best)
+        ctx['open_run']()   # a resumed run whose rounds had all ended ran none
+        run_dir = ctx['run_dir']
         if rank == 0:
             final = 'diverged' if status == 'diverged' else status
             if status != 'diverged' and not any(state['rounds']):
@@ -934,18 +663,10 @@ def main(argv=None):
             else:
                 write_summary(run_dir, args, state, best, args.select_on, 'diverged')
         return 0 if status != 'diverged' else 3
-    except data_loader.DataError as err:
-        log(f'DATA ERROR: {err}')
-        raise SystemExit(2)
-    except models_swin.PretrainedWeightsError as err:
-        log(f'ERROR: {err}')
-        raise SystemExit(2)
+    except (data_loader.DataError, models_swin.PretrainedWeightsError) as err:
+        runtime.stop_run(err, log)
     finally:
-        if log_file is not None:
-            sys.stdout, sys.stderr = console
-            log_file.close()
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        runtime.end_run(console, world)
 
 
 if __name__ == '__main__':

@@ -40,11 +40,11 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import checkpoints  # noqa: E402
-import cross_dataset_test  # noqa: E402
+from iqa.files import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402
 import data_loader  # noqa: E402
 import models_swin  # noqa: E402
-import train_swin  # noqa: E402
+from iqa import engine, runtime  # noqa: E402
+from iqa.schedule import learning_rates  # noqa: E402
 from bench_data import write_jpegs  # noqa: E402  (same synthetic JPEGs as the data benchmark)
 from iqa import evaluation  # noqa: E402
 
@@ -79,7 +79,7 @@ TARGETS = {'train_patches_per_s': 1000, 'eval_patches_per_s': 4000, 'data_ratio'
 def build_parser():
     p = argparse.ArgumentParser(
         description=__doc__.split('\n')[0], allow_abbrev=False,
-        formatter_class=cross_dataset_test.HelpFormatter)
+        formatter_class=runtime.HelpFormatter)
     g = p.add_argument_group('Model')
     g.add_argument('--model_size', default='base', choices=models_swin.MODEL_SIZES,
                    help='model to train (Swin sizes: multi-scale + attention fusion, the user\'s full model)')
@@ -192,7 +192,7 @@ def time_cache(n_images, seed=0):
 
 def train_patches_per_s(model, optimizer, sampler_like, epoch, train_args, device, amp, label):
     """The real training loop over len(sampler_like) steps; its own patches/s figure."""
-    _, _, patches_per_s, _ = train_swin.train_one_epoch(model, optimizer, sampler_like, epoch, train_args,
+    _, _, patches_per_s, _ = engine.train_one_epoch(model, optimizer, sampler_like, epoch, train_args,
                                                         device, amp, 0, 1, label)
     return patches_per_s
 
@@ -214,7 +214,7 @@ def forward_flops_per_patch(model, device):
     """FLOPs of one 224x224 forward (matmuls and convolutions, 2 per multiply-add)."""
     was_training = model.training
     model.eval()
-    flops = cross_dataset_test.count_flops(model, torch.zeros(1, 3, 224, 224, device=device))
+    flops = engine.count_flops(model, torch.zeros(1, 3, 224, 224, device=device))
     model.train(was_training)
     return flops
 
@@ -247,14 +247,14 @@ def profile_training(model, optimizer, sampler, epoch, steps, train_args, device
     wall_ms = (time.perf_counter() - start) * 1000
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:   # export, then write atomically
         prof.export_chrome_trace(os.path.join(tmp, 'trace.json'))
-        checkpoints.atomic_write_bytes(out_dir / 'trace.json', Path(tmp, 'trace.json').read_bytes())
+        atomic_write_bytes(out_dir / 'trace.json', Path(tmp, 'trace.json').read_bytes())
     events = prof.key_averages()
     files = [out_dir / 'trace.json']
     sort_keys = ['self_cpu_time_total'] + (['self_device_time_total'] if device.type == 'cuda' else [])
     for key in sort_keys:
         table = events.table(sort_by=key, row_limit=30)
         files.append(out_dir / f'key_averages_{key}.txt')
-        checkpoints.atomic_write_text(files[-1], table + '\n')
+        atomic_write_text(files[-1], table + '\n')
     data = next((e for e in events if e.key == DATA_LABEL), None)
     data_ms = data.cpu_time_total / 1000 if data is not None else 0.0
     text = (f'profile of {steps} training steps with data production: {wall_ms:.0f} ms wall (profiler on); '
@@ -338,21 +338,20 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     check_args(args)
     try:
-        device = cross_dataset_test.resolve_device(args.device)
-    except cross_dataset_test.UsageError as err:
+        device = runtime.resolve_device(args.device)
+    except runtime.UsageError as err:
         raise SystemExit(f'bench_train.py: error: {err}') from None
     amp = device.type == 'cuda' and not args.no_amp
     if device.type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True   # as train_swin.main: fp32 leftovers on tensor cores
         torch.backends.cudnn.allow_tf32 = True
     # Every training setting a real run would have (loss, clipping at 1.0, lr, weight decay ...)
-    # comes from train_swin's own parser defaults, only the batch size and model are ours.
-    train_args = train_swin.build_parser().parse_args([])
-    train_args.model_size, train_args.batch_size, train_args.compile = args.model_size, args.batch_size, args.compile
+    # comes from train_swin.py's defaults (iqa.engine.TRAIN_DEFAULTS), only the batch size and model are ours.
+    train_args = engine.train_settings(model_size=args.model_size, batch_size=args.batch_size, compile=args.compile)
     full = args.model_size != 'resnet50'   # as cross_dataset_test's complexity table
     use_attention = full and not args.no_attention_fusion
     r = {
-        'device': cross_dataset_test.device_name(device), 'device_type': device.type,
+        'device': runtime.device_name(device), 'device_type': device.type,
         'torch': torch.__version__, 'timm': timm.__version__, 'python': platform.python_version(),
         'date': time.strftime('%Y-%m-%d %H:%M:%S %Z'),
         'command': 'python benchmarks/bench_train.py ' + ' '.join(argv),
@@ -379,7 +378,7 @@ def main(argv=None):
                                     pretrained=False).to(device)
     raw_model = model
     r['params'] = models_swin.count_parameters(model)
-    lr_backbone, lr_head = train_swin.learning_rates(0, train_args)
+    lr_backbone, lr_head = learning_rates(0, train_args)
     groups = [{'params': model.backbone_parameters(), 'lr': lr_backbone},
               {'params': model.head_parameters(), 'lr': lr_head}]
     optimizer = torch.optim.AdamW(groups, weight_decay=train_args.weight_decay, fused=device.type == 'cuda')
@@ -446,7 +445,7 @@ def main(argv=None):
         print('\n' + text)
         print('written: ' + ', '.join(str(f) for f in files))
     if args.json:
-        checkpoints.atomic_write_json(args.json, {**r, 'targets': {k: {'value': v, 'goal': g, 'met': m}
+        atomic_write_json(args.json, {**r, 'targets': {k: {'value': v, 'goal': g, 'met': m}
                                                                    for k, (v, g, m) in r['targets'].items()}})
         print(f'written: {args.json}')
     return 0

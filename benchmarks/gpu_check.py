@@ -11,13 +11,13 @@ KonIQ's cached size, 512x384), so nothing is downloaded. In order:
   fp32        --precision fp32: forward + backward in true fp32 (TF32 off), finite
   bf16        --precision bf16: autocast forward + backward, finite; the target net stays fp32
               (distinct scores near 60, not bf16's 0.25 steps) and agrees with fp32
-  adamw       fused AdamW (train_swin.make_optimizer) takes a step
+  adamw       fused AdamW (iqa.runtime.make_optimizer) takes a step
   compile     torch.compile(dynamic=False) of the nano model: one training and one evaluation
               shape, compiled once each (a second pass compiles nothing), scores close to eager
-  memory      one Swin-B training step at batch 32 measured (train_swin.measure_step_bytes), the
+  memory      one Swin-B training step at batch 32 measured (iqa.engine.measure_step_bytes), the
               memory plan for KonIQ + SPAQ made from it, the planned sets allocated on the GPU and
               training steps run with them there (the plan is printed)
-  resume      train_swin.main on a tiny synthetic data set, interrupted in epoch 2, then --resume:
+  resume      train_swin.py on a tiny synthetic data set, interrupted in epoch 2, then --resume:
               the run finishes and epoch 1 is unchanged
   ddp         torchrun with 2 processes over NCCL (needs 2 visible GPUs)
   speed       training and evaluation patches/s of tiny, small and base at batch 32
@@ -29,9 +29,7 @@ the CPU only with --cpu_compile (inductor compiles for a minute or more on a sma
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
-import io
 import subprocess
 import sys
 import tempfile
@@ -46,8 +44,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import data_loader  # noqa: E402
 import models_swin  # noqa: E402
-import train_swin  # noqa: E402
-from iqa import evaluation  # noqa: E402
+from iqa import engine, evaluation, runtime  # noqa: E402
+from iqa.losses import total_loss  # noqa: E402
 
 GIB = 2 ** 30
 KONIQ_HW = (512, 384)
@@ -58,9 +56,9 @@ class Skip(Exception):
     """A check that cannot run here (no GPU, one GPU ...): reported as SKIP with the reason."""
 
 
-def train_args(*argv):
-    """train_swin's own defaults (loss, clipping, lr ...) with a few changes."""
-    return train_swin.check_args(train_swin.build_parser().parse_args(list(argv)), lambda message: None)
+def train_args(**changes):
+    """train_swin.py's defaults (loss, clipping, lr ...: iqa.engine.TRAIN_DEFAULTS) with a few changes."""
+    return engine.train_settings(**changes)
 
 
 def small_model(device, size):
@@ -71,7 +69,7 @@ def small_model(device, size):
 def one_step(model, x, mos, args, device, amp):
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         pred = model(x).float()
-    loss = train_swin.total_loss(pred, mos, args)
+    loss = total_loss(pred, mos, args)
     loss.backward()
     return pred.detach(), loss.detach()
 
@@ -129,7 +127,7 @@ def check_adamw(ctx):
     model = small_model(device, ctx['size'])
     args = train_args()
     groups = [{'params': model.backbone_parameters(), 'lr': 1e-4}, {'params': model.head_parameters(), 'lr': 1e-3}]
-    opt = train_swin.make_optimizer(groups, args, device)
+    opt = runtime.make_optimizer(groups, args, device)
     assert opt.defaults.get('fused') is True, 'AdamW is not fused'
     before = model.fc5b_fc.bias.detach().clone()
     one_step(model, torch.randn(4, 3, 224, 224, device=device), torch.rand(4, device=device) * 100, args, device,
@@ -148,7 +146,7 @@ def check_compile(ctx):
     amp = device.type == 'cuda'
     model = small_model(device, 'nano')   # the same compiler paths as a large model, in seconds
     compiled = torch.compile(model, dynamic=False)
-    args = train_args('--batch_size', '8')
+    args = train_args(batch_size=8)
     counts = torch._dynamo.utils.counters
     counts.clear()
     images = torch.randint(0, 256, (6, 3, 256, 256), dtype=torch.uint8)
@@ -179,9 +177,9 @@ def check_memory(ctx):
         for line in plan['lines']:
             print('    ' + line)
         raise Skip('no GPU: the plan above is for a simulated 24 GB card; nothing was allocated')
-    args = train_args('--batch_size', '32', '--model_size', 'base')
+    args = train_args(batch_size=32, model_size='base')
     model = small_model(device, 'base')
-    step = train_swin.measure_step_bytes(model, args, device, amp=True)
+    step = engine.measure_step_bytes(model, args, device, amp=True)
     free, total = torch.cuda.mem_get_info(device)
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     plan = data_loader.plan_image_memory(free, total, step, sets, 1, 'auto', str(device))
@@ -195,7 +193,7 @@ def check_memory(ctx):
               for name, n in KONIQ_SETS}
     sampler = data_loader.TrainPatchSampler(placed['train'], np.zeros(len(placed['train'])), patch_num=1,
                                             batch_size=32, seed=0, device=device, drop_last=True, place=False)
-    opt = train_swin.make_optimizer(list(model.parameters()), args, device)
+    opt = runtime.make_optimizer(list(model.parameters()), args, device)
     batches = sampler.batches(0)
     for _ in range(3):
         patches, mos, _ = next(batches)
@@ -223,6 +221,21 @@ def write_tiny_dataset(folder, n=16):
     return folder / 'scores.csv'
 
 
+# train_swin.py with its second epoch interrupted (KeyboardInterrupt, as a Ctrl-C would)
+INTERRUPTED_RUN = """
+import contextlib, sys
+import train_swin
+real_epoch = train_swin.train_one_epoch
+def interrupted_in_epoch_two(model, optimizer, sampler, epoch, *rest):
+    if epoch == 1:
+        raise KeyboardInterrupt
+    return real_epoch(model, optimizer, sampler, epoch, *rest)
+train_swin.train_one_epoch = interrupted_in_epoch_two
+with contextlib.suppress(KeyboardInterrupt):
+    train_swin.main(sys.argv[1:])
+"""
+
+
 def check_resume(ctx):
     device = ctx['device']
     with tempfile.TemporaryDirectory(prefix='gpu_check_') as tmp:
@@ -232,25 +245,17 @@ def check_resume(ctx):
                 '--eval_batch_size', '4', '--epochs', '2', '--cache_dir', 'none', '--num_workers', '1',
                 '--output_dir', str(tmp / 'runs'), '--log_dir', str(tmp / 'logs'), '--no_spaq',
                 '--device', str(device)]
-        real_epoch = train_swin.train_one_epoch
-
-        def interrupted_in_epoch_two(model, optimizer, sampler, epoch, *rest):
-            if epoch == 1:
-                raise KeyboardInterrupt
-            return real_epoch(model, optimizer, sampler, epoch, *rest)
-        quiet = contextlib.redirect_stdout(io.StringIO())
-        train_swin.train_one_epoch = interrupted_in_epoch_two
-        try:
-            with quiet, contextlib.suppress(KeyboardInterrupt):
-                train_swin.main(argv)
-        finally:
-            train_swin.train_one_epoch = real_epoch
+        # the entry script runs in its own process (nothing here imports it), its epoch 2 interrupted
+        done = subprocess.run([sys.executable, '-c', INTERRUPTED_RUN, *argv], capture_output=True, text=True,
+                              cwd=REPO, timeout=600)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-2000:]
         run_dir = next((tmp / 'runs').iterdir())
         first = (run_dir / 'metrics.csv').read_text().splitlines()
-        with contextlib.redirect_stdout(io.StringIO()):
-            code = train_swin.main(['--resume', str(run_dir)])
+        done = subprocess.run([sys.executable, str(REPO / 'train_swin.py'), '--resume', str(run_dir)],
+                              capture_output=True, text=True, cwd=REPO, timeout=600)
+        code = done.returncode
         rows = (run_dir / 'metrics.csv').read_text().splitlines()
-        assert code == 0, f'--resume exited with {code}'
+        assert code == 0, f'--resume exited with {code}: {(done.stdout + done.stderr)[-2000:]}'
         assert len(rows) == 3 and rows[:2] == first, f'metrics after resume: {rows}'
         assert '"status": "finished"' in (run_dir / 'summary.json').read_text()
     return 'interrupted in epoch 2, resumed, finished'
@@ -285,8 +290,8 @@ def speed(ctx):
     images = torch.randint(0, 256, (64, 3, *KONIQ_HW), dtype=torch.uint8)
     for size in sizes:
         model = small_model(device, size)
-        args = train_args('--batch_size', str(batch))
-        opt = train_swin.make_optimizer(list(model.parameters()), args, device)
+        args = train_args(batch_size=batch)
+        opt = runtime.make_optimizer(list(model.parameters()), args, device)
         sampler = data_loader.TrainPatchSampler(images, np.zeros(64), patch_num=8, batch_size=batch, seed=0,
                                                 device=device, drop_last=True)
         batches = sampler.batches(0)

@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data_loader as dl  # noqa: E402
-import evaluation  # noqa: E402
+from iqa import evaluation  # noqa: E402
 
 if not torch.cuda.is_available():
     sys.exit('no CUDA GPU here: this check needs one')

@@ -10,7 +10,7 @@ import torch
 from tqdm import tqdm
 
 import data_loader
-from run_setup import gather_to_all
+from iqa.runtime import gather_to_all
 
 
 def predict_scores(model, images_u8, *, patch_size=224, patch_num=20, batch_size=64, random_crop=False,

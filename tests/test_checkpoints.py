@@ -13,11 +13,12 @@ import pytest
 import torch
 from torch import nn
 
-import checkpoints
-from checkpoints import (CHECKPOINT_FORMAT, CheckpointSaver, atomic_torch_save, atomic_write_bytes,
-                         atomic_write_json, atomic_write_text, best_checkpoint_name,
-                         capture_rng_state, code_version, load_checkpoint, restore_rng_state,
-                         run_name)
+from iqa import ckpt as checkpoints
+from iqa import runs
+from iqa.ckpt import (CHECKPOINT_FORMAT, CheckpointSaver, atomic_torch_save, best_checkpoint_name,
+                      capture_rng_state, load_checkpoint, restore_rng_state)
+from iqa.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from iqa.runs import code_version, run_name
 
 ENOSPC = OSError(errno.ENOSPC, 'No space left on device')
 
@@ -352,9 +353,9 @@ def test_file_with_python_objects_needs_explicit_trust(tmp_path):
 
 
 def test_run_dir_gets_a_suffix_when_two_runs_start_in_the_same_second(tmp_path):
-    first = checkpoints.make_run_dir(str(tmp_path / 'out'), 'koniq-10k-swin_20260101_000000')
-    second = checkpoints.make_run_dir(str(tmp_path / 'out'), 'koniq-10k-swin_20260101_000000')
-    third = checkpoints.make_run_dir(str(tmp_path / 'out'), 'koniq-10k-swin_20260101_000000')
+    first = runs.make_run_dir(str(tmp_path / 'out'), 'koniq-10k-swin_20260101_000000')
+    second = runs.make_run_dir(str(tmp_path / 'out'), 'koniq-10k-swin_20260101_000000')
+    third = runs.make_run_dir(str(tmp_path / 'out'), 'koniq-10k-swin_20260101_000000')
     assert [name for _, name in (first, second, third)] == [
         'koniq-10k-swin_20260101_000000', 'koniq-10k-swin_20260101_000000_2', 'koniq-10k-swin_20260101_000000_3']
     assert all(os.path.isdir(path) and os.path.basename(path) == name for path, name in (first, second, third))
@@ -367,11 +368,11 @@ def test_resume_file_is_found_in_the_run_folder_or_its_newest_round(tmp_path):
     (run / 'round1' / 'last.pkl').write_bytes(b'1')
     os.utime(run / 'round1' / 'last.pkl', (1, 1))
     (run / 'round2' / 'last.pkl').write_bytes(b'2')
-    found = checkpoints.find_resume_file(str(run), '--resume_from')
+    found = runs.find_resume_file(str(run), '--resume_from')
     assert found == str(run / 'round2' / 'last.pkl')
-    assert checkpoints.resumed_run_dir(found, train_test_num=2) == str(run)
+    assert runs.resumed_run_dir(found, train_test_num=2) == str(run)
     with pytest.raises(SystemExit, match=r'--resume_from .*empty.*does not exist.*after its first epoch'):
-        checkpoints.find_resume_file(str(tmp_path / 'empty'), '--resume_from')
+        runs.find_resume_file(str(tmp_path / 'empty'), '--resume_from')
 
 
 def test_resume_args_take_the_runs_config_except_machine_flags():
@@ -381,8 +382,30 @@ def test_resume_args_take_the_runs_config_except_machine_flags():
     parser.add_argument('--device', default='auto')
     parser.add_argument('--resume', default=None)
     args = parser.parse_args(['--lr', '0.5', '--device', 'cpu', '--resume', 'run'])
-    ignored = checkpoints.resume_args(args, parser, {'lr': 2e-5, 'device': 'cuda', 'resume': None},
+    ignored = runs.resume_args(args, parser, {'lr': 2e-5, 'device': 'cuda', 'resume': None},
                                       machine_flags=('device',), resume_flag='resume')
     assert args.lr == 2e-5            # the experiment is the stored one ...
     assert args.device == 'cpu'       # ... on the machine given now
     assert ignored == ['lr']          # and the caller reports the experiment flag it ignored
+
+
+# --------------------------------------------------------------------------- files of earlier versions
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
+
+
+@pytest.mark.parametrize('name, fmt, epoch', [('swin_best_f346b1c.pkl', checkpoints.SWIN_FORMAT, 1),
+                                              ('swin_last_f346b1c.pkl', checkpoints.SWIN_FORMAT, 3),
+                                              ('clip_best_f346b1c.pkl', checkpoints.CLIP_FORMAT, 1),
+                                              ('clip_last_f346b1c.pkl', checkpoints.CLIP_FORMAT, 3)])
+def test_checkpoints_written_by_the_f346b1c_trainers_still_load(name, fmt, epoch):
+    loaded = load_checkpoint(os.path.join(FIXTURES, name))
+    assert loaded['format'] == fmt and loaded['epoch'] == epoch and loaded['round'] == 1
+    assert loaded['state_dict'] and all(torch.is_tensor(v) for v in loaded['state_dict'].values())
+    assert isinstance(loaded['config'], dict) and isinstance(loaded['metrics'], dict)
+    if fmt == checkpoints.CLIP_FORMAT:
+        assert loaded['model_config']['clip_model'] == 'nano' and len(loaded['label_scales']) == 2
+    if 'last' in name:
+        assert loaded['optimizer']['param_groups'] and loaded['best']['epoch'] == 1
+        assert loaded['early_stopping']['bad_epochs'] == 2   # CLIP's older 'bad_epochs' read the same way
+        restore_rng_state(loaded['rng_state'])

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoints
+from iqa.ckpt import BARE_FORMAT, CHECKPOINT_FORMAT, atomic_torch_save, load_checkpoint
 import cross_dataset_test as cdt
 import data_loader
 import models_swin
@@ -46,7 +46,7 @@ def world(tmp_path_factory):
     run_dir = base / 'checkpoints' / config['run_name']
     os.makedirs(run_dir)
     project = run_dir / 'best_model_srcc_0.9378_plcc_0.9485.pkl'
-    checkpoints.atomic_torch_save({'format': checkpoints.CHECKPOINT_FORMAT, 'state_dict': model.state_dict(),
+    atomic_torch_save({'format': CHECKPOINT_FORMAT, 'state_dict': model.state_dict(),
                                    'config': config, 'epoch': 3, 'round': 1, 'metrics': {}}, project)
     bare = base / 'old' / 'best_model_srcc_0.9249_plcc_0.9360.pkl'
     os.makedirs(bare.parent)
@@ -86,8 +86,8 @@ def test_project_and_bare_checkpoints_agree_and_json_matches_metrics(world, caps
     assert a['checkpoint'] == str(world['project']) and b['checkpoint'] == str(world['bare'])
     assert a['model']['source'] == 'checkpoint config'
     assert b['model']['source'].startswith('inferred from the weights, overridden by --model_size nano')
-    assert a['checkpoint_format'] == checkpoints.CHECKPOINT_FORMAT
-    assert b['checkpoint_format'] == checkpoints.BARE_FORMAT
+    assert a['checkpoint_format'] == CHECKPOINT_FORMAT
+    assert b['checkpoint_format'] == BARE_FORMAT
     for key in ('model_size', 'use_multiscale', 'use_attention'):
         assert a['model'][key] == b['model'][key]
     assert (a['model']['model_size'], a['model']['use_attention']) == ('nano', True)
@@ -156,10 +156,10 @@ def test_test_crop_follows_the_checkpoint_and_is_recorded(world, capsys, tmp_pat
 
 def checkpoint_with(world, path, **config):
     """The world's weights saved as a train_swin checkpoint with `config` changed."""
-    ckpt = checkpoints.load_checkpoint(str(world['project']))
+    ckpt = load_checkpoint(str(world['project']))
     ckpt['config'] = {**ckpt['config'], **config}
     os.makedirs(path.parent, exist_ok=True)
-    checkpoints.atomic_torch_save(ckpt, path)
+    atomic_torch_save(ckpt, path)
     return path
 
 
@@ -245,10 +245,10 @@ def test_lower_is_better_dataset_is_flipped(world, capsys, tmp_path):
 
 def test_split_val_scores_the_runs_validation_split(world, capsys, tmp_path):
     # A run with --val_ratio 0.1 and seed 5: --split val is the val split it selected on.
-    ckpt = checkpoints.load_checkpoint(str(world['project']))
+    ckpt = load_checkpoint(str(world['project']))
     config = dict(ckpt['config'], dataset='csiq', higher_is_better=False, seed=5, val_ratio=0.1)
     with_val = tmp_path / 'with_val.pkl'
-    checkpoints.atomic_torch_save({'format': checkpoints.CHECKPOINT_FORMAT, 'state_dict': ckpt['state_dict'],
+    atomic_torch_save({'format': CHECKPOINT_FORMAT, 'state_dict': ckpt['state_dict'],
                                    'config': config, 'epoch': 1, 'round': 1, 'metrics': {}}, with_val)
     rc, out, err = run(capsys, '--checkpoint', with_val, '--datasets', f'csiq={world["csiq"]}', '--split', 'val',
                        '--output_dir', tmp_path / 'a', *FAST, '--n_boot', '0')

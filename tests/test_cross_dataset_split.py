@@ -12,7 +12,7 @@ import shlex
 import pytest
 import torch
 
-import checkpoints
+from iqa import ckpt as iqa_ckpt
 import cross_dataset_test as cdt
 import data_loader
 import models_swin
@@ -44,7 +44,7 @@ def swin(tmp_path_factory):
                                   ('csiq_ckpt', {'dataset': 'csiq', 'data_root': str(base / 'csiq'), 'seed': 5,
                                                  'higher_is_better': False}, 2)):
         out[key] = base / f'{key}.pkl'
-        checkpoints.atomic_torch_save({'format': checkpoints.CHECKPOINT_FORMAT, 'state_dict': model.state_dict(),
+        iqa_ckpt.atomic_torch_save({'format': iqa_ckpt.SWIN_FORMAT, 'state_dict': model.state_dict(),
                                        'config': {**config, **extra}, 'epoch': 1, 'round': round_idx,
                                        'metrics': {}}, out[key])
     out['bare'] = base / 'bare.pkl'

@@ -32,10 +32,11 @@ def test_gpu_check_reports_a_failure_with_its_error_and_exit_code(tmp_path):
     script.write_text(f'''
 import sys
 sys.path.insert(0, {str(REPO / 'benchmarks')!r})
-import gpu_check, train_swin
+import gpu_check
+from iqa import runtime
 def refuse(*a, **k):
     raise RuntimeError('fused AdamW refused')
-train_swin.make_optimizer = refuse
+runtime.make_optimizer = refuse
 gpu_check.CHECKS = tuple(c for c in gpu_check.CHECKS if c[0] in ('device', 'adamw'))
 sys.exit(gpu_check.main(['--device', 'cpu', '--no_speed']))
 ''')

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoints
+from iqa.ckpt import load_checkpoint
 import data_loader
-import run_setup
+from iqa import runtime
 from iqa.data import patches as patch_module
 import train_swin
 from test_train_swin import (free_port, koniq_root, only_run_dir, read_metrics,  # noqa: F401 (fixture)
@@ -32,7 +32,7 @@ def test_a_bare_cuda_device_is_made_canonical(monkeypatch):
     assert data_loader.canonical_device('cuda:1') == torch.device('cuda', 1)
     assert data_loader.canonical_device('cpu') == torch.device('cpu')
     monkeypatch.delenv('WORLD_SIZE', raising=False)
-    assert run_setup.setup_distributed('cuda') == (0, 1, torch.device('cuda', 0))
+    assert runtime.setup_distributed('cuda') == (0, 1, torch.device('cuda', 0))
 
 
 def test_host_images_that_do_not_fit_are_not_pinned_whole(monkeypatch):
@@ -101,7 +101,7 @@ def test_precision_flag_and_no_amp():
 
     def resolved(*argv):
         args = train_swin.check_args(parser.parse_args(list(argv)), lambda m: None)
-        return args.precision, run_setup.use_bf16(args.precision, cpu), run_setup.use_bf16(args.precision, cuda)
+        return args.precision, runtime.use_bf16(args.precision, cpu), runtime.use_bf16(args.precision, cuda)
     assert resolved() == ('auto', False, True)
     assert resolved('--precision', 'bf16') == ('bf16', True, True)
     assert resolved('--no_amp') == ('fp32', False, False)
@@ -208,7 +208,7 @@ def test_resume_after_an_early_stopped_round_starts_the_next_round(koniq_root, t
         train_swin.main(tiny_args(koniq_root, killed, *extra))
     monkeypatch.setattr(train_swin, 'train_one_epoch', real_epoch)
     run_dir = only_run_dir(killed)
-    assert checkpoints.load_checkpoint(os.path.join(run_dir, 'round1', 'last.pkl'))['round_complete'] is True
+    assert load_checkpoint(os.path.join(run_dir, 'round1', 'last.pkl'))['round_complete'] is True
     assert train_swin.main(['--resume', run_dir]) == 0
     assert without_timing(read_metrics(run_dir)) == without_timing(expected)
     assert os.listdir(os.path.join(run_dir, 'round1')).count('best_model_srcc_0.4500_plcc_0.4600.pkl') == 1
@@ -272,7 +272,7 @@ def test_ddp_divergence_on_one_rank_stops_both_with_one_summary(koniq_root, tmp_
     run_dir = only_run_dir(tmp_path)
     summary = json.load(open(os.path.join(run_dir, 'summary.json')))
     assert summary['status'] == 'diverged'
-    assert checkpoints.load_checkpoint(os.path.join(run_dir, 'last.pkl'))['epoch'] == 1
+    assert load_checkpoint(os.path.join(run_dir, 'last.pkl'))['epoch'] == 1
     log = open(tmp_path / 'logs' / (os.path.basename(run_dir) + '.log')).read()
     assert log.count('STOPPED:') == 1 and 'at epoch 2, step 1' in log
 
@@ -405,11 +405,11 @@ def test_precision_sets_true_fp32_on_cuda_and_leaves_the_cpu_alone():
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        assert run_setup.set_precision('auto', torch.device('cpu')) is False
+        assert runtime.set_precision('auto', torch.device('cpu')) is False
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32   # CPU: untouched
-        assert run_setup.set_precision('fp32', torch.device('cuda', 0)) is False
+        assert runtime.set_precision('fp32', torch.device('cuda', 0)) is False
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
-        assert run_setup.set_precision('auto', torch.device('cuda', 0)) is True
-        assert run_setup.set_precision('bf16', torch.device('cpu')) is True
+        assert runtime.set_precision('auto', torch.device('cuda', 0)) is True
+        assert runtime.set_precision('bf16', torch.device('cpu')) is True
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -634,6 +634,20 @@ def test_a_run_without_validation_split_selects_on_test_and_says_so(tmp_path, ho
     assert len(log) == 2 and log[0]['s_c'] == '' and log[0]['best_s_c'] == '' and log[0]['train_loss'] != ''
 
 
+def test_resume_after_an_early_stop_trains_no_further_epoch(tmp_path, monkeypatch):
+    csv_path = make_prompt_csv(tmp_path / 'data')
+    scores = iter([0.5, 0.4, 0.3, 0.2])   # the selection SRCC falls: patience 1 stops after epoch 2
+    monkeypatch.setattr(train_clip, 'selection_score', lambda metrics, select_on: next(scores))
+    run_dir = run(tmp_path, csv_path, '--epochs 4 --early_stopping_patience 1')
+    assert len(read_rows(run_dir / 'metrics.csv')) == 2
+    best = [f for f in os.listdir(run_dir) if f.startswith('best_model_srccq_')]
+    assert train_clip.main(['--resume_from', str(run_dir)]) == 0
+    assert len(read_rows(run_dir / 'metrics.csv')) == 2
+    assert [f for f in os.listdir(run_dir) if f.startswith('best_model_srccq_')] == best
+    summary = json.loads((run_dir / 'summary.json').read_text())
+    assert summary['status'] == 'stopped_early' and summary['best_epoch'] == 1
+
+
 def test_cross_dataset_test_scores_a_clip_checkpoint(tmp_path):
     import cross_dataset_test
     data = tmp_path / 'agiqa'
@@ -756,3 +770,39 @@ def test_bf16_autocast_and_fused_adamw_run_on_the_cpu_as_on_cuda(tmp_path):
     assert train_clip.check_args(parse('--no_amp'), print).precision == 'fp32'
     with pytest.raises(SystemExit, match='contradicts --precision bf16'):
         train_clip.check_args(parse('--no_amp --precision bf16'), print)
+
+
+def test_a_run_that_fails_its_data_check_leaves_no_folder_and_no_log(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        run(tmp_path, tmp_path / 'no-such-folder' / 'data.csv')
+    assert stop.value.code == 2
+    assert 'DATA ERROR' in capsys.readouterr().out
+    for folder in ('runs', 'logs'):
+        assert not (tmp_path / folder).exists() or not list((tmp_path / folder).iterdir())
+
+
+def test_two_process_torchrun_on_cpu_trains_one_model_and_writes_one_run(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    csv_path = make_prompt_csv(tmp_path / 'data')
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nnodes', '1', '--nproc_per_node', '2',
+           '--master_addr', '127.0.0.1', '--master_port', str(port), os.path.join(root, 'train_clip.py'),
+           *shlex.split(f'--data_csv_path {csv_path} --clip_model nano --no_pretrained --epochs 2 --batch_size 8 '
+                        f'--lr 1e-3 --output_dir {tmp_path / "runs"} --log_dir {tmp_path / "logs"} '
+                        f'--cache_dir none --num_workers 1 --device cpu')]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    runs = list((tmp_path / 'runs').iterdir())
+    assert len(runs) == 1 and len(list((tmp_path / 'logs').iterdir())) == 1   # only rank 0 writes
+    assert json.loads((runs[0] / 'config.json').read_text())['world_size'] == 2
+    assert len(read_rows(runs[0] / 'metrics.csv')) == 2
+    summary = json.loads((runs[0] / 'summary.json').read_text())
+    assert summary['status'] == 'finished'
+    model, _ = clip_eval.load_model(summary['best_checkpoint'])
+    assert isinstance(model, models_clip.ClipQualityModel)

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoints
+from iqa import ckpt
+from iqa.ckpt import atomic_torch_save, load_checkpoint
 import data_loader
 import train_swin
 from dataset_fixtures import make_agiqa, make_koniq
@@ -293,7 +294,7 @@ def test_selection_early_stopping_naming_and_retention(koniq_root, tmp_path, mon
     summary = json.load(open(os.path.join(run_dir, 'summary.json')))
     assert summary['status'] == 'stopped_early' and summary['best_epoch'] == 2 and summary['select_on'] == 'val'
     assert summary['best']['test_srcc'] == pytest.approx(0.55)
-    ckpt = checkpoints.load_checkpoint(os.path.join(run_dir, 'best_model_srcc_0.5500_plcc_0.5600.pkl'))
+    ckpt = load_checkpoint(os.path.join(run_dir, 'best_model_srcc_0.5500_plcc_0.5600.pkl'))
     assert ckpt['epoch'] == 2 and ckpt['config']['model_size'] == 'nano'
     assert ckpt['config']['ranking_loss_alpha'] == 0.3
     log = open(tmp_path / 'logs' / (os.path.basename(run_dir) + '.log')).read()
@@ -360,7 +361,7 @@ def test_center_crop_protocol_is_recorded_and_scores_the_torchvision_centre_crop
     log = open(tmp_path / 'logs' / (os.path.basename(run_dir) + '.log')).read()
     assert 'Evaluation: centre crop (--test_crop center' in log
     # by hand: the saved model on the centre crop of each test image, one image at a time
-    ckpt = checkpoints.load_checkpoint(summary['best_checkpoint'])
+    ckpt = load_checkpoint(summary['best_checkpoint'])
     assert ckpt['config']['test_crop'] == 'center' and ckpt['metrics']['test_crop'] == 'center'
     model = train_swin.models_swin.build_model('nano', pretrained=False)
     model.load_state_dict(ckpt['state_dict'])
@@ -380,7 +381,7 @@ def test_center_crop_protocol_is_recorded_and_scores_the_torchvision_centre_crop
 
 def test_full_disk_while_saving_keeps_previous_best_and_training_goes_on(koniq_root, tmp_path, monkeypatch):
     scripted_evaluation(monkeypatch, val_srccs=[0.5, 0.6, 0.7], test_srccs=[0.5, 0.6, 0.7])
-    real_save = checkpoints.atomic_torch_save
+    real_save = atomic_torch_save
     saves = []
 
     def disk_full_after_first_best(obj, path):
@@ -389,12 +390,12 @@ def test_full_disk_while_saving_keeps_previous_best_and_training_goes_on(koniq_r
             if len(saves) > 1:
                 raise OSError(28, 'No space left on device')
         return real_save(obj, path)
-    monkeypatch.setattr(checkpoints, 'atomic_torch_save', disk_full_after_first_best)
+    monkeypatch.setattr(ckpt, 'atomic_torch_save', disk_full_after_first_best)
     assert train_swin.main(tiny_args(koniq_root, tmp_path)) == 0
     run_dir = only_run_dir(tmp_path)
     assert len(read_metrics(run_dir)) == 3  # every epoch ran
     first_best = os.path.join(run_dir, 'best_model_srcc_0.5000_plcc_0.5100.pkl')
-    assert checkpoints.load_checkpoint(first_best)['epoch'] == 1  # intact and loadable
+    assert load_checkpoint(first_best)['epoch'] == 1  # intact and loadable
     assert not glob.glob(os.path.join(run_dir, '*.tmp*'))
     log = open(tmp_path / 'logs' / (os.path.basename(run_dir) + '.log')).read()
     assert 'No space left on device' in log
@@ -413,7 +414,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_last_good_checkpoint(koniq_root
     run_dir = only_run_dir(tmp_path)
     summary = json.load(open(os.path.join(run_dir, 'summary.json')))
     assert summary['status'] == 'diverged'
-    assert checkpoints.load_checkpoint(os.path.join(run_dir, 'last.pkl'))['epoch'] == 1
+    assert load_checkpoint(os.path.join(run_dir, 'last.pkl'))['epoch'] == 1
     log = open(tmp_path / 'logs' / (os.path.basename(run_dir) + '.log')).read()
     assert 'STOPPED: loss is nan at epoch 2' in log
 
@@ -543,7 +544,7 @@ def test_two_process_ddp_on_cpu_matches_single_process_evaluation(koniq_root, tm
     config = json.load(open(os.path.join(run_dir, 'config.json')))
     assert config['world_size'] == 2
     summary = json.load(open(os.path.join(run_dir, 'summary.json')))
-    best = checkpoints.load_checkpoint(summary['best_checkpoint'])
+    best = load_checkpoint(summary['best_checkpoint'])
 
     # Re-evaluate the saved weights in this single process, on the same test images.
     from models_swin import build_model
@@ -639,3 +640,30 @@ def test_several_rounds_report_the_median_and_keep_each_rounds_checkpoints(koniq
     assert summary['median_test_srcc'] == pytest.approx(0.65)
     log = open(tmp_path / 'logs' / (os.path.basename(run_dir) + '.log')).read()
     assert 'Testing median SRCC 0.6500, median PLCC 0.6600 over 2 rounds' in log
+
+
+def test_a_run_that_fails_its_data_check_leaves_no_folder_and_no_log(tmp_path, capsys):
+    args = tiny_args(tmp_path / 'no-such-koniq', tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        train_swin.main(args)
+    assert stop.value.code == 2
+    assert 'DATA ERROR' in capsys.readouterr().out
+    for folder in ('checkpoints', 'logs'):
+        assert not (tmp_path / folder).exists() or not list((tmp_path / folder).iterdir())
+
+
+def test_cross_test_is_a_list_with_two_columns_per_set(koniq_root, tmp_path, monkeypatch):
+    from dataset_fixtures import make_json_list
+    spaq = tmp_path / 'spaq-test'
+    make_json_list(spaq, 'spaq_test.json', n=5)
+    monkeypatch.setitem(data_loader.DEFAULT_ROOTS, 'spaq', spaq)
+    monkeypatch.setitem(data_loader.DEFAULT_ROOTS, 'kadid-10k', tmp_path / 'no-kadid')   # not there: empty cells
+    argv = [a for a in tiny_args(koniq_root, tmp_path, epochs=1) if a != '--no_spaq']
+    assert train_swin.main(argv + ['--cross_test', 'kadid-10k', 'spaq']) == 0
+    rows = read_metrics(only_run_dir(tmp_path))
+    columns = list(rows[0])
+    assert columns[columns.index('test_krcc') + 1:columns.index('epoch_seconds')] == [
+        'kadid-10k_srcc', 'kadid-10k_plcc', 'spaq_srcc', 'spaq_plcc']
+    assert rows[0]['kadid-10k_srcc'] == '' and -1 <= float(rows[0]['spaq_srcc']) <= 1
+    with pytest.raises(SystemExit, match='--cross_test nope: not a data set name'):
+        train_swin.check_args(train_swin.build_parser().parse_args(['--cross_test', 'nope']), print)

@@ -15,7 +15,6 @@ import sys
 import numpy as np
 import torch
 
-import checkpoints
 import data_loader
 from iqa import metrics as iqa_metrics
 from iqa import scoring
@@ -23,9 +22,10 @@ from iqa.clip import data as clip_data
 from iqa.clip import hf_import
 from iqa.clip import models as models_clip
 from iqa.clip import weights as clip_weights
+from iqa.ckpt import CLIP_FORMAT, strip_wrapper_prefixes
 from iqa.files import atomic_write_json, atomic_write_text
 
-CLIP_CHECKPOINT_FORMAT = 'clip-iqa-checkpoint/1'
+CLIP_CHECKPOINT_FORMAT = CLIP_FORMAT
 
 
 def encode_texts(model, token_ids, device, batch_size=256, amp=False):
@@ -111,7 +111,7 @@ def load_model(path, device='cpu', clip_model=None):
     if not isinstance(ckpt, dict) or ckpt.get('format') != CLIP_CHECKPOINT_FORMAT:
         raise ValueError(f'{path} is not a CLIP checkpoint of train_clip.py (format {CLIP_CHECKPOINT_FORMAT!r})')
     model = models_clip.build_from_config(ckpt['model_config'], pretrained=False)
-    model.load_state_dict(checkpoints.strip_wrapper_prefixes(ckpt['state_dict']))
+    model.load_state_dict(strip_wrapper_prefixes(ckpt['state_dict']))
     return model.to(device).eval(), ckpt
 
 

@@ -22,12 +22,12 @@ random-initialised CLIP for tests and the demo. A checkpoint carries model_confi
 rebuilds the model without any download (build_from_config).
 """
 import os
-import socket
-import urllib.parse
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from iqa.runtime import hub_unreachable as _hub_unreachable
 
 # our name -> open_clip's name; 'nano' is built here from NANO_CONFIG
 CLIP_MODELS = {'nano': None, 'ViT-B/32': 'ViT-B-32', 'ViT-B/16': 'ViT-B-16', 'ViT-L/14': 'ViT-L-14'}
@@ -70,22 +70,6 @@ def _offline_message(name, err):
             '  * pass a local weights file:  --pretrained_path /path/to/open_clip_pytorch_model.bin\n'
             '    (copied from a machine with internet, e.g. from the Hugging Face cache), or\n'
             '  * train from random initialisation: --no_pretrained.')
-
-
-def _hub_unreachable():
-    """True when the hub's host does not resolve and no proxy is set: then only the local cache can
-    serve the weights, so the hub client is put in offline mode and fails at once instead of
-    retrying for most of a minute."""
-    if any(os.environ.get(v) for v in ('HTTPS_PROXY', 'https_proxy', 'HTTP_PROXY', 'http_proxy',
-                                       'ALL_PROXY', 'all_proxy')):
-        return False
-    import huggingface_hub.constants as hub
-    host = urllib.parse.urlparse(hub.ENDPOINT).hostname
-    try:
-        socket.getaddrinfo(host, 443)
-    except OSError:
-        return True
-    return False
 
 
 def _load_into(clip, state_dict, source):

@@ -1,54 +1,71 @@
-"""Run folders, atomic file writes, and saving/loading checkpoints without losing the last good one.
+"""Checkpoint files of both trainers: one saver, one loader, the RNG state, an atomic torch.save.
 
-Why this module exists: the user lost a night's experiment when the disk filled up while a
-checkpoint was being written ("OSError: [Errno 28] No space left on device"), then deleted 31 GB
-of checkpoints by hand. So here:
-- every file is written atomically: a temp file in the same folder, flushed and fsync'ed, then
-  os.replace'd over the target; a crash or a full disk leaves the previous file as it was and no
-  half-written file behind;
-- CheckpointSaver keeps only the newest `keep` best files (deleting old ones only after the new
-  one is safely on disk), and a failed save is reported and skipped instead of killing training;
-- checkpoints are plain dicts of tensors/numbers/strings/lists, loadable with
-  torch.load(weights_only=True), which cannot run code hidden in a file.
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so that
+torch.load(weights_only=True), which cannot run code hidden in a file, reads it back:
+{"format", "state_dict", "config", "epoch", "round", "metrics", "code_version", "optimizer",
+"rng_state", "best", "early_stopping", "round_complete", ...}. "format" names the system:
+SWIN_FORMAT (train_swin.py) or CLIP_FORMAT (train_clip.py, which adds "model_config" and
+"label_scales"). Bare model state_dicts (older files) load too.
 
-Checkpoint format (also in README.md, "Outputs"): {"format": "swin-iqa-checkpoint/1", "state_dict",
-"config", "epoch", "round", "metrics", "code_version", "optimizer", "scheduler", "rng_state",
-"best", "early_stopping"}. The user's older files are a bare model state_dict; both load.
+Every file is written atomically (iqa.files.atomic_write): a full disk or a crash mid-save leaves
+the previous file intact, and a failed save is reported and skipped instead of ending the run.
 """
 import collections
-import csv
-import datetime
-import glob
-import io
-import json
 import math
 import os
 import random
 import re
-import secrets
 import shutil
-import subprocess
 import sys
+import time
 
 import numpy as np
 import torch
 
-CHECKPOINT_FORMAT = 'swin-iqa-checkpoint/1'
+from iqa.files import atomic_write
+
+SWIN_FORMAT = 'swin-iqa-checkpoint/1'
+CLIP_FORMAT = 'clip-iqa-checkpoint/1'
+FORMATS = (SWIN_FORMAT, CLIP_FORMAT)
+CHECKPOINT_FORMAT = SWIN_FORMAT
 BARE_FORMAT = 'bare-state-dict'
 LAST_NAME = 'last.pkl'
-BEST_PATTERN = re.compile(r'^best_model_srcc_-?\d+\.\d{4}_plcc_-?\d+\.\d{4}\.pkl$')
 # keys every loaded checkpoint has (None where the file does not say)
 CHECKPOINT_KEYS = ('state_dict', 'config', 'epoch', 'round', 'metrics', 'code_version',
-                   'optimizer', 'scheduler', 'rng_state', 'best', 'early_stopping')
+                   'optimizer', 'scheduler', 'rng_state', 'best', 'early_stopping', 'round_complete')
 # prefixes that wrappers add to every parameter name: DistributedDataParallel, torch.compile
 _WRAPPER_PREFIXES = ('module.', '_orig_mod.')
 
 
-# --------------------------------------------------------------------------- atomic writes
+class BestFileName:
+    """The name of a best checkpoint, from the two test numbers that describe it (4 decimals,
+    found again by `pattern`): best_model_srcc_0.9378_plcc_0.9485.pkl for Swin,
+    best_model_srccq_0.8123_srccc_0.7456.pkl for CLIP."""
 
-from iqa.files import (_fsync_dir, _json_safe, atomic_write, atomic_write_bytes,  # noqa: E402,F401
-                       atomic_write_csv, atomic_write_json, atomic_write_text)
+    def __init__(self, template, finite=True):
+        self.template = template
+        self.finite = finite   # refuse NaN/inf in the name (the Swin trainer never selects one)
+        number = r'(?:-?\d+\.\d{4}|nan)'
+        self.pattern = re.compile('^' + re.escape(template).replace(r'\{\}', number) + '$')
 
+    def __call__(self, a, b):
+        a, b = float(a), float(b)
+        if self.finite and not (math.isfinite(a) and math.isfinite(b)):
+            raise ValueError(f'cannot name a best checkpoint after a non-finite metric: {a}, {b}')
+        return self.template.format(f'{a:.4f}', f'{b:.4f}')
+
+
+SWIN_BEST = BestFileName('best_model_srcc_{}_plcc_{}.pkl')
+CLIP_BEST = BestFileName('best_model_srccq_{}_srccc_{}.pkl', finite=False)
+BEST_PATTERN = SWIN_BEST.pattern
+
+
+def best_checkpoint_name(srcc, plcc):
+    """'best_model_srcc_0.9378_plcc_0.9485.pkl' (the Swin trainer's name)."""
+    return SWIN_BEST(srcc, plcc)
+
+
+# --------------------------------------------------------------------------- atomic torch.save
 
 def _oserror_in_chain(e):
     """The OSError that caused e, if any (torch wraps it in a RuntimeError, see below)."""
@@ -78,106 +95,6 @@ def atomic_torch_save(obj, path):
             raise cause from None
 
     atomic_write(path, write)
-
-
-# --------------------------------------------------------------------------- names
-
-def run_name(dataset, ranking_loss_alpha, when):
-    """'<dataset>-swin[-ranking-alpha<A>]_<YYYYmmdd_HHMMSS>', the user's run-folder names.
-
-    The alpha part only appears when alpha > 0 and uses '%g' (0.3 -> '0.3', 1.0 -> '1'), so
-    the folders of old and new runs sort and grep the same way.
-    """
-    if not dataset or not isinstance(dataset, str) or os.sep in dataset or '/' in dataset:
-        raise ValueError(f'dataset must be a non-empty name without "/", got {dataset!r}')
-    alpha = float(ranking_loss_alpha)
-    if not math.isfinite(alpha) or alpha < 0:
-        raise ValueError(f'ranking_loss_alpha must be a finite number >= 0, got {ranking_loss_alpha!r}')
-    if not isinstance(when, datetime.datetime):
-        raise ValueError(f'when must be a datetime.datetime, got {type(when).__name__}')
-    name = f'{dataset}-swin'
-    if alpha > 0:
-        name += '-ranking-alpha%g' % alpha
-    return name + when.strftime('_%Y%m%d_%H%M%S')
-
-
-def best_checkpoint_name(srcc, plcc):
-    """'best_model_srcc_0.9378_plcc_0.9485.pkl' (4 decimals: the user's naming, found by glob)."""
-    srcc, plcc = float(srcc), float(plcc)
-    if not (math.isfinite(srcc) and math.isfinite(plcc)):
-        raise ValueError(f'cannot name a best checkpoint after a non-finite metric: '
-                         f'srcc={srcc}, plcc={plcc}')
-    return f'best_model_srcc_{srcc:.4f}_plcc_{plcc:.4f}.pkl'
-
-
-def code_version(folder=None):
-    """`git describe --always --dirty` of the scripts' folder, or 'unknown'.
-
-    Saved in config.json and every checkpoint so a result can be traced to the code that made it;
-    '-dirty' flags uncommitted changes. 'unknown' when git is missing, the folder is not a repo,
-    or the repo has no commit yet; it never fails a run.
-    """
-    folder = folder or os.path.dirname(os.path.abspath(__file__))
-    try:
-        out = subprocess.run(['git', 'describe', '--always', '--dirty'], cwd=folder,
-                             capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return 'unknown'
-    version = out.stdout.strip()
-    if out.returncode != 0 or not version:
-        return 'unknown'
-    return version
-
-
-def make_run_dir(output_dir, run_name):
-    """Create the run's folder and return (run_dir, run_name); a name already taken (two runs
-    started in the same second, one per GPU) gets a _2, _3 ... suffix instead of sharing it."""
-    base, suffix = run_name, 1
-    while True:
-        run_dir = os.path.join(output_dir, run_name)
-        try:
-            os.makedirs(run_dir)
-            return run_dir, run_name
-        except FileExistsError:
-            suffix += 1
-            run_name = f'{base}_{suffix}'
-
-
-def find_resume_file(path, flag='--resume'):
-    """The last.pkl to resume from: `path` itself, or in a run folder its last.pkl (a
-    multi-round run keeps one per round in round<k>/: the newest). Stops with a message that
-    names `flag` when there is none (a run folder holds last.pkl after its first epoch)."""
-    ckpt_path = path
-    if os.path.isdir(path):
-        candidates = glob.glob(os.path.join(path, 'last.pkl')) + glob.glob(os.path.join(path, 'round*', 'last.pkl'))
-        ckpt_path = max(candidates, key=os.path.getmtime) if candidates else os.path.join(path, 'last.pkl')
-    if not os.path.exists(ckpt_path):
-        raise SystemExit(f'{flag} {path}: {ckpt_path} does not exist (a run folder holds last.pkl '
-                         'after its first epoch)')
-    return ckpt_path
-
-
-def resume_args(args, parser, stored, machine_flags, resume_flag):
-    """Turn `args` into the resumed run's: its stored configuration, except the flags that describe
-    the machine (`machine_flags`), which may change between attempts. Returns the experiment
-    flags given now that differ from the run's: they are ignored, and the caller says so."""
-    given = {k: v for k, v in vars(args).items() if k in machine_flags and v != parser.get_default(k)}
-    ignored = sorted(k for k, v in vars(args).items() if k not in machine_flags and k != resume_flag
-                     and v != parser.get_default(k) and stored.get(k) != v)
-    for key in list(vars(args)):
-        if key in stored:
-            setattr(args, key, stored[key])
-    for key, value in given.items():
-        setattr(args, key, value)
-    return ignored
-
-
-def resumed_run_dir(ckpt_path, train_test_num):
-    """The run folder a last.pkl belongs to (round<k>/last.pkl of a multi-round run: its parent)."""
-    run_dir = os.path.dirname(os.path.abspath(ckpt_path))
-    if os.path.basename(run_dir).startswith('round') and train_test_num > 1:
-        run_dir = os.path.dirname(run_dir)
-    return run_dir
 
 
 # --------------------------------------------------------------------------- RNG state
@@ -241,6 +158,7 @@ def check_weights_only_safe(obj, where='checkpoint'):
                     f'strings, lists or dicts instead (e.g. array.tolist())')
 
 
+
 # --------------------------------------------------------------------------- saving
 
 def _free_space(folder):
@@ -257,9 +175,10 @@ def _warn_stderr(message):
 class CheckpointSaver:
     """Saves best and last checkpoints of one run folder, keeping disk use bounded.
 
-    save_best writes best_model_srcc_<X>_plcc_<Y>.pkl and then deletes all but the newest
-    `keep` best files (an existing folder's best files count too, so --resume keeps the limit).
-    save_last writes last.pkl (the training state for --resume), replacing the previous one.
+    save_best writes a file named by `best_name` (a BestFileName) and then deletes all but the
+    newest `keep` best files (an existing folder's best files count too, so --resume keeps the
+    limit). save_last writes last.pkl (the training state for --resume), replacing the previous one.
+    Every file gets "format": `fmt`.
 
     A save that fails with OSError (a full disk, a quota, an I/O error) is reported through
     `warn` (default: stderr) and returns None: the previous files are intact and loadable, and
@@ -267,17 +186,20 @@ class CheckpointSaver:
     Other exceptions (e.g. TypeError for content that could not be loaded back) are bugs and raise.
     """
 
-    def __init__(self, run_dir, keep=1, warn=None):
+    def __init__(self, run_dir, keep=1, warn=None, fmt=SWIN_FORMAT, best_name=SWIN_BEST):
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise ValueError(f'keep must be an integer >= 1 (how many best checkpoints to keep), got {keep!r}')
+        if fmt not in FORMATS:
+            raise ValueError(f'unknown checkpoint format {fmt!r}; one of {FORMATS}')
         self.run_dir = os.fspath(run_dir)
         self.keep = keep
         self.warn = warn or _warn_stderr
+        self.format = fmt
+        self.best_name = best_name
         self.errors = []  # one message per failed save, e.g. for summary.json
         os.makedirs(self.run_dir, exist_ok=True)
-        found = [os.path.join(self.run_dir, f) for f in os.listdir(self.run_dir) if BEST_PATTERN.match(f)]
+        found = [os.path.join(self.run_dir, f) for f in os.listdir(self.run_dir) if best_name.pattern.match(f)]
         # the best files this saver manages, oldest first; the retention deletes from the front.
-        # A resumed run may overwrite it (e.g. with the best recorded in last.pkl).
         self.best_paths = sorted(found, key=os.path.getmtime)
 
     @property
@@ -296,7 +218,7 @@ class CheckpointSaver:
             raise ValueError(f'a checkpoint must be a dict with a "state_dict" key, got '
                              f'{type(checkpoint).__name__}' + (f' with keys {sorted(checkpoint)}'
                                                                if isinstance(checkpoint, dict) else ''))
-        checkpoint = check_weights_only_safe({'format': CHECKPOINT_FORMAT, **checkpoint})
+        checkpoint = check_weights_only_safe({'format': self.format, **checkpoint})
         try:
             atomic_torch_save(checkpoint, path)
         except OSError as e:
@@ -308,9 +230,10 @@ class CheckpointSaver:
             return None
         return path
 
-    def save_best(self, checkpoint, srcc, plcc):
-        """Write a new best checkpoint named after srcc/plcc; return its path, or None if it failed."""
-        path = os.path.join(self.run_dir, best_checkpoint_name(srcc, plcc))
+    def save_best(self, checkpoint, a, b):
+        """Write a new best checkpoint named after the two test numbers (Swin: srcc, plcc; CLIP:
+        srcc_q, srcc_c); return its path, or None if it failed."""
+        path = os.path.join(self.run_dir, self.best_name(a, b))
         previous = (f'the previous best {self.best_path} is intact' if self.best_path
                     else 'there is no earlier best checkpoint')
         if self._save(checkpoint, path, previous) is None:
@@ -334,6 +257,25 @@ class CheckpointSaver:
         previous = (f'the previous {path} is intact' if os.path.exists(path)
                     else f'there is no earlier {LAST_NAME}')
         return self._save(checkpoint, path, previous)
+
+
+def save_epoch(saver, checkpoint, *, best, improved, name_keys, selection, log, optimizer, bad_epochs, state,
+               round_complete, **extra):
+    """Save one epoch of either trainer: a new best checkpoint when the epoch improved (named after
+    best[k] for k in name_keys; its path goes into `best`), then last.pkl with the training state
+    --resume needs, plus `extra`. round_complete: the round ended with this epoch (early stop or its
+    last epoch), so --resume from this file starts the next round instead of running this one past
+    its end and overwriting its best checkpoint."""
+    if improved:
+        path = saver.save_best(checkpoint, *(best[k] for k in name_keys))
+        if path is not None:
+            best['checkpoint'] = path
+            log(f'  new best ({selection}) saved: {path}')
+    checkpoint.update(optimizer=optimizer.state_dict(), rng_state=capture_rng_state(), best=best,
+                      early_stopping={'bad_epochs': bad_epochs}, rounds=state['rounds'],
+                      round_complete=bool(round_complete),
+                      train_seconds=time.time() - state['start_time'] + state.get('seconds_before', 0.0), **extra)
+    saver.save_last(checkpoint)
 
 
 # --------------------------------------------------------------------------- loading
@@ -370,8 +312,8 @@ def strip_wrapper_prefixes(state_dict):
     return state_dict
 
 
-_EXPECTED = ('expected a checkpoint saved by train_swin.py (a dict with "format": '
-             f'"{CHECKPOINT_FORMAT}") or a bare model state_dict (parameter name -> tensor)')
+_EXPECTED = ('expected a checkpoint saved by train_swin.py or train_clip.py (a dict with "format": '
+             f'"{SWIN_FORMAT}" or "{CLIP_FORMAT}") or a bare model state_dict (parameter name -> tensor)')
 
 
 def load_checkpoint(path, map_location='cpu', weights_only=True):
@@ -380,7 +322,9 @@ def load_checkpoint(path, map_location='cpu', weights_only=True):
     Accepts this project's format and the user's old files: a bare state_dict, or one wrapped as
     {'model': sd} / {'state_dict': sd} / {'model_state_dict': sd}. Keys missing from the file are
     None ('config' None means: infer the model from the weights, models_swin.infer_model_config).
-    'format' is CHECKPOINT_FORMAT or BARE_FORMAT. Wrapper prefixes are stripped from state_dict.
+    'format' is SWIN_FORMAT, CLIP_FORMAT or BARE_FORMAT. Wrapper prefixes are stripped from state_dict.
+    CLIP files written before the shared saver kept the early-stopping count as 'bad_epochs'; it is
+    returned as 'early_stopping' like every other file's.
 
     weights_only=True (default) refuses files holding arbitrary Python objects, because unpickling
     those can run code. Every file this project or the user's train_swin.py wrote loads this way;
@@ -408,15 +352,17 @@ def load_checkpoint(path, map_location='cpu', weights_only=True):
                          f'{_EXPECTED}') from None
 
     if isinstance(obj, dict) and isinstance(obj.get('format'), str):
-        if obj['format'] != CHECKPOINT_FORMAT:
-            raise ValueError(f'{path} has checkpoint format {obj["format"]!r}; this code reads '
-                             f'{CHECKPOINT_FORMAT!r} and bare state_dicts')
+        fmt = obj['format']
+        if fmt not in FORMATS:
+            raise ValueError(f'{path} has checkpoint format {fmt!r}; this code reads '
+                             f'{" and ".join(map(repr, FORMATS))} and bare state_dicts')
         if not _is_state_dict(obj.get('state_dict')):
-            raise ValueError(f'{path} says format {CHECKPOINT_FORMAT!r} but its "state_dict" is '
+            raise ValueError(f'{path} says format {fmt!r} but its "state_dict" is '
                              f'not a dict of parameter name -> tensor')
         out = {k: obj.get(k) for k in CHECKPOINT_KEYS}
         out.update({k: v for k, v in obj.items() if k not in out})
-        fmt = CHECKPOINT_FORMAT
+        if out['early_stopping'] is None and obj.get('bad_epochs') is not None:
+            out['early_stopping'] = {'bad_epochs': obj['bad_epochs']}
     elif _is_state_dict(obj):
         out = dict.fromkeys(CHECKPOINT_KEYS)
         out['state_dict'] = obj
@@ -439,3 +385,12 @@ def load_checkpoint(path, map_location='cpu', weights_only=True):
     out['state_dict'] = strip_wrapper_prefixes(out['state_dict'])
     out['path'] = path
     return out
+
+
+def restore_training_state(resume, model, optimizer):
+    """Load a last.pkl's model, optimizer and RNG state into this process, for --resume.
+    Returns (epochs done, best record, epochs without improvement)."""
+    model.load_state_dict(resume['state_dict'])
+    optimizer.load_state_dict(resume['optimizer'])
+    restore_rng_state(resume['rng_state'])
+    return resume['epoch'], resume['best'], (resume['early_stopping'] or {}).get('bad_epochs', 0)
