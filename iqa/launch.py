@@ -59,7 +59,7 @@ when a GPU frees. With --slurm they go to SLURM as one job array instead.
                   (--gpus-per-task 1) unless you pass --gpus-per-task, --gres or --gpus, or
                   sinfo lists no GPU on the cluster; --gpus-per-task 0 asks for none (CPU
                   partitions). More than one GPU per task runs the trainer under torchrun
-                  (train_swin.py only: train_clip.py has no DDP yet and is refused). A task
+                  (train_swin.py and train_clip.py are both data-parallel). A task
                   requeues itself before its time limit and resumes its run's last.pkl.
   --max_running N with --slurm: at most N tasks at once (--array=...%N).
 

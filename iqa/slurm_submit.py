@@ -9,8 +9,8 @@ resumes the run's last.pkl (iqa/slurm_task.py finds the run folder).
 GPUs: each task asks for one GPU (--gpus-per-task 1) unless the sbatch options ask for GPUs
 themselves (--gpus-per-task, --gres gpu..., --gpus, --gpus-per-node) or sinfo lists no GPU on
 the cluster (the partition of -p); `--gpus-per-task 0` asks for none (a CPU partition) and is not
-passed on. More than one GPU per node runs the trainer under torchrun; train_clip.py has no DDP
-yet, so it is refused there (N processes would each train the same model).
+passed on. More than one GPU per node, or more than one node, runs the trainer (train_swin.py or
+train_clip.py, both data-parallel) under torchrun.
 """
 import os
 import re
@@ -30,7 +30,6 @@ SIGNAL_BEFORE_S = 300
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'slurm_batch.sh.template')
 IQA_HOME = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_GPUS = 1
-NO_DDP_TRAINERS = ('train_clip.py',)
 
 
 class BatchTemplate(string.Template):
@@ -115,7 +114,7 @@ def cluster_has_gpus(partition):
     return 'gpu' in done.stdout
 
 
-def resolve_gpus(request, trainer):
+def resolve_gpus(request):
     """GPUs per node of each task, the #SBATCH line that asks for them, and a text for the user."""
     nodes = int(request.nodes)
     line = ''
@@ -138,10 +137,6 @@ def resolve_gpus(request, trainer):
     if nodes > 1 and gpus == 0:
         raise UsageError(f'--nodes {nodes}: a multi-node experiment runs torchrun on each node; give '
                          '--gpus-per-task N')
-    if os.path.basename(trainer) in NO_DDP_TRAINERS and (gpus > 1 or nodes > 1):
-        raise UsageError(f'{os.path.basename(trainer)} has no DDP yet: with {gpus} GPUs per node on {nodes} '
-                         f'node(s) {PROG} would start it under torchrun, and every process would train the '
-                         'same model alone; ask for one GPU per task (--gpus-per-task 1, the default)')
     if nodes > 1:
         text += f' on {nodes} nodes'
     return gpus, line, text
@@ -203,7 +198,7 @@ def submit(setup, plan, pending, skip_lines):
     request = read_sbatch_options(opts.sbatch_opts)
     if re.search(r'\s', log_dir):
         raise UsageError(f"--log_dir '{log_dir}': no spaces with --slurm (#SBATCH lines)")
-    gpus, gpu_line, asks_for = resolve_gpus(request, setup.trainer)
+    gpus, gpu_line, asks_for = resolve_gpus(request)
     submit_list, queued_lines = to_submit(pending, log_dir)
 
     stem = os.path.basename(plan.path)

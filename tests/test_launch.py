@@ -1,7 +1,7 @@
 """The Python launcher behind run_experiments.sh (iqa/launch.py, iqa/slurm_submit.py): what it
 adds to the runner tested in test_run_experiments.py and test_slurm.py. SLURM tasks ask for one
-GPU by default, runs that share a GPU are told so (IQA_GPU_SHARED), train_clip.py is not put
-under torchrun, and the launcher starts without torch."""
+GPU by default, runs that share a GPU are told so (IQA_GPU_SHARED), train_clip.py is put under
+torchrun like train_swin.py, and the launcher starts without torch."""
 import json
 import os
 import shutil
@@ -110,20 +110,25 @@ def test_a_cluster_without_gpus_gets_cpu_tasks_by_default(box):
     assert '#SBATCH --gpus-per-task=1\n' in slurm_dry_run(box).stdout
 
 
-@pytest.mark.parametrize('args', [['--gpus-per-task', '2'], ['--nodes', '2', '--gpus-per-task', '1'],
-                                  ['--gres', 'gpu:4']])
-def test_train_clip_is_not_wrapped_in_torchrun(box, args):
+@pytest.mark.parametrize('args, gpus, nodes', [(['--gpus-per-task', '2'], 2, 1),
+                                                (['--nodes', '2', '--gpus-per-task', '1'], 1, 2),
+                                                (['--gres', 'gpu:4'], 4, 1)])
+def test_train_clip_is_wrapped_in_torchrun_like_train_swin(box, args, gpus, nodes):
+    """Both trainers are data-parallel, so a task with several GPUs or nodes runs either one under
+    torchrun: the same batch script, only SCRIPT differs."""
     clip_plan = '# script: train_clip.py\nC1 --lr 1e-5\n'
     (box / 'repo' / 'train_clip.py').write_text('raise SystemExit("a stub: never run here")\n')
-    for dry in (['--dry-run'], []):
-        out = run_queue(box, clip_plan, '--slurm', *args, *dry)
-        assert out.returncode == 2, out.stdout + out.stderr
-        assert 'train_clip.py has no DDP yet' in out.stderr and 'torchrun' in out.stderr
+    clip = run_queue(box, clip_plan, '--slurm', *args, '--dry-run')
+    swin = run_queue(box, 'S1 --lr 1e-5\n', '--slurm', *args, '--dry-run')
+    for out, script in ((clip, 'train_clip.py'), (swin, 'train_swin.py')):
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert 'torch.distributed.run' in out.stdout and 'no DDP' not in out.stdout + out.stderr
+        assert f'\nGPUS={gpus} ' in out.stdout and f'\nNODES={nodes} ' in out.stdout
+        assert f'\nSCRIPT={box / "repo" / script}\n' in out.stdout
     assert not (box / 'work' / 'logs' / 'experiments' / 'slurm').exists()
-    # One GPU per task (the default) is fine, and so is train_swin.py on several.
-    assert run_queue(box, clip_plan, '--slurm', '--dry-run').returncode == 0
-    out = run_queue(box, 'S1 --lr 1e-5\n', '--slurm', *args, '--dry-run')
-    assert out.returncode == 0 and 'torch.distributed.run' in out.stdout
+    # One GPU per task (the default) still runs train_clip.py without torchrun.
+    out = run_queue(box, clip_plan, '--slurm', '--dry-run')
+    assert out.returncode == 0 and '\nGPUS=1 ' in out.stdout
 
 
 def run_env_queue(box, gpus):
