@@ -27,7 +27,7 @@ demo: $(STAMP)
 # The second system: the nano CLIP learns image quality and prompt consistency from random weights
 # on the built-in demo set (drawn AIGC-style images and their prompts; no download), CPU, a few minutes.
 # Embeddings frozen (--partial_freeze --freeze_layers 0): twice as fast on the CPU, and held-out prompts
-# scored at least as well as with the 3.2 M-entry token table trained (README, "The CLIP demo").
+# scored at least as well as with the 3.2 M-entry token table trained (docs/clip.md, "The CLIP demo").
 # --select_on mean and --freeze_ln_pre: the selection and the freezing the demo's published numbers
 # were measured with (the defaults are now the original's: consistency, ln_pre trained; docs/clip.md,
 # "The CLIP demo").

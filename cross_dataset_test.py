@@ -8,7 +8,7 @@
 Three modes, one per question the user asks after training:
 
 * cross-dataset (default): how well does a KonIQ-trained model generalise? Every data set is
-  scored with the crops training-time evaluation uses (evaluation.predict_scores), and SRCC/PLCC
+  scored with the crops training-time evaluation uses (iqa.evaluation.predict_scores), and SRCC/PLCC
   come with 95% bootstrap intervals over images, so a +0.0025 SRCC difference between two runs
   can be told apart from noise. Results go to cross_dataset_results_<size>_<checkpoint>.json.
   What is scored of each set is iqa/scoring.py's one rule, for Swin and CLIP checkpoints: the
@@ -278,7 +278,7 @@ def _flag_or(value, stored):
 
 
 def score_images(model, images_u8, settings, device, amp, desc=None):
-    """One score per image with the crops of training-time evaluation (evaluation.predict_scores)."""
+    """One score per image with the crops of training-time evaluation (iqa.evaluation.predict_scores)."""
     return evaluation.predict_scores(
         model, images_u8, patch_size=settings['patch_size'], patch_num=settings['test_patch_num'],
         batch_size=settings['batch_size'], crop=settings['test_crop'],

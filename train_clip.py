@@ -472,7 +472,7 @@ def run_round(round_idx, args, state, ctx):
     text = []
     if args.text_lr_ratio != 1:
         # A third group, after the two every run has (lr_backbone / lr_head in metrics.csv stay
-        # the image tower's and the heads'): why, see "The CLIP demo" in the README.
+        # the image tower's and the heads'): why, see "The CLIP demo" in docs/clip.md.
         text_ids = {id(p) for n, p in model.clip.named_parameters() if not n.startswith('visual.')}
         text = [p for p in backbone if id(p) in text_ids]
         backbone = [p for p in backbone if id(p) not in text_ids]

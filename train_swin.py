@@ -126,7 +126,7 @@ def build_parser():
     g.add_argument('--loss_type', default=TRAIN_DEFAULTS['loss_type'], choices=LOSS_TYPES,
                    help='l1/l2 on MOS; srcc = 1 - batch Pearson correlation; rank and pairwise = the user\'s '
                         'pairwise rank and fidelity losses; hinge = margin ranking loss; fidelity = Thurstone '
-                        'fidelity loss (formulas: README, Losses)')
+                        'fidelity loss (formulas: docs/training.md, Losses)')
     g.add_argument('--ranking_loss_alpha', type=float, default=TRAIN_DEFAULTS['ranking_loss_alpha'], metavar='A',
                    help='weight of the margin ranking loss added to the main loss (0 = off)')
     g.add_argument('--ranking_loss_margin', type=float, default=TRAIN_DEFAULTS['ranking_loss_margin'], metavar='M',

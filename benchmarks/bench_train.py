@@ -1,8 +1,8 @@
 """Training and evaluation speed of the real loop: patches/s, MFU, memory, KonIQ run projection.
 
 A benchmark, not a test: it only measures. Every figure comes from the code a real run uses:
-models_swin.build_model, data_loader.TrainPatchSampler / load_images, train_swin.train_one_epoch
-(loss, backward, clipping, AdamW step, per-step .item()) and evaluation.predict_scores. The model
+models_swin.build_model, data_loader.TrainPatchSampler / load_images, iqa.engine.train_one_epoch
+(loss, backward, clipping, AdamW step, per-step .item()) and iqa.evaluation.predict_scores. The model
 has random weights (no download) and the training images are random uint8 tensors of the cached
 size (512x384): speed does not depend on either. In order, it measures
 
@@ -129,7 +129,7 @@ def check_args(args):
 
 
 # --------------------------------------------------------------------------- sampler stand-ins
-# train_swin.train_one_epoch takes any object with batches(epoch) and len(): these two feed it
+# iqa.engine.train_one_epoch takes any object with batches(epoch) and len(): these two feed it
 # a fixed number of steps, so the timed loop is the training loop itself.
 
 class FirstBatches:
@@ -198,7 +198,7 @@ def train_patches_per_s(model, optimizer, sampler_like, epoch, train_args, devic
 
 
 def eval_patches_per_s(model, images, n_batches, args, device, amp):
-    """(patches/s, seconds) of evaluation.predict_scores over about n_batches evaluation batches."""
+    """(patches/s, seconds) of iqa.evaluation.predict_scores over about n_batches evaluation batches."""
     n = images.shape[0]
     patch_num = max(1, math.ceil(n_batches * args.eval_batch_size / n))
     sync(device)

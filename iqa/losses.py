@@ -1,4 +1,4 @@
-"""Training losses of the Swin trainer between (B,) predictions and (B,) MOS (formulas: README, Losses)."""
+"""Training losses of the Swin trainer between (B,) predictions and (B,) MOS (formulas: docs/training.md, Losses)."""
 import math
 
 import torch

@@ -1,4 +1,4 @@
-"""checkpoints: atomic writes under a full disk, best/last retention, naming, loading old and new files."""
+"""iqa/ckpt.py: atomic writes under a full disk, best/last retention, naming, loading old and new files."""
 import collections
 import datetime
 import errno

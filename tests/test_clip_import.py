@@ -18,10 +18,7 @@ from transformers import CLIPConfig, CLIPModel  # noqa: E402
 from iqa.clip import hf_import  # noqa: E402
 from iqa.clip.hf_import import CheckpointImportError  # noqa: E402
 
-try:
-    from iqa.clip import models as models_clip
-except ImportError:   # before models_clip.py moved into iqa/clip/
-    import models_clip
+from iqa.clip import models as models_clip  # noqa: E402
 
 TOL_EMB = 1e-5
 TOL_SCORE = 1e-4

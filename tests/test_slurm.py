@@ -129,7 +129,7 @@ def test_dry_run_prints_the_array_and_each_task_runs_the_local_command(sandbox):
 def test_multi_gpu_tasks_use_torchrun_and_multi_node_tasks_srun_with_a_rendezvous(sandbox):
     work = sandbox / 'work'
     bin_dir = sandbox / 'bin'
-    # A python that runs slurm_task.py but only records a training command (no torchrun here).
+    # A python that runs iqa/slurm_task.py but only records a training command (no torchrun here).
     fake_commands(bin_dir, srun='echo "srun $*" >> srun.calls\n',
                   scontrol='[ "$1 $2" = "show hostnames" ] && printf "node7\\nnode8\\n"\n',
                   fakepy=f'case "$1" in *slurm_task.py) exec {shlex.quote(sys.executable)} "$@";; esac\n'

@@ -13,7 +13,7 @@ Direct mode (--no_residual_learning):
 
 `bound` is clamp(., 0, 1) as in the original. A clamp passes no gradient once a score sits
 at 0 or 1; 'smooth' (a flag of train_clip.py) replaces it by a bound that is the identity
-inside [0.05, 0.95] and bends smoothly into (0, 1) outside. README, "CLIP system", has
+inside [0.05, 0.95] and bends smoothly into (0, 1) outside. docs/clip.md, "The CLIP demo", has
 what the demo measured for each.
 
 Backbones come from open-clip-torch (both towers; its tokenizer vocabulary ships with the

@@ -137,7 +137,7 @@ def place_images(images_u8: torch.Tensor, device: str | torch.device, *, step_by
     """Keep the uint8 images where patches are cut, as plan_image_memory decides for this one set.
 
     Every caller that does not plan its sets itself (cross_dataset_test.py through
-    evaluation.predict_scores, TrainPatchSampler and eval_patch_batches with place=True) is
+    iqa.evaluation.predict_scores, TrainPatchSampler and eval_patch_batches with place=True) is
     placed by this rule, so there is one policy. `step_bytes` is what the work on the device
     still needs besides the images: 0 for evaluation, whose batches the plan's reserve covers
     (PLAN_RESERVE_FRACTION); memory PyTorch holds in its cache counts as free.
