@@ -8,8 +8,8 @@
 A run is a run folder written by train_swin.py (its metrics.csv, config.json, summary.json) or,
 for runs of the user's original code, its log file (the per-epoch lines are parsed). Every figure
 is one paper column wide (3.5 in) with 8 pt text and is written as PNG (300 dpi) and PDF.
-Numbers across runs (bars, sweep, scatter) are those of collect_results.py: the summary's best
-epoch, or the best epoch so far for a run without a summary.
+Numbers across runs (bars, sweep, scatter) are those of collect_results.py (both read runs with
+iqa/results.py): the summary's best epoch, or the best epoch so far for a run without a summary.
 """
 import argparse
 import io
@@ -26,8 +26,8 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from iqa.files import atomic_write_bytes  # noqa: E402
-from collect_results import (RunReadError, best_row, config_diff, find_runs, is_clip_rows,  # noqa: E402
-                             load_run, pick_baseline, run_result)
+from iqa.results import (RunReadError, best_row, config_diff, find_runs, is_clip_rows,  # noqa: E402
+                         load_run, pick_baseline, run_result)
 
 COLUMN_WIDTH_IN = 3.5  # one column of a two-column paper (IEEE/CVPR)
 DPI = 300

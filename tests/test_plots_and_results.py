@@ -12,6 +12,7 @@ import pytest
 
 import collect_results
 import plot_training_curve
+from iqa import results
 
 HEADER = ('round,epoch,lr_backbone,lr_head,train_loss,train_srcc,val_srcc,val_plcc,val_krcc,'
           'test_srcc,test_plcc,test_krcc,spaq_srcc,spaq_plcc,epoch_seconds,train_patches_per_s,'
@@ -95,7 +96,7 @@ def png_size(path):
 
 
 def test_metrics_csv_read_in_train_swin_format(two_runs):
-    rows = collect_results.read_metrics_csv(str(two_runs[0] / 'metrics.csv'))
+    rows = results.read_metrics_csv(str(two_runs[0] / 'metrics.csv'))
     assert [r['epoch'] for r in rows] == [1, 2, 3]
     assert rows[1]['test_srcc'] == 0.9378 and rows[1]['is_best'] == 1
     assert rows[0]['lr_head'] == pytest.approx(5e-5)
@@ -118,7 +119,7 @@ def test_cross_run_figures(two_runs, tmp_path, monkeypatch):
     out = tmp_path / 'figs'
     runs = [str(p) for p in two_runs]
     monkeypatch.chdir(tmp_path)  # where checkpoints/ is, so the experiment name E3 resolves
-    assert collect_results.find_runs(['E3']) == [str(Path('checkpoints') / two_runs[0].name)]
+    assert results.find_runs(['E3']) == [str(Path('checkpoints') / two_runs[0].name)]
     assert plot_training_curve.main(['--ablation', two_runs[1].name, '--baseline', 'E3',
                                      '--out', str(out)]) == 0
     assert plot_training_curve.main(['--lr_sweep', *runs, '--out', str(out)]) == 0
@@ -132,7 +133,7 @@ def test_old_log_parsed(tmp_path):
     log = tmp_path / 'logs' / 'batch1_gpu0_lr5e7_20251223_002208.log'
     log.parent.mkdir()
     log.write_text(OLD_LOG, encoding='utf-8')
-    parsed = collect_results.parse_old_log(str(log))
+    parsed = results.parse_old_log(str(log))
     rows = parsed['rows']
     assert [(r['round'], r['epoch']) for r in rows] == [(1, 1), (1, 2), (1, 3), (2, 1)]
     assert [r['test_srcc'] for r in rows[:3]] == [0.9169, 0.9301, 0.9288]
@@ -153,7 +154,7 @@ def test_old_log_parsed(tmp_path):
     # What `grep "Best test SRCC"` found, the table finds too, even without per-epoch lines.
     short = tmp_path / 'logs' / 'short.log'
     short.write_text('training...\nBest test SRCC 0.9378 PLCC 0.9485 (epoch 8, selected on val)\n')
-    result = collect_results.run_result(collect_results.load_run(str(short)))
+    result = results.run_result(results.load_run(str(short)))
     assert (result['status'], result['test_srcc'], result['test_plcc']) == ('finished', 0.9378, 0.9485)
 
 
@@ -191,10 +192,10 @@ def test_crashed_run_found_by_its_log(two_runs, tmp_path, capsys):
     assert collect_results.main([str(two_runs[0].parent), '--csv', '']) == 0
     # No --baseline: each flag is compared with the value most runs share (ties: the first run).
     assert '| attention_fusion=False lr=5e-07 | crashed | 2/2 |' in capsys.readouterr().out
-    run = collect_results.load_run(str(two_runs[1]))
+    run = results.load_run(str(two_runs[1]))
     assert run['status'] == 'crashed'
     # Its log stands for its folder (exact CSV numbers), and is not listed twice.
-    assert collect_results.find_runs([str(logs), str(two_runs[1])]) == [str(two_runs[1])]
+    assert results.find_runs([str(logs), str(two_runs[1])]) == [str(two_runs[1])]
 
 
 @pytest.mark.parametrize('content, message', [
@@ -209,8 +210,8 @@ def test_malformed_metrics_csv_names_the_file(tmp_path, capsys, content, message
     run = tmp_path / 'checkpoints' / 'broken_run'
     run.mkdir(parents=True)
     (run / 'metrics.csv').write_text(content)
-    with pytest.raises(collect_results.RunReadError) as err:
-        collect_results.read_metrics_csv(str(run / 'metrics.csv'))
+    with pytest.raises(results.RunReadError) as err:
+        results.read_metrics_csv(str(run / 'metrics.csv'))
     assert str(run / 'metrics.csv') in str(err.value) and message in str(err.value)
     # The CLI says the same thing instead of a traceback, and exits non-zero.
     assert plot_training_curve.main([str(run), '--out', str(tmp_path / 'figs')]) == 2
@@ -265,7 +266,7 @@ def write_clip_run(folder, epochs, finished=True):
 
 def test_clip_runs_get_both_heads_in_the_table_and_swin_rows_keep_theirs(two_runs, tmp_path, capsys):
     import train_clip
-    assert collect_results.CLIP_METRICS_COLUMNS == tuple(train_clip.METRIC_COLUMNS)
+    assert results.CLIP_METRICS_COLUMNS == tuple(train_clip.METRIC_COLUMNS)
     parent = two_runs[0].parent
     write_clip_run(parent / 'clip1', [(0.80, 0.60, 1), (0.89, 0.70, 1), (0.90, 0.65, 0)])
     csv_path = tmp_path / 'results.csv'
@@ -301,7 +302,7 @@ def test_clip_run_curves_show_both_heads(tmp_path):
 
 
 def test_clip_curve_panels(tmp_path, monkeypatch):
-    run = collect_results.load_run(str(write_clip_run(tmp_path / 'clip1', [(0.8, 0.6, 1), (0.9, 0.7, 1)])))
+    run = results.load_run(str(write_clip_run(tmp_path / 'clip1', [(0.8, 0.6, 1), (0.9, 0.7, 1)])))
     drawn = []
     monkeypatch.setattr(plot_training_curve, 'save_figure',
                         lambda fig, out, stem: drawn.append([(ax.get_ylabel(), [t.get_text() for t in ax.get_legend().texts])

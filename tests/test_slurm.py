@@ -21,6 +21,7 @@ import pytest
 
 import collect_results
 from iqa import slurm_task
+from iqa.results import read_metrics_csv
 from slurm_cluster import one_node_cluster, unavailable, wait_until
 from test_run_experiments import (STUB_TRAINER, calls, copy_launcher, fake_nvidia_smi, process_alive, run_queue,
                                   run_script, script_env, write_stub)
@@ -473,14 +474,14 @@ def test_a_clip_plan_runs_in_the_local_queue_and_a_stopped_clip_task_resumes_its
     assert task.returncode == 0 and (work / 'scontrol.calls').read_text() == 'requeue 41_0\n'
     logs = work / 'logs' / 'experiments'
     # killed after its first last.pkl: metrics.csv (written just after it) may hold one row less
-    stopped = collect_results.read_metrics_csv(str(run_dir / 'metrics.csv')) if (run_dir / 'metrics.csv').exists() else []
+    stopped = read_metrics_csv(str(run_dir / 'metrics.csv')) if (run_dir / 'metrics.csv').exists() else []
     assert len(stopped) < 8 and not (logs / 'C2.done').exists()
 
     done = run_task(sandbox, (work / 'task.sbatch').read_text(), 0)
     assert done.returncode == 0, done.stdout + done.stderr
     log = (logs / 'C2.log').read_text()
     assert f'--resume ckpt/{run_dir.name}' in log and f'resuming ckpt/{run_dir.name} (its last.pkl)' in log
-    rows = collect_results.read_metrics_csv(str(run_dir / 'metrics.csv'))
+    rows = read_metrics_csv(str(run_dir / 'metrics.csv'))
     assert [r['epoch'] for r in rows] == list(range(1, 9))     # continued, not started over
     assert [(r['epoch'], r['test_srcc_q'], r['train_loss']) for r in rows[:len(stopped)]] == [
         (r['epoch'], r['test_srcc_q'], r['train_loss']) for r in stopped]
