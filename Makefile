@@ -29,7 +29,7 @@ demo: $(STAMP)
 # Embeddings frozen (--partial_freeze --freeze_layers 0): twice as fast on the CPU, and held-out prompts
 # scored at least as well as with the 3.2 M-entry token table trained (docs/clip.md, "The CLIP demo").
 # --select_on mean and --freeze_ln_pre: the selection and the freezing the demo's published numbers
-# were measured with (the defaults are now the original's: consistency, ln_pre trained; docs/clip.md,
+# were measured with (the defaults are the original's: consistency, ln_pre trained; docs/clip.md,
 # "The CLIP demo").
 demo-clip: $(STAMP)
 	$(PY) train_clip.py --data_csv_path demo --clip_model nano --no_pretrained --epochs 20 --batch_size 16 \

@@ -128,7 +128,7 @@ def build_parser():
     g.add_argument('--freeze_clip', action='store_true', help='freeze both CLIP towers (heads only)')
     g.add_argument('--partial_freeze', action='store_true',
                    help='freeze the embeddings (patch, class, position, token) and the first --freeze_layers '
-                        'blocks of each tower, as the original meant (its own code crashed on this flag)')
+                        'blocks of each tower, as the original meant (its own code crashes on this flag)')
     g.add_argument('--freeze_layers', type=int, default=8, metavar='N',
                    help='blocks frozen by --partial_freeze (ViT-B: 12 blocks, ViT-L: 24 vision / 12 text); N at '
                         'or above a tower\'s depth freezes all its blocks')

@@ -44,8 +44,8 @@ def check_losses(losses, first_step, epoch, world=1):
     """Raise FloatingPointError at the first non-finite loss of `losses` (device tensors).
 
     With several processes all of them decide together: the first bad step is all-reduced,
-    so every rank raises at the same check. A rank that stopped alone left the others waiting
-    in the next collective until torchrun tore the job down, with no summary written.
+    so every rank raises at the same check. A rank that stopped alone would leave the others
+    waiting in the next collective until torchrun tears the job down, with no summary written.
     """
     if not losses:   # an epoch of a multiple of CHECK_EVERY steps was checked in full already
         return

@@ -344,12 +344,12 @@ class ClipQualityModel(nn.Module):
 
     def freeze(self, freeze_clip=False, partial_freeze=False, freeze_layers=8, freeze_ln_pre=False, warn=print):
         """--freeze_clip: both towers frozen. --partial_freeze --freeze_layers N: as the original
-        meant it (its code crashed before reaching this on open_clip-like towers): each tower's
+        meant it (its own code stops with an AttributeError before reaching this): each tower's
         embeddings (vision: patch conv, class and position embeddings; text: token and position
         embeddings) and its first N transformer blocks; N at or above a tower's depth freezes all
         its blocks (ViT-L/14 at 18: 18 of 24 vision blocks, all 12 text blocks). The vision
         tower's ln_pre is no embedding and trains, as in the original; freeze_ln_pre freezes it
-        too (what this program did before, kept so that make demo-clip's numbers stay).
+        too (make demo-clip does: its published numbers were measured so).
         Returns a one-line description for the log."""
         if freeze_clip:
             self.clip.requires_grad_(False)
