@@ -7,8 +7,8 @@ HyperIQA protocol); the correlations are then taken over images, never over patc
 The metrics return plain Python floats so they can go straight into metrics.csv, summary.json
 and a checkpoint (torch.load(weights_only=True) refuses numpy scalars).
 
-torch is never imported here: plot_training_curve.py and collect_results.py use these
-functions without paying for it.
+torch is never imported here (numpy and scipy only): a tool that scores predictions can use
+these functions without paying for it.
 """
 import sys
 
