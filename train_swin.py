@@ -27,7 +27,7 @@ import models_swin
 from iqa import ckpt, runs, runtime
 from iqa import metrics as iqa_metrics
 from iqa.data import placement
-from iqa.evaluation import predict_scores
+from iqa.evaluation import predict_scores, too_small_message
 from iqa.engine import (CHECK_EVERY, TRAIN_DEFAULTS, check_losses, measure_step_bytes,  # noqa: F401 (tests)
                         train_one_epoch)
 from iqa.losses import LOSS_TYPES, margin_ranking_loss, quality_loss, rank_loss, total_loss  # noqa: F401 (tests)
@@ -372,6 +372,10 @@ def run_round(round_idx, args, state, ctx):
         f'{dataset.split_source}; train {len(splits["train"])}, val {len(splits.get("val", []))}, '
         f'test {len(splits["test"])} images; target {dataset.score_name}')
     log(f'Evaluation: {describe_test_crop(args.test_crop, args.test_patch_num)}')
+    small = {name: len(splits[name]) for name in ('val', 'test') if 0 < len(splits.get(name, [])) < world}
+    small.update({name: len(cross[1]) for name, cross in ctx['cross'].items() if len(cross[1]) < world})
+    if small:
+        raise SystemExit(too_small_message(small, world))
     ctx['open_run']()   # the data check passed: now the run gets its folder and log
     # Stored so that cross-dataset tests know which way this model's scores point.
     ctx['config']['higher_is_better'] = bool(dataset.higher_is_better)
@@ -398,6 +402,10 @@ def run_round(round_idx, args, state, ctx):
     for name, (_, cross_mos, cross_dir) in ctx['cross'].items():
         ctx['cross'][name] = (image_sets.pop(name), cross_mos, cross_dir)
     optimizer = make_optimizer(groups, args, device)
+    # Evaluation runs through the unwrapped module: the DDP wrapper's forward is a collective (it
+    # broadcasts buffers), so a rank with fewer evaluation batches than another would leave the
+    # others waiting in it. Rank 0's buffers are broadcast before each evaluation instead.
+    eval_model = model
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == 'cuda' else None)
@@ -406,6 +414,7 @@ def run_round(round_idx, args, state, ctx):
         # to the same size, so the model compiles twice, at the first training step and the first
         # evaluation (train and eval mode), and never again (BENCHMARKS.md: what compiles when).
         model = torch.compile(model, dynamic=False)
+        eval_model = model if world == 1 else torch.compile(eval_model, dynamic=False)
 
     sampler = data_loader.TrainPatchSampler(
         image_sets.pop('train'), mos[splits['train']], patch_size=args.patch_size, patch_num=args.train_patch_num,
@@ -448,14 +457,15 @@ def run_round(round_idx, args, state, ctx):
                     'lr_head': f'{lr_head:.3e}', 'train_loss': fmt(train_loss), 'train_srcc': fmt(train_srcc)})
         eval_seed = round_seed * 1000 + epoch if args.test_crop == 'random' else round_seed
         results = {}
+        runtime.broadcast_buffers(raw_model, world)
         for name, (imgs, split_mos) in eval_sets.items():
-            results[name], _ = evaluate_split(model, imgs, split_mos, 1, args, device, amp, rank, world,
+            results[name], _ = evaluate_split(eval_model, imgs, split_mos, 1, args, device, amp, rank, world,
                                               eval_seed, f'{name} eval')
             for metric in ('srcc', 'plcc', 'krcc'):
                 row[f'{name}_{metric}'] = fmt(results[name][metric])
         for name, (cross_images, cross_mos, cross_dir) in ctx['cross'].items():
             direction = cross_dir * (1 if dataset.higher_is_better else -1)
-            results[name], _ = evaluate_split(model, cross_images, cross_mos, direction, args, device, amp,
+            results[name], _ = evaluate_split(eval_model, cross_images, cross_mos, direction, args, device, amp,
                                               rank, world, eval_seed, f'{name.upper()} eval')
             row[f'{name}_srcc'], row[f'{name}_plcc'] = fmt(results[name]['srcc']), fmt(results[name]['plcc'])
         row['epoch_seconds'] = f'{seconds:.1f}'
@@ -511,8 +521,7 @@ def run_round(round_idx, args, state, ctx):
         best['no_val'] = no_val
     if 'test' in eval_sets and rank == 0:
         # Bootstrap intervals of the selected epoch, from its saved weights.
-        # rank 0 alone: through the DDP wrapper it could enter a collective the others never join
-        best.update(best_intervals(raw_model, model if world == 1 else raw_model, best, eval_sets['test'], args,
+        best.update(best_intervals(raw_model, eval_model, best, eval_sets['test'], args,
                                    device, amp,
                                    round_seed * 1000 + best['epoch'] - 1 if args.test_crop == 'random' else round_seed))
     return best, status

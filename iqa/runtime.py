@@ -110,6 +110,23 @@ def gather_to_all(array, world_size):
     return np.concatenate(parts)
 
 
+def to_device(tensor, device):
+    """A host tensor on `device` without a blocking copy: on CUDA it is pinned and copied
+    asynchronously (a copy from pageable memory waits for the GPU's queue to drain first)."""
+    if torch.device(device).type != 'cuda' or tensor.device.type == 'cuda':
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def broadcast_buffers(module, world_size):
+    """Copy rank 0's buffers (BatchNorm statistics) to every rank (nothing for 1 process), as the
+    DDP wrapper's forward does, so a module evaluated unwrapped scores alike on every rank."""
+    if world_size == 1:
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=0)
+
+
 def average_gradients(params, world_size):
     """Average the gradients of `params` over the processes (identity for 1 process): after it every
     rank holds the gradient of the whole batch and takes the same optimizer step. Parameters without
