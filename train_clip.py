@@ -692,6 +692,7 @@ def main(argv=None):
     args = check_args(args, warnings.append)
 
     rank, world, device = setup_distributed(args.device)   # torchrun: one process per device
+    runtime.warn_idle_gpus(device, world, warnings.append)
     amp = set_precision(args.precision, device)   # bf16 autocast needs no GradScaler (that is fp16's)
     if args.cache_dir in ('none', ''):
         args.cache_dir = None

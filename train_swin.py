@@ -387,6 +387,7 @@ def run_round(round_idx, args, state, ctx):
                                     use_attention=args.attention_fusion,
                                     pretrained=not args.no_pretrained, pretrained_path=args.pretrained_path,
                                     drop_path_rate=args.drop_path_rate, dropout_rate=args.dropout_rate).to(device)
+    models_swin.use_channels_last(model, device)
     raw_model = model
     state['params'] = models_swin.count_parameters(model)
     groups = [{'params': model.backbone_parameters(), 'lr': args.lr},
@@ -587,6 +588,7 @@ def main(argv=None):
     args = check_args(args, warnings.append)
 
     rank, world, device = setup_distributed(args.device)
+    runtime.warn_idle_gpus(device, world, warnings.append)
     amp = set_precision(args.precision, device)
     if args.cache_dir in ('none', ''):
         args.cache_dir = None

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -273,11 +275,25 @@ def check_ddp(ctx):
                 '--log_dir', str(tmp / 'logs'), '--no_spaq']
         cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
                str(REPO / 'train_swin.py'), *argv]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, (done.stdout + done.stderr)[-2000:]
+        code, out = run_group(cmd, timeout=300)
+        assert code == 0, out[-2000:]
         summary = next((tmp / 'runs').iterdir()) / 'summary.json'
         assert '"status": "finished"' in summary.read_text()
     return '2 processes, NCCL, 2 epochs'
+
+
+def run_group(cmd, timeout):
+    """(exit code, output) of `cmd` run in its own process group; at `timeout` the whole group is
+    killed (torchrun and every worker), so no process is left holding a GPU."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f'no result after {timeout} s; its processes were killed: {out[-1500:]}') from None
+    return proc.returncode, out
 
 
 def speed(ctx):

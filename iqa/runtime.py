@@ -101,6 +101,27 @@ def setup_distributed(device_flag):
     return dist.get_rank(), world, device
 
 
+def idle_gpus_warning(visible_gpus, world_size):
+    """The warning for a run that leaves GPUs idle (more visible than processes), else None.
+
+    `python train_swin.py` on a 2-GPU machine trains on cuda:0 alone; only torchrun starts one
+    process per GPU, so the message says how."""
+    if visible_gpus <= world_size:
+        return None
+    return (f'{visible_gpus} GPUs are visible but {world_size} process{"es" * (world_size != 1)} run'
+            f'{"s" * (world_size == 1)}, so {visible_gpus - world_size} GPU(s) stay idle. To use all of them: '
+            f'torchrun --nproc_per_node {visible_gpus} <script> ...; to use one on purpose, '
+            'set CUDA_VISIBLE_DEVICES=<id>.')
+
+
+def warn_idle_gpus(device, world_size, warn):
+    """Start-up check of both trainers: idle_gpus_warning on a CUDA device, passed to `warn`."""
+    if device.type == 'cuda':
+        message = idle_gpus_warning(torch.cuda.device_count(), world_size)
+        if message:
+            warn(message)
+
+
 def gather_to_all(array, world_size):
     """Concatenate a numpy array from every rank, in rank order (identity for 1 process)."""
     if world_size == 1:
@@ -245,11 +266,13 @@ def use_bf16(precision, device):
 def set_precision(precision, device):
     """Process-wide numerics for --precision; returns whether bf16 autocast is on.
 
-    TF32 is off on CUDA in both modes: fp32 then means fp32 (the original code's numerics, so
-    --no_amp reproduces them), and under bf16 the parts kept in fp32 on purpose stay exact."""
+    On CUDA, TF32 matrix multiplies are off in both modes: fp32 then means fp32 for the
+    transformer's matmuls (the original code's numerics, so --no_amp reproduces them), and under
+    bf16 the parts kept in fp32 on purpose stay exact. cuDNN's TF32 convolutions stay on, torch's
+    default, as the original ran them (ResNet-50 loses much of its speed without them)."""
     if device.type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = True
     return use_bf16(precision, device)
 
 
