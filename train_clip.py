@@ -496,6 +496,7 @@ def run_round(round_idx, args, state, ctx):
     freeze_text = model.freeze(args.freeze_clip, args.partial_freeze, args.freeze_layers, args.freeze_ln_pre,
                                warn=lambda m: log(f'note: {m}'))
     model = model.to(device)
+    runtime.seed_rank(round_seed, state.get('rank', 0))   # after the model: identical on every rank
     log(f'  {freeze_text}; parameters: {models_clip.count_parameters(model):,} total, '
         f'{models_clip.count_parameters(model, trainable_only=True):,} trainable')
     state['params'] = models_clip.count_parameters(model)
@@ -531,7 +532,7 @@ def run_round(round_idx, args, state, ctx):
     first_epoch, best, bad_epochs = 0, None, 0
     resume = state.pop('resume_checkpoint', None)
     if resume is not None and resume['round'] == round_idx:
-        first_epoch, best, bad_epochs = ckpt.restore_training_state(resume, model, optimizer)
+        first_epoch, best, bad_epochs = ckpt.restore_training_state(resume, model, optimizer, state.get('rank', 0))
         state['step'] = resume['step']
         log(f'Resumed round {round_idx} after epoch {first_epoch}')
 
@@ -589,6 +590,7 @@ def run_round(round_idx, args, state, ctx):
             f'{images_per_s:.0f} img/s, lr {lrs[0]:.2e}/{lrs[1]:.2e})' + ('  * best' if improved else ''))
 
         stop_now = bool(args.early_stopping_patience and bad_epochs >= args.early_stopping_patience)
+        rng_state = ckpt.gather_rng_states(state.get('world', 1))   # every rank's, for --resume
         if rank == 0:   # every process holds the same model and the same evaluation; one writes
             checkpoint = {'state_dict': model.state_dict(), 'model_config': model.model_config(),
                           'config': ctx['config'], 'label_scales': [data['scale_q'], data['scale_c']],
@@ -597,7 +599,7 @@ def run_round(round_idx, args, state, ctx):
             ckpt.save_epoch(saver, checkpoint, best=best, improved=improved, name_keys=('test_srcc_q', 'test_srcc_c'),
                             selection=f'val {args.select_on} SRCC {score:.4f}', log=log, optimizer=optimizer,
                             bad_epochs=bad_epochs, state=state, round_complete=stop_now or epoch + 1 == args.epochs,
-                            step=state['step'])
+                            step=state['step'], rng_state=rng_state)
             write_logs(run_dir, args, state['rows'])
             write_summary(run_dir, args, state, best, select_split, 'running')
         if stop_now:

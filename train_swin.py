@@ -388,6 +388,7 @@ def run_round(round_idx, args, state, ctx):
                                     pretrained=not args.no_pretrained, pretrained_path=args.pretrained_path,
                                     drop_path_rate=args.drop_path_rate, dropout_rate=args.dropout_rate).to(device)
     models_swin.use_channels_last(model, device)
+    runtime.seed_rank(round_seed, rank)   # after the model: its initialisation is the same on every rank
     raw_model = model
     state['params'] = models_swin.count_parameters(model)
     groups = [{'params': model.backbone_parameters(), 'lr': args.lr},
@@ -429,7 +430,7 @@ def run_round(round_idx, args, state, ctx):
     bad_epochs = 0
     resume = state.pop('resume_checkpoint', None)
     if resume is not None and resume['round'] == round_idx:
-        first_epoch, best, bad_epochs = ckpt.restore_training_state(resume, raw_model, optimizer)
+        first_epoch, best, bad_epochs = ckpt.restore_training_state(resume, raw_model, optimizer, rank)
         log(f'Resumed round {round_idx} after epoch {first_epoch} (best so far: '
             f'{json.dumps(best) if best else "none"})')
 
@@ -499,6 +500,7 @@ def run_round(round_idx, args, state, ctx):
             + ('  * best' if improved else ''))
 
         stop_now = not args.no_early_stopping and bad_epochs >= args.patience
+        rng_state = ckpt.gather_rng_states(world)   # every rank's, for --resume
         if rank == 0:
             # the evaluation protocol goes in the checkpoint's metrics; metrics.csv stays numbers only
             checkpoint = {'state_dict': raw_model.state_dict(), 'config': ctx['config'], 'epoch': epoch + 1,
@@ -506,7 +508,8 @@ def run_round(round_idx, args, state, ctx):
                           'code_version': ctx['config']['code_version']}
             ckpt.save_epoch(saver, checkpoint, best=best, improved=improved, name_keys=('test_srcc', 'test_plcc'),
                             selection=f'{select_on} SRCC {score:.4f}', log=log, optimizer=optimizer,
-                            bad_epochs=bad_epochs, state=state, round_complete=stop_now or epoch + 1 == args.epochs)
+                            bad_epochs=bad_epochs, state=state, round_complete=stop_now or epoch + 1 == args.epochs,
+                            rng_state=rng_state)
             runs.write_metrics(run_dir, state['rows'])
             write_summary(run_dir, args, state, best, select_on, 'running')
         if stop_now:

@@ -166,6 +166,14 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def seed_rank(seed, rank):
+    """Give each rank its own random stream (dropout, DropPath) once the model is built, which
+    must stay identical on every rank. Rank 0 keeps the stream `seed` started, so one process
+    draws what it always drew."""
+    if rank > 0:
+        seed_everything(seed + 100_003 * rank)
+
+
 class Tee(io.TextIOBase):
     """Send console output to the terminal and to logs/<run>.log as well.
 

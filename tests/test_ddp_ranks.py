@@ -61,3 +61,55 @@ def test_predict_scores_refuses_a_split_smaller_than_the_world():
     with pytest.raises(ValueError, match='fewer images than the 2 processes'):
         evaluation.predict_scores(torch.nn.Identity(), torch.zeros(1, 3, 8, 8, dtype=torch.uint8), patch_size=8,
                                   patch_num=1, rank=1, world_size=2)
+
+
+RNG_SCRIPT = '''
+import os, sys
+sys.path.insert(0, {root!r})
+import torch
+import torch.distributed as dist
+from iqa import ckpt, runtime
+dist.init_process_group('gloo')
+rank = dist.get_rank()
+runtime.seed_everything(3)
+model = torch.nn.Linear(4, 4)
+runtime.seed_rank(3, rank)
+weights = [None, None]
+dist.all_gather_object(weights, model.weight.detach().clone())
+assert torch.equal(weights[0], weights[1]), 'the model differs between ranks'
+masks = [None, None]
+dist.all_gather_object(masks, torch.nn.functional.dropout(torch.ones(64), 0.5))
+assert not torch.equal(masks[0], masks[1]), 'both ranks drew the same dropout mask'
+if rank == 0:   # one process draws what it always drew: the stream of seed 3
+    runtime.seed_everything(3)
+    torch.nn.Linear(4, 4)
+    assert torch.equal(masks[0], torch.nn.functional.dropout(torch.ones(64), 0.5))
+states = ckpt.gather_rng_states(2)
+assert isinstance(states, list) and len(states) == 2
+ahead = torch.rand(3)
+torch.rand(100)                               # the stream moves on
+ckpt.restore_rng_state(states, rank)          # as --resume does, each rank its own
+again = torch.rand(3)
+draws = [None, None]
+dist.all_gather_object(draws, again)
+assert torch.equal(again, ahead) and not torch.equal(draws[0], draws[1])
+ckpt.restore_rng_state(states[0], rank)       # an older last.pkl: one state, for every rank
+print('RNG OK', rank, flush=True)
+dist.destroy_process_group()
+'''
+
+
+def test_ranks_draw_their_own_dropout_and_resume_restores_each_ranks_state(tmp_path):
+    script = tmp_path / 'rng.py'
+    script.write_text(RNG_SCRIPT.format(root=ROOT))
+    results = run_two_ranks(script, [], tmp_path, timeout=120)
+    for rank, (code, out) in enumerate(results):
+        assert code == 0 and f'RNG OK {rank}' in out, out[-3000:]
+
+
+def test_trainers_seed_ranks_after_the_model_and_save_every_ranks_rng():
+    for script in ('train_swin.py', 'train_clip.py'):
+        text = open(os.path.join(ROOT, script)).read()
+        assert text.index('runtime.seed_rank(') > text.index('model = model.to(device)' if 'clip' in script
+                                                            else 'models_swin.build_model(args.model_size')
+        assert 'ckpt.gather_rng_states(' in text and 'rng_state=rng_state' in text
