@@ -28,7 +28,7 @@ from iqa import ckpt, runs, runtime
 from iqa import metrics as iqa_metrics
 from iqa.data import placement
 from iqa.evaluation import predict_scores, too_small_message
-from iqa.engine import (CHECK_EVERY, TRAIN_DEFAULTS, check_losses, measure_step_bytes,  # noqa: F401 (tests)
+from iqa.engine import (CHECK_EVERY, TRAIN_DEFAULTS, check_losses, compile_model, measure_step_bytes,  # noqa: F401 (tests)
                         train_one_epoch)
 from iqa.losses import LOSS_TYPES, margin_ranking_loss, quality_loss, rank_loss, total_loss  # noqa: F401 (tests)
 from iqa.runtime import SuggestingParser, make_optimizer, seed_everything, set_precision, setup_distributed
@@ -415,8 +415,8 @@ def run_round(round_idx, args, state, ctx):
         # Static shapes: training batches are all --batch_size (drop_last) and evaluation is padded
         # to the same size, so the model compiles twice, at the first training step and the first
         # evaluation (train and eval mode), and never again (BENCHMARKS.md: what compiles when).
-        model = torch.compile(model, dynamic=False)
-        eval_model = model if world == 1 else torch.compile(eval_model, dynamic=False)
+        model = compile_model(model)
+        eval_model = model if world == 1 else compile_model(eval_model)
 
     sampler = data_loader.TrainPatchSampler(
         image_sets.pop('train'), mos[splits['train']], patch_size=args.patch_size, patch_num=args.train_patch_num,
