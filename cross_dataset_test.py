@@ -43,7 +43,7 @@ from iqa.clip import evaluation as clip_eval
 from iqa.engine import count_flops
 from iqa.files import atomic_write_json, atomic_write_text
 from iqa.runs import code_version
-from iqa.runtime import HelpFormatter, UsageError, device_name, resolve_device
+from iqa.runtime import HelpFormatter, UsageError, device_name, resolve_device, use_bf16
 from iqa.scoring import is_training_set  # noqa: F401  (the rule's home; tests use it here)
 
 SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -142,7 +142,8 @@ def build_parser():
 
     g = p.add_argument_group('Misc')
     g.add_argument('--device', default='auto', metavar='DEV', help='auto, cpu, cuda, cuda:1, ...')
-    g.add_argument('--no_amp', action='store_true', help='no bf16 autocast on CUDA (on by default there)')
+    g.add_argument('--no_amp', action='store_true',
+                   help='score in fp32 (default: as the checkpoint\'s run, its --precision; fp32 where it stores none)')
     clip_eval.add_eval_flags(p.add_argument_group('CLIP checkpoints (train_clip.py, baseline.py)'))
     g.add_argument('--num_workers', type=int, default=None, metavar='N',
                    help='threads decoding images (default: all cores)')
@@ -378,9 +379,22 @@ def results_table(results):
     return '\n'.join(lines)
 
 
+def checkpoint_amp(ckpt, device, no_amp):
+    """Whether a HyperIQA checkpoint is scored under bf16 autocast: as its run trained and
+    evaluated it (the stored --precision / --no_amp), on CUDA only; --no_amp forces fp32. A
+    checkpoint that stores no precision (the user's original code) is scored in fp32, as it was."""
+    if no_amp or device.type != 'cuda':
+        return False
+    config = ckpt.get('config') or {}
+    if 'precision' not in config:
+        return False
+    return use_bf16('fp32' if config.get('no_amp') else config['precision'], device)
+
+
 def run_cross_dataset(args, device, amp):
     specs = parse_dataset_specs(args.datasets)
     model, ckpt, arch, source = load_model(args.checkpoint, args, device)
+    amp = checkpoint_amp(ckpt, device, args.no_amp)
     settings = eval_settings(ckpt, args)
     cache_dir = DEFAULT_CACHE_DIR if args.cache_dir is None else (
         None if args.cache_dir.lower() in ('none', '') else args.cache_dir)
@@ -521,6 +535,7 @@ def run_images(args, device, amp):
     paths = expand_image_specs(args.images)
     output = args.output or 'scores.csv'
     model, ckpt, arch, source = load_model(args.checkpoint, args, device)
+    amp = checkpoint_amp(ckpt, device, args.no_amp)
     settings = eval_settings(ckpt, args)
     cache_dir = None if args.cache_dir is None or args.cache_dir.lower() in ('none', '') else args.cache_dir
     print(f'Scoring {len(paths)} images with {args.checkpoint} ({describe_arch(arch)}, {source}); '

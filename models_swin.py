@@ -185,9 +185,12 @@ class ResNetBackbone(nn.Module):
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         self.channels_last = False
+        self.input_channels_last = False   # set by use_channels_last (CUDA)
         _add_lda_heads(self, STAGE_CHANNELS['resnet50'])
 
     def stage_features(self, x):
+        if self.input_channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         f1 = self.layer1(x)
         f2 = self.layer2(f1)
@@ -403,6 +406,18 @@ def build_model(model_size, use_multiscale=True, use_attention=False, pretrained
     return HyperIQA(model_size, use_multiscale=use_multiscale, use_attention=use_attention,
                     pretrained=pretrained, pretrained_path=pretrained_path,
                     drop_path_rate=drop_path_rate, dropout_rate=dropout_rate)
+
+
+def use_channels_last(model, device):
+    """Run a ResNet-50 backbone in channels-last memory format on CUDA (cuDNN's tensor-core
+    convolutions take NHWC without a transpose per layer); True when it was switched. The scores
+    are the same function of the input; Swin backbones and the CPU are left as they are."""
+    net = model.backbone_net
+    if torch.device(device).type != 'cuda' or not isinstance(net, ResNetBackbone):
+        return False
+    net.to(memory_format=torch.channels_last)
+    net.input_channels_last = True
+    return True
 
 
 def count_parameters(model):

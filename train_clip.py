@@ -32,7 +32,7 @@ from iqa.clip import evaluation as clip_eval
 from iqa.clip import models as models_clip
 from iqa.clip import weights as clip_weights
 from iqa.runtime import (SuggestingParser, average_gradients, make_optimizer, seed_everything, set_precision,
-                         setup_distributed)
+                         setup_distributed, to_device)
 from iqa.schedule import lr_factor
 
 SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -280,14 +280,50 @@ def consistency_loss(out, target, args):
 
 # --------------------------------------------------------------------------- one epoch
 
+def epoch_batches(data, batches, args, device):
+    """Per batch of the epoch: (host image rows, device tensors the step reads).
+
+    Everything a step needs besides its images is prepared here on the host and copied to the
+    device in one transfer per epoch, so the steps themselves never wait on a host<->device copy:
+    targets, prompt indices, and the prompts each batch sends through the text tower (the
+    sorted unique prompts and each image's position among them, what torch.unique gives)."""
+    rows, parts, layout = [], [], []
+    for batch in batches:
+        idx = data['train'][batch]
+        rows.append(idx)
+        fields = {'pidx': data['prompt_index'][idx]}
+        fields['uniq'], fields['inverse'] = np.unique(fields['pidx'], return_inverse=True)
+        if args.use_explanations:
+            fields['eidx'] = data['explanation_index'][idx]
+            fields['euniq'], fields['einverse'] = np.unique(fields['eidx'], return_inverse=True)
+        layout.append({k: len(v) for k, v in fields.items()})
+        parts += [np.asarray(v, dtype=np.int64).reshape(-1) for v in fields.values()]
+    everything = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    # the targets as before: float64 division, then float32
+    q = torch.as_tensor(data['mos_q'][everything] / data['scale_q'], dtype=torch.float32)
+    c = torch.as_tensor(data['mos_c'][everything] / data['scale_c'], dtype=torch.float32)
+    ints = to_device(torch.as_tensor(np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)), device)
+    floats = to_device(torch.stack([q, c]), device)
+    steps, at, start = [], 0, 0
+    for idx, sizes in zip(rows, layout):
+        step = {'q': floats[0, start:start + len(idx)], 'c': floats[1, start:start + len(idx)]}
+        start += len(idx)
+        for key, size in sizes.items():
+            step[key] = ints[at:at + size]
+            at += size
+        steps.append((idx, step))
+    return steps
+
+
 def train_one_epoch(model, optimizer, data, epoch, round_seed, args, device, amp, state):
     """One pass over the training images; returns mean (loss, lq, lc, le), seconds, images/s.
 
     Order and augmentation come from generators seeded by (round seed, epoch), and dropout from
-    the global RNG that last.pkl stores, so a resumed run repeats an uninterrupted one."""
+    the global RNG that last.pkl stores, so a resumed run repeats an uninterrupted one. A step
+    reads nothing back from the device: the losses are summed there and read once per epoch."""
     model.train()
     n = len(data['train'])
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(round_seed * 1000 + epoch))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(round_seed * 1000 + epoch)).numpy()
     aug = torch.Generator().manual_seed(round_seed * 1000 + epoch + 500)
     batches = [order[i:i + args.batch_size] for i in range(0, n, args.batch_size)]
     rank, world = state.get('rank', 0), state.get('world', 1)
@@ -295,41 +331,37 @@ def train_one_epoch(model, optimizer, data, epoch, round_seed, args, device, amp
         batches = [batch[rank::world] for batch in batches if len(batch) >= world]
     totals = torch.zeros(4, device=device)
     start = time.perf_counter()
+    prompt_ids = data['prompt_ids'].to(device)
+    explanation_ids = data['explanation_ids'].to(device) if args.use_explanations else None
+    steps = epoch_batches(data, batches, args, device)
     optimizer.zero_grad(set_to_none=True)
-    for b, batch in enumerate(batches):
-        idx = data['train'][batch.numpy()]
+    for b, (idx, t) in enumerate(steps):
         images = data['train_images'][idx]
         if args.pin_memory and device.type == 'cuda':
             images = images.pin_memory()
         pixels = clip_data.clip_pixels(images.to(device, non_blocking=True), train=True, generator=aug,
                                        size=model.image_size)
-        pidx = torch.as_tensor(data['prompt_index'][idx], device=device)
-        q_t = torch.as_tensor(data['mos_q'][idx] / data['scale_q'], dtype=torch.float32, device=device)
-        c_t = torch.as_tensor(data['mos_c'][idx] / data['scale_c'], dtype=torch.float32, device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             img = model.encode_image(pixels)
             if data['text_cache'] is not None:          # text tower frozen: embeddings computed once per run
-                txt = data['text_cache'][pidx]
+                txt = data['text_cache'][t['pidx']]
             else:                                        # each prompt of the batch through the tower once
-                uniq, inverse = torch.unique(pidx, return_inverse=True)
-                txt = model.encode_text(data['prompt_ids'][uniq.cpu()].to(device))[inverse]
+                txt = model.encode_text(prompt_ids[t['uniq']])[t['inverse']]
             out = model.heads(img, txt)
-            lq = F.mse_loss(out['q'].float(), q_t)
-            lc = consistency_loss({k: (v.float() if torch.is_tensor(v) else v) for k, v in out.items()}, c_t, args)
+            lq = F.mse_loss(out['q'].float(), t['q'])
+            lc = consistency_loss({k: (v.float() if torch.is_tensor(v) else v) for k, v in out.items()}, t['c'], args)
             le = torch.zeros((), device=device)
             if args.use_explanations:
-                eidx = torch.as_tensor(data['explanation_index'][idx], device=device)
                 if data['explanation_cache'] is not None:
-                    target = data['explanation_cache'][eidx]
+                    target = data['explanation_cache'][t['eidx']]
                 else:  # the teacher: the text tower's own embedding of the explanation, no gradient
                     with torch.no_grad():
-                        uniq, inverse = torch.unique(eidx, return_inverse=True)
-                        target = model.encode_text(data['explanation_ids'][uniq.cpu()].to(device))[inverse]
+                        target = model.encode_text(explanation_ids[t['euniq']])[t['einverse']]
                 le = model.explanation_loss(out['img'].float(), out['txt'].float(), target.float())
             loss = args.w_q * lq + args.w_c * lc + (args.w_exp * le if args.use_explanations else 0.0)
         (loss / args.grad_accum_steps).backward()
         totals += torch.stack([loss.detach(), lq.detach(), lc.detach(), le.detach()]).float()
-        if (b + 1) % args.grad_accum_steps == 0 or b + 1 == len(batches):
+        if (b + 1) % args.grad_accum_steps == 0 or b + 1 == len(steps):
             average_gradients([p for g in optimizer.param_groups for p in g['params']], world)
             if args.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g['params']],
@@ -343,7 +375,7 @@ def train_one_epoch(model, optimizer, data, epoch, round_seed, args, device, amp
     if world > 1:
         dist.all_reduce(totals)
         totals /= world
-    means = (totals / max(1, len(batches))).tolist()
+    means = (totals / max(1, len(steps))).tolist()
     if not all(math.isfinite(v) for v in means):
         raise FloatingPointError(f'non-finite training loss in epoch {epoch + 1} ({means[0]})')
     seconds = time.perf_counter() - start
@@ -464,6 +496,7 @@ def run_round(round_idx, args, state, ctx):
     freeze_text = model.freeze(args.freeze_clip, args.partial_freeze, args.freeze_layers, args.freeze_ln_pre,
                                warn=lambda m: log(f'note: {m}'))
     model = model.to(device)
+    runtime.seed_rank(round_seed, state.get('rank', 0))   # after the model: identical on every rank
     log(f'  {freeze_text}; parameters: {models_clip.count_parameters(model):,} total, '
         f'{models_clip.count_parameters(model, trainable_only=True):,} trainable')
     state['params'] = models_clip.count_parameters(model)
@@ -499,7 +532,7 @@ def run_round(round_idx, args, state, ctx):
     first_epoch, best, bad_epochs = 0, None, 0
     resume = state.pop('resume_checkpoint', None)
     if resume is not None and resume['round'] == round_idx:
-        first_epoch, best, bad_epochs = ckpt.restore_training_state(resume, model, optimizer)
+        first_epoch, best, bad_epochs = ckpt.restore_training_state(resume, model, optimizer, state.get('rank', 0))
         state['step'] = resume['step']
         log(f'Resumed round {round_idx} after epoch {first_epoch}')
 
@@ -557,6 +590,7 @@ def run_round(round_idx, args, state, ctx):
             f'{images_per_s:.0f} img/s, lr {lrs[0]:.2e}/{lrs[1]:.2e})' + ('  * best' if improved else ''))
 
         stop_now = bool(args.early_stopping_patience and bad_epochs >= args.early_stopping_patience)
+        rng_state = ckpt.gather_rng_states(state.get('world', 1))   # every rank's, for --resume
         if rank == 0:   # every process holds the same model and the same evaluation; one writes
             checkpoint = {'state_dict': model.state_dict(), 'model_config': model.model_config(),
                           'config': ctx['config'], 'label_scales': [data['scale_q'], data['scale_c']],
@@ -565,7 +599,7 @@ def run_round(round_idx, args, state, ctx):
             ckpt.save_epoch(saver, checkpoint, best=best, improved=improved, name_keys=('test_srcc_q', 'test_srcc_c'),
                             selection=f'val {args.select_on} SRCC {score:.4f}', log=log, optimizer=optimizer,
                             bad_epochs=bad_epochs, state=state, round_complete=stop_now or epoch + 1 == args.epochs,
-                            step=state['step'])
+                            step=state['step'], rng_state=rng_state)
             write_logs(run_dir, args, state['rows'])
             write_summary(run_dir, args, state, best, select_split, 'running')
         if stop_now:
@@ -660,6 +694,7 @@ def main(argv=None):
     args = check_args(args, warnings.append)
 
     rank, world, device = setup_distributed(args.device)   # torchrun: one process per device
+    runtime.warn_idle_gpus(device, world, warnings.append)
     amp = set_precision(args.precision, device)   # bf16 autocast needs no GradScaler (that is fp16's)
     if args.cache_dir in ('none', ''):
         args.cache_dir = None

@@ -27,8 +27,8 @@ import models_swin
 from iqa import ckpt, runs, runtime
 from iqa import metrics as iqa_metrics
 from iqa.data import placement
-from iqa.evaluation import predict_scores
-from iqa.engine import (CHECK_EVERY, TRAIN_DEFAULTS, check_losses, measure_step_bytes,  # noqa: F401 (tests)
+from iqa.evaluation import predict_scores, too_small_message
+from iqa.engine import (CHECK_EVERY, TRAIN_DEFAULTS, check_losses, compile_model, measure_step_bytes,  # noqa: F401 (tests)
                         train_one_epoch)
 from iqa.losses import LOSS_TYPES, margin_ranking_loss, quality_loss, rank_loss, total_loss  # noqa: F401 (tests)
 from iqa.runtime import SuggestingParser, make_optimizer, seed_everything, set_precision, setup_distributed
@@ -372,6 +372,10 @@ def run_round(round_idx, args, state, ctx):
         f'{dataset.split_source}; train {len(splits["train"])}, val {len(splits.get("val", []))}, '
         f'test {len(splits["test"])} images; target {dataset.score_name}')
     log(f'Evaluation: {describe_test_crop(args.test_crop, args.test_patch_num)}')
+    small = {name: len(splits[name]) for name in ('val', 'test') if 0 < len(splits.get(name, [])) < world}
+    small.update({name: len(cross[1]) for name, cross in ctx['cross'].items() if len(cross[1]) < world})
+    if small:
+        raise SystemExit(too_small_message(small, world))
     ctx['open_run']()   # the data check passed: now the run gets its folder and log
     # Stored so that cross-dataset tests know which way this model's scores point.
     ctx['config']['higher_is_better'] = bool(dataset.higher_is_better)
@@ -383,6 +387,8 @@ def run_round(round_idx, args, state, ctx):
                                     use_attention=args.attention_fusion,
                                     pretrained=not args.no_pretrained, pretrained_path=args.pretrained_path,
                                     drop_path_rate=args.drop_path_rate, dropout_rate=args.dropout_rate).to(device)
+    models_swin.use_channels_last(model, device)
+    runtime.seed_rank(round_seed, rank)   # after the model: its initialisation is the same on every rank
     raw_model = model
     state['params'] = models_swin.count_parameters(model)
     groups = [{'params': model.backbone_parameters(), 'lr': args.lr},
@@ -398,6 +404,10 @@ def run_round(round_idx, args, state, ctx):
     for name, (_, cross_mos, cross_dir) in ctx['cross'].items():
         ctx['cross'][name] = (image_sets.pop(name), cross_mos, cross_dir)
     optimizer = make_optimizer(groups, args, device)
+    # Evaluation runs through the unwrapped module: the DDP wrapper's forward is a collective (it
+    # broadcasts buffers), so a rank with fewer evaluation batches than another would leave the
+    # others waiting in it. Rank 0's buffers are broadcast before each evaluation instead.
+    eval_model = model
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == 'cuda' else None)
@@ -405,7 +415,8 @@ def run_round(round_idx, args, state, ctx):
         # Static shapes: training batches are all --batch_size (drop_last) and evaluation is padded
         # to the same size, so the model compiles twice, at the first training step and the first
         # evaluation (train and eval mode), and never again (BENCHMARKS.md: what compiles when).
-        model = torch.compile(model, dynamic=False)
+        model = compile_model(model)
+        eval_model = model if world == 1 else compile_model(eval_model)
 
     sampler = data_loader.TrainPatchSampler(
         image_sets.pop('train'), mos[splits['train']], patch_size=args.patch_size, patch_num=args.train_patch_num,
@@ -419,7 +430,7 @@ def run_round(round_idx, args, state, ctx):
     bad_epochs = 0
     resume = state.pop('resume_checkpoint', None)
     if resume is not None and resume['round'] == round_idx:
-        first_epoch, best, bad_epochs = ckpt.restore_training_state(resume, raw_model, optimizer)
+        first_epoch, best, bad_epochs = ckpt.restore_training_state(resume, raw_model, optimizer, rank)
         log(f'Resumed round {round_idx} after epoch {first_epoch} (best so far: '
             f'{json.dumps(best) if best else "none"})')
 
@@ -448,14 +459,15 @@ def run_round(round_idx, args, state, ctx):
                     'lr_head': f'{lr_head:.3e}', 'train_loss': fmt(train_loss), 'train_srcc': fmt(train_srcc)})
         eval_seed = round_seed * 1000 + epoch if args.test_crop == 'random' else round_seed
         results = {}
+        runtime.broadcast_buffers(raw_model, world)
         for name, (imgs, split_mos) in eval_sets.items():
-            results[name], _ = evaluate_split(model, imgs, split_mos, 1, args, device, amp, rank, world,
+            results[name], _ = evaluate_split(eval_model, imgs, split_mos, 1, args, device, amp, rank, world,
                                               eval_seed, f'{name} eval')
             for metric in ('srcc', 'plcc', 'krcc'):
                 row[f'{name}_{metric}'] = fmt(results[name][metric])
         for name, (cross_images, cross_mos, cross_dir) in ctx['cross'].items():
             direction = cross_dir * (1 if dataset.higher_is_better else -1)
-            results[name], _ = evaluate_split(model, cross_images, cross_mos, direction, args, device, amp,
+            results[name], _ = evaluate_split(eval_model, cross_images, cross_mos, direction, args, device, amp,
                                               rank, world, eval_seed, f'{name.upper()} eval')
             row[f'{name}_srcc'], row[f'{name}_plcc'] = fmt(results[name]['srcc']), fmt(results[name]['plcc'])
         row['epoch_seconds'] = f'{seconds:.1f}'
@@ -488,6 +500,7 @@ def run_round(round_idx, args, state, ctx):
             + ('  * best' if improved else ''))
 
         stop_now = not args.no_early_stopping and bad_epochs >= args.patience
+        rng_state = ckpt.gather_rng_states(world)   # every rank's, for --resume
         if rank == 0:
             # the evaluation protocol goes in the checkpoint's metrics; metrics.csv stays numbers only
             checkpoint = {'state_dict': raw_model.state_dict(), 'config': ctx['config'], 'epoch': epoch + 1,
@@ -495,7 +508,8 @@ def run_round(round_idx, args, state, ctx):
                           'code_version': ctx['config']['code_version']}
             ckpt.save_epoch(saver, checkpoint, best=best, improved=improved, name_keys=('test_srcc', 'test_plcc'),
                             selection=f'{select_on} SRCC {score:.4f}', log=log, optimizer=optimizer,
-                            bad_epochs=bad_epochs, state=state, round_complete=stop_now or epoch + 1 == args.epochs)
+                            bad_epochs=bad_epochs, state=state, round_complete=stop_now or epoch + 1 == args.epochs,
+                            rng_state=rng_state)
             runs.write_metrics(run_dir, state['rows'])
             write_summary(run_dir, args, state, best, select_on, 'running')
         if stop_now:
@@ -511,8 +525,7 @@ def run_round(round_idx, args, state, ctx):
         best['no_val'] = no_val
     if 'test' in eval_sets and rank == 0:
         # Bootstrap intervals of the selected epoch, from its saved weights.
-        # rank 0 alone: through the DDP wrapper it could enter a collective the others never join
-        best.update(best_intervals(raw_model, model if world == 1 else raw_model, best, eval_sets['test'], args,
+        best.update(best_intervals(raw_model, eval_model, best, eval_sets['test'], args,
                                    device, amp,
                                    round_seed * 1000 + best['epoch'] - 1 if args.test_crop == 'random' else round_seed))
     return best, status
@@ -578,6 +591,7 @@ def main(argv=None):
     args = check_args(args, warnings.append)
 
     rank, world, device = setup_distributed(args.device)
+    runtime.warn_idle_gpus(device, world, warnings.append)
     amp = set_precision(args.precision, device)
     if args.cache_dir in ('none', ''):
         args.cache_dir = None

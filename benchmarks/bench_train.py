@@ -57,7 +57,8 @@ USER_EPOCHS = 10
 CACHED_HW = (512, 384)   # train_swin --resize default, (height, width)
 
 # Dense (no sparsity) tensor-core peaks in TFLOP/s from NVIDIA's data sheets: (bf16, tf32).
-# TF32 is the peak without --no_amp's bf16: train_swin allows TF32 for float32 matmuls.
+# With --no_amp train_swin runs matmuls in true fp32 (TF32 off; cuDNN convolutions keep TF32), so
+# the TF32 peak is an upper reference for its MFU, not what those matmuls can reach.
 # First match of the name wins, so the specific variants come before plain 'H100'.
 PEAK_TFLOPS = (
     ('H100 PCIe', 756, 378),
@@ -103,7 +104,7 @@ def build_parser():
                    help='no colour jitter (the user\'s lr 5e-7 runs)')
     g = p.add_argument_group('Device and precision')
     g.add_argument('--device', default='auto', metavar='DEV', help='auto, cpu, cuda, cuda:1, ...')
-    g.add_argument('--no_amp', action='store_true', help='float32 (TF32) instead of bf16 autocast on CUDA')
+    g.add_argument('--no_amp', action='store_true', help='fp32 instead of bf16 autocast on CUDA (train_swin --no_amp)')
     g.add_argument('--compile', action='store_true', help='torch.compile the model, as train_swin.py --compile')
     g.add_argument('--peak_tflops', type=float, default=None, metavar='X',
                    help='the device\'s peak TFLOP/s for MFU (default: from a table of NVIDIA GPUs)')
@@ -333,6 +334,19 @@ def targets(r):
 
 # --------------------------------------------------------------------------- main
 
+def build_like_the_trainer(args, train_args, full, use_attention, device):
+    """(model to run, raw model, optimizer) as train_swin.run_round makes them: channels-last
+    ResNet-50 on CUDA, the trainer's (fused) AdamW, its torch.compile (static shapes)."""
+    model = models_swin.build_model(args.model_size, use_multiscale=full, use_attention=use_attention,
+                                    pretrained=False).to(device)
+    models_swin.use_channels_last(model, device)
+    lr_backbone, lr_head = learning_rates(0, train_args)
+    groups = [{'params': model.backbone_parameters(), 'lr': lr_backbone},
+              {'params': model.head_parameters(), 'lr': lr_head}]
+    optimizer = runtime.make_optimizer(groups, train_args, device)
+    return (engine.compile_model(model) if args.compile else model), model, optimizer
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
@@ -341,10 +355,7 @@ def main(argv=None):
         device = runtime.resolve_device(args.device)
     except runtime.UsageError as err:
         raise SystemExit(f'bench_train.py: error: {err}') from None
-    amp = device.type == 'cuda' and not args.no_amp
-    if device.type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = True   # as train_swin.main: fp32 leftovers on tensor cores
-        torch.backends.cudnn.allow_tf32 = True
+    amp = runtime.set_precision('fp32' if args.no_amp else 'auto', device)   # train_swin's numerics
     # Every training setting a real run would have (loss, clipping at 1.0, lr, weight decay ...)
     # comes from train_swin.py's defaults (iqa.engine.TRAIN_DEFAULTS), only the batch size and model are ours.
     train_args = engine.train_settings(model_size=args.model_size, batch_size=args.batch_size, compile=args.compile)
@@ -374,16 +385,8 @@ def main(argv=None):
     # 2. Time to first step: what a run does before its first optimizer step, as run_round does it.
     start = time.perf_counter()
     torch.manual_seed(0)
-    model = models_swin.build_model(args.model_size, use_multiscale=full, use_attention=use_attention,
-                                    pretrained=False).to(device)
-    raw_model = model
-    r['params'] = models_swin.count_parameters(model)
-    lr_backbone, lr_head = learning_rates(0, train_args)
-    groups = [{'params': model.backbone_parameters(), 'lr': lr_backbone},
-              {'params': model.head_parameters(), 'lr': lr_head}]
-    optimizer = torch.optim.AdamW(groups, weight_decay=train_args.weight_decay, fused=device.type == 'cuda')
-    if args.compile:
-        model = torch.compile(model)
+    model, raw_model, optimizer = build_like_the_trainer(args, train_args, full, use_attention, device)
+    r['params'] = models_swin.count_parameters(raw_model)
     # One epoch of the sampler is just over the timed steps, so the per-epoch set-up (shuffle,
     # crop positions, jitter maps for every pair) is paid once per timed run, as in a real epoch.
     patch_num = max(1, math.ceil(args.steps * args.batch_size / args.images))

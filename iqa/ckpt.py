@@ -116,9 +116,27 @@ def capture_rng_state():
     return state
 
 
-def restore_rng_state(state):
-    """Inverse of capture_rng_state (for --resume). CUDA states are restored only when the
-    number of GPUs matches, since a state per device cannot be mapped onto a different count."""
+def gather_rng_states(world_size):
+    """capture_rng_state of this process (1 process), or the list of every rank's, in rank order
+    (called by every rank: a collective). Each rank draws its own dropout, so each one's state is
+    kept for --resume."""
+    state = capture_rng_state()
+    if world_size == 1:
+        return state
+    import torch.distributed as dist
+    states = [None] * world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def restore_rng_state(state, rank=0):
+    """Inverse of capture_rng_state / gather_rng_states (for --resume): a list holds one state per
+    rank and each rank takes its own (rank 0's where the list is shorter); a single state (1
+    process, or a file from before states were kept per rank) goes to every rank. CUDA states are
+    restored only when the number of GPUs matches, since a state per device cannot be mapped onto
+    a different count."""
+    if isinstance(state, (list, tuple)):
+        state = state[rank] if rank < len(state) else state[0]
     py_version, py_internal, py_gauss = state['python']
     random.setstate((py_version, tuple(py_internal), py_gauss))
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = state['numpy']
@@ -260,18 +278,19 @@ class CheckpointSaver:
 
 
 def save_epoch(saver, checkpoint, *, best, improved, name_keys, selection, log, optimizer, bad_epochs, state,
-               round_complete, **extra):
+               round_complete, rng_state=None, **extra):
     """Save one epoch of either trainer: a new best checkpoint when the epoch improved (named after
     best[k] for k in name_keys; its path goes into `best`), then last.pkl with the training state
     --resume needs, plus `extra`. round_complete: the round ended with this epoch (early stop or its
     last epoch), so --resume from this file starts the next round instead of running this one past
-    its end and overwriting its best checkpoint."""
+    its end and overwriting its best checkpoint. rng_state: gather_rng_states' result (default:
+    this process's state)."""
     if improved:
         path = saver.save_best(checkpoint, *(best[k] for k in name_keys))
         if path is not None:
             best['checkpoint'] = path
             log(f'  new best ({selection}) saved: {path}')
-    checkpoint.update(optimizer=optimizer.state_dict(), rng_state=capture_rng_state(), best=best,
+    checkpoint.update(optimizer=optimizer.state_dict(), rng_state=rng_state or capture_rng_state(), best=best,
                       early_stopping={'bad_epochs': bad_epochs}, rounds=state['rounds'],
                       round_complete=bool(round_complete),
                       train_seconds=time.time() - state['start_time'] + state.get('seconds_before', 0.0), **extra)
@@ -387,10 +406,10 @@ def load_checkpoint(path, map_location='cpu', weights_only=True):
     return out
 
 
-def restore_training_state(resume, model, optimizer):
-    """Load a last.pkl's model, optimizer and RNG state into this process, for --resume.
+def restore_training_state(resume, model, optimizer, rank=0):
+    """Load a last.pkl's model, optimizer and this rank's RNG state into this process, for --resume.
     Returns (epochs done, best record, epochs without improvement)."""
     model.load_state_dict(resume['state_dict'])
     optimizer.load_state_dict(resume['optimizer'])
-    restore_rng_state(resume['rng_state'])
+    restore_rng_state(resume['rng_state'], rank)
     return resume['epoch'], resume['best'], (resume['early_stopping'] or {}).get('bad_epochs', 0)

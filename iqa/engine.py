@@ -111,6 +111,13 @@ def train_one_epoch(model, optimizer, sampler, epoch, args, device, amp, rank, w
     return float(np.mean(loss_all)), iqa_metrics.srcc(pred_all, mos_all), n_patches * world / seconds, seconds
 
 
+def compile_model(model):
+    """torch.compile as the trainer compiles: static shapes (training batches are all --batch_size
+    with drop_last, evaluation batches are padded to one size), so each mode compiles once and
+    never again (BENCHMARKS.md: what compiles when). The benchmarks compile with it too."""
+    return torch.compile(model, dynamic=False)
+
+
 def measure_step_bytes(model, args, device, amp):
     """GPU memory one training step needs beyond what is allocated now: the peak of a forward +
     backward on a random batch of --batch_size, minus the current allocation, plus AdamW's two

@@ -13,6 +13,14 @@ import data_loader
 from iqa.runtime import gather_to_all
 
 
+def too_small_message(sizes, world_size):
+    """Why splits of fewer images than processes cannot be evaluated; `sizes`: {split name: images}."""
+    names = ', '.join(f'{name} ({n} image{"s" * (n != 1)})' for name, n in sizes.items())
+    return (f'{names}: fewer images than the {world_size} processes; each process scores every '
+            f'{world_size}-th image, so one would have none. Run fewer processes (torchrun --nproc_per_node) '
+            'or use a larger split.')
+
+
 def predict_scores(model, images_u8, *, patch_size=224, patch_num=20, batch_size=64, random_crop=False,
                    seed=0, device='cpu', amp=False, rank=0, world_size=1, pad_batches=False, desc=None,
                    crop=None, place=True):
@@ -26,6 +34,8 @@ def predict_scores(model, images_u8, *, patch_size=224, patch_num=20, batch_size
     (data_loader.eval_patch_batches).
     """
     n = images_u8.shape[0]
+    if n < world_size:
+        raise ValueError(too_small_message({desc or 'the split': n}, world_size))
     ids = np.arange(rank, n, world_size)
     preds = torch.zeros(n, dtype=torch.float64)
     counts = torch.zeros(n, dtype=torch.float64)
@@ -35,6 +45,10 @@ def predict_scores(model, images_u8, *, patch_size=224, patch_num=20, batch_size
     total = math.ceil(len(ids) * data_loader.eval_crops_per_image(crop, patch_num) / batch_size)
     bar = tqdm(total=total, desc=desc or 'eval', unit='batch', leave=False, file=sys.__stderr__,
                disable=rank != 0 or desc is None, mininterval=1.0)
+    # Scores and image indices stay on the device until the split ends and come back in one
+    # transfer: a read-back per batch would make the host wait for each batch before queueing
+    # the next. The sums are then taken on the host in float64, in batch order, as before.
+    outs, indices = [], []
     # autocast on the device's own type, so bf16 evaluation runs (and is tested) on a CPU too
     with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
         for patches, index in data_loader.eval_patch_batches(
@@ -43,12 +57,15 @@ def predict_scores(model, images_u8, *, patch_size=224, patch_num=20, batch_size
             real = patches.shape[0]
             if pad_batches and real < batch_size:  # torch.compile: keep one static shape
                 patches = torch.cat([patches, patches[:1].expand(batch_size - real, -1, -1, -1)])
-            out = model(patches)[:real].float().cpu().double()
-            preds.index_add_(0, index.cpu(), out)
-            counts.index_add_(0, index.cpu(), torch.ones_like(out))
+            outs.append(model(patches)[:real].float().double())
+            indices.append(index.to(outs[-1].device).double())   # exact: image indices < 2 ** 53
             bar.update(1)
     bar.close()
     model.train(was_training)
+    if outs:
+        index, out = torch.stack([torch.cat(indices), torch.cat(outs)]).cpu()
+        preds.index_add_(0, index.long(), out)
+        counts.index_add_(0, index.long(), torch.ones_like(out))
     local = np.stack([ids, (preds[ids] / counts[ids]).numpy()], axis=1)
     gathered = gather_to_all(local, world_size)
     result = np.empty(n)

@@ -38,15 +38,25 @@ def batch_correlation(pred, mos, eps=1e-8):
 
 
 def _pair_differences(pred, mos):
-    """(dp, dy) of the ordered pairs i != j whose targets differ (|y_i - y_j| > 1e-6).
+    """(dp, dy, mask) over all ordered pairs (i, j): mask marks those whose targets differ
+    (|y_i - y_j| > 1e-6; the diagonal is never marked).
 
-    The user's pairwise losses average over exactly these pairs; a pair and its mirror give the
-    same term in both losses below, so ordered or unordered pairs give the same mean.
+    The user's pairwise losses average over exactly the marked pairs; a pair and its mirror give
+    the same term in both losses below, so ordered or unordered pairs give the same mean. The
+    pairs stay a dense (B, B) grid with a mask, not gathered by boolean indexing: gathering needs
+    the count of marked pairs on the host, a GPU->CPU wait in every training step.
     """
     dp = pred[:, None] - pred[None, :]
     dy = mos[:, None] - mos[None, :]
-    mask = dy.abs() > 1e-6  # also drops the diagonal
-    return dp[mask], dy[mask]
+    return dp, dy, dy.abs() > 1e-6
+
+
+def _masked_mean(values, mask):
+    """Mean of `values` where `mask` holds; 0 (with zero gradients) where it holds nowhere.
+
+    torch.where, not a product, so a non-finite value outside the mask stays out of the mean."""
+    picked = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    return picked.sum() / mask.sum().clamp(min=1).to(values.dtype)
 
 
 def rank_loss(pred, mos):
@@ -56,11 +66,9 @@ def rank_loss(pred, mos):
     costs max(0, |dp| - |dy|): the predicted gap may not exceed the MOS gap; a pair ordered
     against it costs |dp| + |dy|. Unlike a margin hinge it is in MOS units. 0 when all MOS are equal.
     """
-    dp, dy = _pair_differences(pred, mos)
-    if dp.numel() == 0:
-        return pred.sum() * 0.0
+    dp, dy, mask = _pair_differences(pred, mos)
     e = torch.where(dp >= 0, 1.0, -1.0).to(dp.dtype)
-    return F.relu(dp.abs() - e * dy).mean()
+    return _masked_mean(F.relu(dp.abs() - e * dy), mask)
 
 
 def pairwise_fidelity_loss(pred, mos, sigma=0.1, eps=1e-8):
@@ -71,13 +79,11 @@ def pairwise_fidelity_loss(pred, mos, sigma=0.1, eps=1e-8):
     loss = 1 - sqrt(p_gt p_pred + eps) - sqrt((1 - p_gt)(1 - p_pred) + eps), averaged over
     the pairs of `_pair_differences`. 0 pairs (all MOS equal) give 0.
     """
-    dp, dy = _pair_differences(pred, mos)
-    if dp.numel() == 0:
-        return pred.sum() * 0.0
+    dp, dy, mask = _pair_differences(pred, mos)
     p_gt = torch.sigmoid(dy)
     p_pred = torch.sigmoid(1.702 * dp / (math.sqrt(2) * sigma))
     loss = 1 - torch.sqrt(p_gt * p_pred + eps) - torch.sqrt((1 - p_gt) * (1 - p_pred) + eps)
-    return loss.mean()
+    return _masked_mean(loss, mask)
 
 
 def margin_ranking_loss(pred, mos, margin=0.1):
@@ -89,10 +95,7 @@ def margin_ranking_loss(pred, mos, margin=0.1):
     """
     sign = torch.sign(mos[:, None] - mos[None, :])
     hinge = F.relu(margin - (pred[:, None] - pred[None, :]) * sign)
-    mask = sign != 0
-    if not mask.any():
-        return pred.sum() * 0.0
-    return hinge[mask].mean()
+    return _masked_mean(hinge, sign != 0)
 
 
 def fidelity_loss(pred, mos, eps=1e-12):

@@ -101,6 +101,27 @@ def setup_distributed(device_flag):
     return dist.get_rank(), world, device
 
 
+def idle_gpus_warning(visible_gpus, world_size):
+    """The warning for a run that leaves GPUs idle (more visible than processes), else None.
+
+    `python train_swin.py` on a 2-GPU machine trains on cuda:0 alone; only torchrun starts one
+    process per GPU, so the message says how."""
+    if visible_gpus <= world_size:
+        return None
+    return (f'{visible_gpus} GPUs are visible but {world_size} process{"es" * (world_size != 1)} run'
+            f'{"s" * (world_size == 1)}, so {visible_gpus - world_size} GPU(s) stay idle. To use all of them: '
+            f'torchrun --nproc_per_node {visible_gpus} <script> ...; to use one on purpose, '
+            'set CUDA_VISIBLE_DEVICES=<id>.')
+
+
+def warn_idle_gpus(device, world_size, warn):
+    """Start-up check of both trainers: idle_gpus_warning on a CUDA device, passed to `warn`."""
+    if device.type == 'cuda':
+        message = idle_gpus_warning(torch.cuda.device_count(), world_size)
+        if message:
+            warn(message)
+
+
 def gather_to_all(array, world_size):
     """Concatenate a numpy array from every rank, in rank order (identity for 1 process)."""
     if world_size == 1:
@@ -108,6 +129,23 @@ def gather_to_all(array, world_size):
     parts = [None] * world_size
     dist.all_gather_object(parts, array)
     return np.concatenate(parts)
+
+
+def to_device(tensor, device):
+    """A host tensor on `device` without a blocking copy: on CUDA it is pinned and copied
+    asynchronously (a copy from pageable memory waits for the GPU's queue to drain first)."""
+    if torch.device(device).type != 'cuda' or tensor.device.type == 'cuda':
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def broadcast_buffers(module, world_size):
+    """Copy rank 0's buffers (BatchNorm statistics) to every rank (nothing for 1 process), as the
+    DDP wrapper's forward does, so a module evaluated unwrapped scores alike on every rank."""
+    if world_size == 1:
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=0)
 
 
 def average_gradients(params, world_size):
@@ -126,6 +164,14 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
+
+
+def seed_rank(seed, rank):
+    """Give each rank its own random stream (dropout, DropPath) once the model is built, which
+    must stay identical on every rank. Rank 0 keeps the stream `seed` started, so one process
+    draws what it always drew."""
+    if rank > 0:
+        seed_everything(seed + 100_003 * rank)
 
 
 class Tee(io.TextIOBase):
@@ -228,11 +274,13 @@ def use_bf16(precision, device):
 def set_precision(precision, device):
     """Process-wide numerics for --precision; returns whether bf16 autocast is on.
 
-    TF32 is off on CUDA in both modes: fp32 then means fp32 (the original code's numerics, so
-    --no_amp reproduces them), and under bf16 the parts kept in fp32 on purpose stay exact."""
+    On CUDA, TF32 matrix multiplies are off in both modes: fp32 then means fp32 for the
+    transformer's matmuls (the original code's numerics, so --no_amp reproduces them), and under
+    bf16 the parts kept in fp32 on purpose stay exact. cuDNN's TF32 convolutions stay on, torch's
+    default, as the original ran them (ResNet-50 loses much of its speed without them)."""
     if device.type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = True
     return use_bf16(precision, device)
 
 

@@ -58,3 +58,24 @@ def test_bench_train_cpu_smoke(tmp_path):
         match = re.search(pattern, text)
         assert match and float(match.group(1)) > 0, pattern
     assert 'peak GPU n/a (not CUDA)' in text
+
+
+def test_bench_train_builds_and_compiles_as_the_trainer(monkeypatch):
+    """Same precision switches (iqa.runtime.set_precision), optimizer and torch.compile(dynamic=False)."""
+    import argparse
+    import torch
+    sys.path.insert(0, str(REPO / 'benchmarks'))
+    import bench_train
+    from iqa import engine
+    compiled = []
+    monkeypatch.setattr(torch, 'compile', lambda model, **kw: compiled.append(kw) or model)
+    args = argparse.Namespace(model_size='nano', compile=True)
+    train_args = engine.train_settings(model_size='nano', batch_size=4, compile=True)
+    model, raw, optimizer = bench_train.build_like_the_trainer(args, train_args, True, False, torch.device('cpu'))
+    assert compiled == [{'dynamic': False}] and model is raw
+    assert optimizer.defaults.get('fused') is True
+    engine.compile_model(raw)
+    assert compiled[-1] == compiled[0]   # the trainer's own call
+    source = (REPO / 'benchmarks' / 'bench_train.py').read_text()
+    assert 'runtime.set_precision(' in source and 'allow_tf32 = True' not in source
+    assert 'compile_model(model)' in (REPO / 'train_swin.py').read_text()

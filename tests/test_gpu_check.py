@@ -16,14 +16,15 @@ def test_gpu_check_runs_the_cpu_checks_and_names_the_skipped_ones():
                           capture_output=True, text=True, timeout=900, cwd=REPO, env=ONE_THREAD)
     out = done.stdout
     assert done.returncode == 0, out[-3000:] + done.stderr[-3000:]
-    for check in ('device', 'fp32', 'bf16', 'adamw', 'resume'):
+    for check in ('device', 'fp32', 'bf16', 'adamw', 'clip', 'resume'):
         assert re.search(rf'^PASS  {check} ', out, re.M), (check, out)
-    for check in ('compile', 'memory', 'ddp'):
+    for check in ('syncs', 'compile', 'memory', 'staging', 'ddp'):
         assert re.search(rf'^SKIP  {check} ', out, re.M), (check, out)
+    assert 'epochs 2 and 3 equal an uninterrupted run' in out and 'distinct quality and consistency' in out
     assert 'simulated 24 GB card' in out and 'spaq' in out            # the plan is shown
     assert re.search(r'^speed nano +train +[\d.]+ patches/s +eval +[\d.]+ patches/s', out, re.M)
     assert 'speed tiny/small/base skipped: no GPU' in out
-    assert re.search(r'^5 passed, 0 failed, 3 skipped \(compile, memory, ddp\)', out, re.M)
+    assert re.search(r'^6 passed, 0 failed, 5 skipped \(syncs, compile, memory, staging, ddp\)', out, re.M)
 
 
 def test_gpu_check_reports_a_failure_with_its_error_and_exit_code(tmp_path):

@@ -408,7 +408,11 @@ def test_precision_sets_true_fp32_on_cuda_and_leaves_the_cpu_alone():
         assert runtime.set_precision('auto', torch.device('cpu')) is False
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32   # CPU: untouched
         assert runtime.set_precision('fp32', torch.device('cuda', 0)) is False
-        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert not torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.allow_tf32   # cuDNN convolutions keep TF32, as the original ran them
+        torch.backends.cudnn.allow_tf32 = False
+        runtime.set_precision('bf16', torch.device('cuda', 0))
+        assert not torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
         assert runtime.set_precision('auto', torch.device('cuda', 0)) is True
         assert runtime.set_precision('bf16', torch.device('cpu')) is True
     finally:

@@ -28,6 +28,7 @@ from PIL import Image, ImageDraw
 import data_loader
 from data_loader import DataError
 from iqa.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from iqa.runtime import to_device
 
 # The repository root (this file is iqa/clip/data.py): the demo lives in its .cache/, next to
 # the image cache of both trainers.
@@ -263,12 +264,23 @@ def clip_pixels(images_u8, train=False, generator=None, scale=(0.8, 1.0), size=N
         x0 = torch.rand(b, generator=g) * (w - cw)
         y0 = torch.rand(b, generator=g) * (h - ch)
         boxes = torch.stack([torch.arange(b, dtype=torch.float32), x0, y0, x0 + cw, y0 + ch], dim=1)
-        x = roi_align(x, boxes.to(x.device), output_size=out_hw, spatial_scale=1.0, sampling_ratio=2, aligned=True)
-        flip = (torch.rand(b, generator=g) < 0.5).to(x.device)
+        x = roi_align(x, to_device(boxes, x.device), output_size=out_hw, spatial_scale=1.0, sampling_ratio=2, aligned=True)
+        flip = to_device(torch.rand(b, generator=g) < 0.5, x.device)
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
     elif size is not None and x.shape[-1] != size:
         raise ValueError(f'evaluation images are {x.shape[-1]} px, the model takes {size}: cache them at its size')
-    return (x - CLIP_MEAN.to(x.device)) / CLIP_STD.to(x.device)
+    mean, std = _normalisation(x.device)
+    return (x - mean) / std
+
+
+_NORMALISATION = {}
+
+
+def _normalisation(device):
+    """CLIP_MEAN and CLIP_STD on `device`, copied there once per process, not at every batch."""
+    if device not in _NORMALISATION:
+        _NORMALISATION[device] = (CLIP_MEAN.to(device), CLIP_STD.to(device))
+    return _NORMALISATION[device]
 
 
 # ----------------------------------------------------------------------------------------

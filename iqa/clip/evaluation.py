@@ -24,6 +24,7 @@ from iqa.clip import models as models_clip
 from iqa.clip import weights as clip_weights
 from iqa.ckpt import CLIP_FORMAT, strip_wrapper_prefixes
 from iqa.files import atomic_write_json, atomic_write_text
+from iqa.runtime import to_device
 
 CLIP_CHECKPOINT_FORMAT = CLIP_FORMAT
 
@@ -46,19 +47,22 @@ def predict(model, images_u8, prompt_ids, prompt_index, *, batch_size=64, device
     was_training = model.training
     model.eval()
     txt_all = encode_texts(model, prompt_ids, device, amp=amp)
-    prompt_index = torch.as_tensor(np.asarray(prompt_index), dtype=torch.long)
-    qs, cs, coss = [], [], []
+    prompt_index = to_device(torch.as_tensor(np.asarray(prompt_index), dtype=torch.long), device)
+    # results stay on the device until the last batch: a read-back per batch would make the host
+    # wait for every batch to finish before it can queue the next one
+    outs = []
     with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
         for i in range(0, images_u8.shape[0], batch_size):
-            pixels = clip_data.clip_pixels(images_u8[i:i + batch_size].to(device))
+            pixels = clip_data.clip_pixels(to_device(images_u8[i:i + batch_size], device))
             img = model.encode_image(pixels)
-            txt = txt_all[prompt_index[i:i + batch_size].to(device)]
+            txt = txt_all[prompt_index[i:i + batch_size]]
             out = model.heads(img, txt)
-            qs.append(out['q'].float().cpu())
-            cs.append(out['c'].float().cpu())
-            coss.append((img * txt).sum(-1).float().cpu())
+            outs.append(torch.stack([out['q'].float(), out['c'].float(), (img * txt).sum(-1).float()]))
     model.train(was_training)
-    return torch.cat(qs).double().numpy(), torch.cat(cs).double().numpy(), torch.cat(coss).double().numpy()
+    if not outs:
+        return np.zeros(0), np.zeros(0), np.zeros(0)
+    q, c, cos = torch.cat(outs, dim=1).cpu().double().numpy()
+    return q, c, cos
 
 
 def head_metrics(q, c, mos_q, mos_c):
