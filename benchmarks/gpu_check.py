@@ -204,8 +204,9 @@ def check_syncs(ctx):
             finally:
                 torch.cuda.set_sync_debug_mode('default')
         return len([w for w in caught if 'synchroniz' in str(w.message)])
+    evaluation_syncs(16)   # first call: one-time library and allocator set-up synchronises too
     one, many = evaluation_syncs(16), evaluation_syncs(2)
-    assert one == many, f'evaluation synchronises per batch: {one} syncs in 1 batch, {many} in 8'
+    assert many <= one, f'evaluation synchronises per batch: {one} syncs in 1 batch, {many} in 8'
     return f'{len(LOSS_TYPES)} losses x 2 steps with no sync; evaluation {one} sync(s) per split'
 
 
