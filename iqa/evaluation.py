@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import data_loader
+from iqa.data.patches import eval_crops_per_image, eval_patch_batches
 from iqa.runtime import gather_to_all
 
 
@@ -26,12 +26,12 @@ def predict_scores(model, images_u8, *, patch_size=224, patch_num=20, batch_size
                    crop=None, place=True):
     """One score per image: the mean of the model's scores over `patch_num` crops.
 
-    crop: 'fixed', 'center' or 'random' (data_loader.eval_patch_batches; None = 'random' if
+    crop: 'fixed', 'center' or 'random' (eval_patch_batches; None = 'random' if
     random_crop else 'fixed'). With several processes each rank scores every world_size-th
     image and the predictions are gathered, so metrics equal the single-process ones. Crops
     depend on the image's index (and on `seed` with random crops), never on the batch or the
     process it lands in. place=False leaves the images where a memory plan put them
-    (data_loader.eval_patch_batches).
+    (eval_patch_batches).
     """
     n = images_u8.shape[0]
     if n < world_size:
@@ -42,7 +42,7 @@ def predict_scores(model, images_u8, *, patch_size=224, patch_num=20, batch_size
     was_training = model.training
     model.eval()
     crop = crop or ('random' if random_crop else 'fixed')
-    total = math.ceil(len(ids) * data_loader.eval_crops_per_image(crop, patch_num) / batch_size)
+    total = math.ceil(len(ids) * eval_crops_per_image(crop, patch_num) / batch_size)
     bar = tqdm(total=total, desc=desc or 'eval', unit='batch', leave=False, file=sys.__stderr__,
                disable=rank != 0 or desc is None, mininterval=1.0)
     # Scores and image indices stay on the device until the split ends and come back in one
@@ -51,7 +51,7 @@ def predict_scores(model, images_u8, *, patch_size=224, patch_num=20, batch_size
     outs, indices = [], []
     # autocast on the device's own type, so bf16 evaluation runs (and is tested) on a CPU too
     with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
-        for patches, index in data_loader.eval_patch_batches(
+        for patches, index in eval_patch_batches(
                 images_u8, patch_size=patch_size, patch_num=patch_num, batch_size=batch_size,
                 crop=crop, seed=seed, device=device, image_ids=ids, place=place):
             real = patches.shape[0]

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_loader import DataError, canonical_device
+from iqa.data.placement import canonical_device
+from iqa.data.registry import DataError
 from iqa import runs
 
 

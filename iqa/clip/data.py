@@ -1,7 +1,7 @@
 """Data of the CLIP system (train_clip.py): prompt/score CSVs, the prompt-disjoint split, CLIP pixels, the demo set.
 
     data.csv (name, prompt, mos_quality, mos_align[, explanation])   read_prompt_csv()
-    images   -> uint8 (N, 3, S, S) through data_loader.load_images   (decoded once, cached on disk)
+    images   -> uint8 (N, 3, S, S) through load_images   (decoded once, cached on disk)
                 (training: also at train_cache_size(), up to 2 S, so crops are downsampled)
     uint8    -> normalised CLIP pixels, augmented for training       clip_pixels()
 
@@ -25,15 +25,17 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-import data_loader
-from data_loader import DataError
+from iqa.data import formats
+from iqa.data.formats import parse_number, read_csv
+from iqa.data.registry import DEFAULT_ROOTS, DataError, ReadContext
+from iqa.data.splits import split_by_groups
 from iqa.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from iqa.runtime import to_device
 
 # The repository root (this file is iqa/clip/data.py): the demo lives in its .cache/, next to
 # the image cache of both trainers.
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CSV = data_loader.DEFAULT_ROOTS['agiqa-3k'] / 'data.csv'
+DEFAULT_CSV = DEFAULT_ROOTS['agiqa-3k'] / 'data.csv'
 IMAGE_COLUMNS = ('name', 'image')     # AGIQA-3K calls it name; generic CSVs often image
 CLIP_MEAN = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
 CLIP_STD = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
@@ -72,11 +74,11 @@ def find_image_folder(csv_path, names, image_base_dir=None, check=True):
     csv_path = Path(csv_path)
     root = Path(image_base_dir) if image_base_dir else csv_path.parent
     expected = [root] if image_base_dir else image_folders(csv_path)
-    ctx = data_loader.ReadContext(name=csv_path.name, root=root, seed=0, score=None, train_ratio=0.8)
+    ctx = ReadContext(name=csv_path.name, root=root, seed=0, score=None, train_ratio=0.8)
     hint = ('point --image_base_dir at the folder that holds them' if not image_base_dir else
             f'--image_base_dir {image_base_dir} does not hold them; point it at the folder that does')
     try:
-        return data_loader.find_image_folder(ctx, names, expected, csv_path, hint=hint)
+        return formats.find_image_folder(ctx, names, expected, csv_path, hint=hint)
     except DataError:
         if check:
             raise
@@ -99,7 +101,7 @@ def read_prompt_csv(csv_path, image_base_dir=None, *, quality_column='mos_qualit
     if image_column is None:
         image_column = next((c for c in IMAGE_COLUMNS if c in header), 'name')
     required = [image_column, 'prompt', quality_column, align_column] + ([explanation_column] if explanation_column else [])
-    header, rows = data_loader.read_csv(csv_path, required)
+    header, rows = read_csv(csv_path, required)
     base = find_image_folder(csv_path, [r[image_column] for _, r in rows], image_base_dir, check_images)
     paths, prompts, mos_q, mos_c, explanations, lines, missing = [], [], [], [], [], [], []
     for line, r in rows:
@@ -109,8 +111,8 @@ def read_prompt_csv(csv_path, image_base_dir=None, *, quality_column='mos_qualit
         if not r['prompt']:
             raise DataError(f'{where}, column \'prompt\': empty prompt (image {r[image_column]}); '
                             'every image needs the prompt it was generated from')
-        mos_q.append(data_loader.parse_number(r[quality_column], f'{where}, column {quality_column!r}'))
-        mos_c.append(data_loader.parse_number(r[align_column], f'{where}, column {align_column!r}'))
+        mos_q.append(parse_number(r[quality_column], f'{where}, column {quality_column!r}'))
+        mos_c.append(parse_number(r[align_column], f'{where}, column {align_column!r}'))
         if explanation_column:
             if not r[explanation_column]:
                 raise DataError(f'{where}, column {explanation_column!r}: empty explanation '
@@ -143,7 +145,7 @@ def label_scale(values):
 def prompt_split(prompts, seed, val_ratio=0.1, test_ratio=0.2):
     """{'train', 'val', 'test'} -> image indices, whole prompts on one side, seeded.
 
-    The split is data_loader.split_by_groups with the prompts as groups (the same split the
+    The split is split_by_groups with the prompts as groups (the same split the
     Swin readers make of AGIQA-3K by prompt), so there is one split rule in the toolkit. That
     rule cuts test off first (train_ratio = 1 - test_ratio of the prompts) and then carves val
     out of the training side, so val_ratio is turned into its share of the training side:
@@ -151,7 +153,7 @@ def prompt_split(prompts, seed, val_ratio=0.1, test_ratio=0.2):
     n_units = len(set(map(str, prompts)))
     if n_units < 3:
         raise DataError(f'a train/val/test split by prompt needs at least 3 different prompts, found {n_units}')
-    splits = data_loader.split_by_groups(len(prompts), seed, train_ratio=1.0 - test_ratio,
+    splits = split_by_groups(len(prompts), seed, train_ratio=1.0 - test_ratio,
                                          val_ratio=val_ratio / (1.0 - test_ratio), groups=prompts)
     if val_ratio > 0 and 'val' not in splits:
         raise DataError(f'{n_units} prompts are too few for val {val_ratio} / test {test_ratio}')
@@ -201,7 +203,7 @@ def read_split_file(path, dataset: PromptDataset):
             raise DataError(f'--split_file {path}: expected an object {{"train": [...], "test": [...]}}')
         assign = {str(name): side for side, names in spec.items() for name in names}
     else:
-        _, rows = data_loader.read_csv(path, ['name', 'split'])
+        _, rows = read_csv(path, ['name', 'split'])
         assign = {r['name']: r['split'].lower() for _, r in rows}
     by_name = {}
     for i, p in enumerate(dataset.paths):

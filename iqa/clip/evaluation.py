@@ -15,7 +15,9 @@ import sys
 import numpy as np
 import torch
 
-import data_loader
+from iqa.data.formats import read_csv
+from iqa.data.image_cache import load_images
+from iqa.data.registry import GENERIC, DataError
 from iqa import metrics as iqa_metrics
 from iqa import scoring
 from iqa.clip import data as clip_data
@@ -128,7 +130,7 @@ def _image_size(model):
 def _score_paths(model, paths, prompts, tokenizer, device, amp, batch_size, cache_dir, num_workers):
     """(quality, consistency, kept indices) for image files with their prompts (None = no prompt)."""
     size = _image_size(model)
-    images, kept = data_loader.load_images(paths, resize_hw=(size, size), cache_dir=cache_dir,
+    images, kept = load_images(paths, resize_hw=(size, size), cache_dir=cache_dir,
                                            num_workers=num_workers, skip_bad=True)
     texts = [prompts[i] if prompts is not None else '' for i in kept]
     unique, index = np.unique(np.array(texts, dtype=object).astype(str), return_inverse=True)
@@ -175,10 +177,10 @@ def run_checkpoint(args, device, specs):
         print(f'  {ckpt.get("source")}: {note}', flush=True)
     if args.images:
         if len(args.images) == 1 and args.images[0].lower().endswith('.csv'):
-            header, table = data_loader.read_csv(args.images[0], ['prompt'])
+            header, table = read_csv(args.images[0], ['prompt'])
             column = next((c for c in ('image', 'path', 'name') if c in header), None)
             if column is None:
-                raise data_loader.DataError(f'{args.images[0]}: no image column (image, path or name)')
+                raise DataError(f'{args.images[0]}: no image column (image, path or name)')
             base = os.path.dirname(os.path.abspath(args.images[0]))
             paths = [r[column] if os.path.isabs(r[column]) else os.path.join(base, r[column]) for _, r in table]
             prompts = [r['prompt'] for _, r in table]
@@ -234,7 +236,7 @@ def _score_dataset(model, tokenizer, label, name, root, run, args, device, amp, 
     chosen.announce(label)
     paths, prompts, mos_c = chosen.paths, chosen.prompts, chosen.mos_c
     if prompts is None:   # another set: prompts from an AGIQA-3K-style data.csv, when it has them
-        prompt_info = _agiqa_prompts(str(root)) if name in ('agiqa-3k', data_loader.GENERIC) else None
+        prompt_info = _agiqa_prompts(str(root)) if name in ('agiqa-3k', GENERIC) else None
         found = [prompt_info.get(os.path.abspath(p)) for p in paths] if prompt_info is not None else []
         if found and all(found):
             prompts, mos_c = [f[0] for f in found], np.array([f[1] for f in found])
