@@ -28,11 +28,11 @@ import sys
 import time
 
 from iqa.files import atomic_write_text
+from iqa.runs import RUN_FILES
 
 # States a new submission resumes from: the task was stopped, not broken.
 RESUMABLE = ('stopped', 'requeued', 'running', 'starting')
-# The files a trainer writes into a run folder (kept here until iqa/runs.py owns that list).
-RUN_FILES = ('config.json', 'metrics.csv', 'summary.json', 'slurm_task.json')
+TASK_FILE = 'slurm_task.json'   # this module's copy of the task state in the run folder
 
 
 def read_task(path):
@@ -51,7 +51,7 @@ def write_task(path, info):
     atomic_write_text(path, text)
     run_dir = info.get('run_dir')
     if run_dir and os.path.isdir(run_dir):
-        atomic_write_text(os.path.join(run_dir, 'slurm_task.json'), text)
+        atomic_write_text(os.path.join(run_dir, TASK_FILE), text)
 
 
 def find_run_dir(output_dir, name, since):
@@ -101,7 +101,7 @@ def start(task_file, job, name, output_dir, host):
     elif run_dir:
         # An earlier attempt died before its first epoch ended: nothing to resume. Remove the
         # run files it wrote (only those) so the table does not list the experiment twice.
-        for file_name in RUN_FILES:
+        for file_name in RUN_FILES + (TASK_FILE,):
             try:
                 os.remove(os.path.join(run_dir, file_name))
             except FileNotFoundError:
