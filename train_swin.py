@@ -338,11 +338,6 @@ def load_cross_test(name, args, log, rank=0, world=1, wait_group=None):
     return images, dataset.mos[kept], (1 if dataset.higher_is_better else -1)
 
 
-def load_spaq(args, log, rank=0, world=1, wait_group=None):
-    """The SPAQ cross-test set, when spaq-test/ exists and --no_spaq is not given."""
-    return load_cross_test('spaq', args, log, rank, world, wait_group)
-
-
 def run_round(round_idx, args, state, ctx):
     """Train and evaluate one round; returns this round's best-epoch record."""
     log, rank, world, device, amp = ctx['log'], ctx['rank'], ctx['world'], ctx['device'], ctx['amp']

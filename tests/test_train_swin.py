@@ -624,7 +624,7 @@ def test_broken_spaq_folder_is_reported_and_skipped(tmp_path, monkeypatch):
     monkeypatch.setitem(data_loader.DEFAULT_ROOTS, 'spaq', spaq)
     args = train_swin.build_parser().parse_args(['--cache_dir', 'none'])
     messages = []
-    assert train_swin.load_spaq(args, messages.append) is None
+    assert train_swin.load_cross_test('spaq', args, messages.append) is None
     assert 'SPAQ cross-test skipped' in messages[0] and 'spaq_test.json' in messages[0]
 
 
