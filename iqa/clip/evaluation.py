@@ -24,7 +24,7 @@ from iqa.clip import data as clip_data
 from iqa.clip import hf_import
 from iqa.clip import models as models_clip
 from iqa.clip import weights as clip_weights
-from iqa.ckpt import CLIP_FORMAT, strip_wrapper_prefixes
+from iqa.ckpt import CLIP_FORMAT, load_checkpoint
 from iqa.files import atomic_write_json, atomic_write_text
 from iqa.runtime import to_device
 
@@ -113,11 +113,11 @@ def load_model(path, device='cpu', clip_model=None):
     if clip_weights.is_baseline_file(path):
         model, notes = clip_weights.import_baseline_model(path, clip_model=clip_model)
         return model.to(device).eval(), {'epoch': None, 'notes': notes, 'source': 'baseline.py'}
-    ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get('format') != CLIP_CHECKPOINT_FORMAT:
+    ckpt = load_checkpoint(path)   # the loader both trainers' files go through (prefixes stripped)
+    if ckpt['format'] != CLIP_CHECKPOINT_FORMAT:
         raise ValueError(f'{path} is not a CLIP checkpoint of train_clip.py (format {CLIP_CHECKPOINT_FORMAT!r})')
     model = models_clip.build_from_config(ckpt['model_config'], pretrained=False)
-    model.load_state_dict(strip_wrapper_prefixes(ckpt['state_dict']))
+    model.load_state_dict(ckpt['state_dict'])
     return model.to(device).eval(), ckpt
 
 
